@@ -1,0 +1,123 @@
+"""Attach regularizers to any LightningModule without touching its ``training_step``.
+
+    model = MyLitModule(...)
+    attach_regularizers(model, [GradientNorm(weight=0.1), NoisePenalty(weight=1.0, sigma=0.1)])
+    Trainer(...).fit(model, datamodule)
+
+``attach_regularizers`` makes the module an instance of a subclass that mixes in
+:class:`RegularizedMixin` (same attributes, same hooks). Its ``training_step`` calls the original
+one for the task loss, then adds the weighted regularizer terms and logs, under ``train/``,
+the raw task loss, every unweighted term, every weighted term, every weight and the total.
+Regularizers are registered as the submodule ``regularizers``, so their schedule state is part
+of the module's checkpoint. Equivalently, subclass: ``class Mine(RegularizedMixin, MyLitModule)``
+and call ``self.set_regularizers(...)`` in ``__init__``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from interp_train.losses import per_example_cross_entropy
+from interp_train.regularizers.base import (
+    LossFn,
+    Regularizer,
+    RegularizerContext,
+    apply_regularizers,
+    declared_sites,
+)
+from interp_train.sites import check_sites
+
+BatchFn = Callable[[Any], tuple[torch.Tensor, torch.Tensor, Mapping[str, Any]]]
+
+
+def default_batch_fn(batch: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """(inputs, targets, extras) from a batch ``(x, y, *rest)`` or a dict with x/y (or input/target)."""
+    if isinstance(batch, Mapping):
+        for xk, yk in (("x", "y"), ("input", "target"), ("inputs", "targets")):
+            if xk in batch and yk in batch:
+                return batch[xk], batch[yk], {k: v for k, v in batch.items() if k not in (xk, yk)}
+        raise KeyError(f"cannot find inputs/targets in a batch with keys {sorted(batch)}; pass batch_fn=...")
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        extras = {f"extra{i}": v for i, v in enumerate(batch[2:])}
+        if len(batch) >= 3:
+            extras["latents"] = batch[2]
+        return batch[0], batch[1], extras
+    raise TypeError(f"cannot split a batch of type {type(batch).__name__} into (inputs, targets); pass batch_fn=...")
+
+
+class RegularizedMixin:
+    """Mixin for a LightningModule: adds regularizer terms to the loss its training_step returns."""
+
+    regularizers: nn.ModuleList
+
+    def set_regularizers(
+        self,
+        regularizers: Sequence[Regularizer],
+        loss_fn: LossFn = per_example_cross_entropy,
+        batch_fn: BatchFn = default_batch_fn,
+    ) -> None:
+        for reg in regularizers:
+            if not isinstance(reg, Regularizer):
+                raise TypeError(f"expected Regularizer instances, got {type(reg).__name__}")
+        check_sites(self, declared_sites(regularizers))
+        self.regularizers = nn.ModuleList(regularizers)
+        self._regularizer_loss_fn = loss_fn
+        self._regularizer_batch_fn = batch_fn
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit":
+            datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+            for reg in getattr(self, "regularizers", []):
+                reg.setup(self, datamodule)
+
+    def training_step(self, batch, *args, **kwargs):
+        out = super().training_step(batch, *args, **kwargs)
+        regs = list(getattr(self, "regularizers", []))
+        if not regs:
+            return out
+        task_loss = out["loss"] if isinstance(out, Mapping) else out
+        if not isinstance(task_loss, torch.Tensor):
+            raise TypeError("training_step must return the loss tensor (or a dict with 'loss') to be regularized")
+        inputs, targets, extras = self._regularizer_batch_fn(batch)
+        ctx = RegularizerContext(self, inputs, targets, loss_fn=self._regularizer_loss_fn, extras=extras,
+                                 sites=declared_sites(regs), step=int(self.global_step))
+        result = apply_regularizers(ctx, regs, task_loss, advance=True)
+        logs = result.logs()
+        self.log("train/total_loss", logs.pop("loss"), prog_bar=True)
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False)
+        if isinstance(out, Mapping):
+            return {**out, "loss": result.total}
+        return result.total
+
+
+_MIXED: dict[type, type] = {}
+
+
+def regularized_class(cls: type) -> type:
+    """The subclass ``Regularized<cls>`` of ``(RegularizedMixin, cls)``, created once per class."""
+    if issubclass(cls, RegularizedMixin):
+        return cls
+    if cls not in _MIXED:
+        _MIXED[cls] = type(f"Regularized{cls.__name__}", (RegularizedMixin, cls), {"__module__": cls.__module__})
+    return _MIXED[cls]
+
+
+def attach_regularizers(
+    module,
+    regularizers: Sequence[Regularizer],
+    loss_fn: LossFn = per_example_cross_entropy,
+    batch_fn: BatchFn = default_batch_fn,
+):
+    """Adds ``regularizers`` to an existing LightningModule in place and returns it.
+
+    loss_fn: per-example task loss used by regularizers that need one (``(output, y) -> (B,)``).
+    batch_fn: splits a batch into (inputs, targets, extras); default handles (x, y, *rest) and dicts.
+    The module is called as ``module(inputs)``, so it must define ``forward``.
+    """
+    module.__class__ = regularized_class(type(module))
+    module.set_regularizers(regularizers, loss_fn=loss_fn, batch_fn=batch_fn)
+    return module
