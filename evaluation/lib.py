@@ -1,0 +1,325 @@
+"""Fit the Local Interaction Basis (LIB, "jacobian" variant) and a PCA baseline (DESIGN.md §4).
+
+For each node layer l (activation f, viewed as (B, P, d)) with augmented activation a = [1, f]:
+
+1. μ = mean of f over examples and positions; Y = [[1, −μ], [0, I]] centres (a Y = [1, f − μ]);
+   G = blockdiag(1, Cov(f)) — the constant keeps its own unit-eigenvalue direction.
+2. Cov(f) = U D Uᵀ (float64 eigh), drop D ≤ truncation·max D; U_full = blockdiag(1, U),
+   D_full = [1, D]; R = Y U_full D_full^{-1/2}, R⁺ = D_full^{1/2} U_fullᵀ Y⁻¹ (so Rᵀ G_raw R = I,
+   G_raw = E[aᵀa]).
+3. M′ = the Jacobian Gram of ĥ = f^{l+1} C^{l+1} w.r.t. f (edges.jacobian_gram_for_batch), padded
+   with a zero constant row/column.
+4. M = R⁺ M′ R⁺ᵀ. The constant direction is kept first as its own direction (Λ_0 = M_00, the
+   derivative along the mean); M[1:, 1:] = V Λ Vᵀ sorted descending, Λ ≤ truncation·max Λ dropped.
+   C = R V Λ^{1/2}, C⁺ = Λ^{-1/2} Vᵀ R⁺, so Cᵀ G_raw C = diag(Λ), C⁺ C = I, and LIB features
+   f̂ = a C have f̂_0 = sqrt(Λ_0) (constant) and mean 0 for every other feature.
+   If Λ_0 ≤ truncation·max Λ (no derivative along the mean), the constant column is left
+   unscaled (f̂_0 = 1) so that C⁺ stays finite; Lambda[0] still reports M_00.
+5. Edges: edges.edges_for_batch (gradient, trapezoid or Gauss–Legendre rule).
+6. PCA baseline: C = Y U_full (no whitening), Lambda = D_full (1 for the constant, then variances).
+
+The final node layer is kept in the neuron basis (C = I, Lambda = E[a_k²]) unless
+``rotate_final``, in which case LIB and PCA both use its PCA basis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from interp_train.sites import resolve_site, run_model
+from evaluation.edges import (
+    INTEGRATION_RULES, OUTPUT, as_positions, edges_for_batch, integration_rule, jacobian_gram_for_batch,
+    rademacher, section_forward,
+)
+
+try:  # progress bars are optional
+    from tqdm.auto import tqdm
+except ImportError:  # pragma: no cover
+    def tqdm(it, **_):
+        return it
+
+
+@dataclass(frozen=True)
+class LIBConfig:
+    """Settings of a LIB fit (validated on construction).
+
+    truncation: relative threshold; eigenvalues ≤ truncation × (largest eigenvalue) are dropped,
+        both for the activation covariance (step 2) and for the Jacobian Gram (step 4).
+    center: subtract the mean (the constant feature then carries it); False uses the uncentred
+        second moment E[fᵀf] in place of Cov(f).
+    rotate_final: rotate the final node layer (e.g. logits) into its PCA basis; False keeps it in
+        the neuron basis. Earlier bases do not depend on this choice (up to truncation).
+    integration: rule for the edge attribution: "gradient" (α = 1), "trapezoid", "gauss-legendre".
+    n_intervals: trapezoid intervals / Gauss–Legendre points (must be 1 for "gradient").
+    stochastic_sources: number of Rademacher probes over output positions for the Jacobian Gram
+        (unbiased; exact with one output position); None computes it exactly. Edges are exact.
+    seed: seed of the Rademacher probes.
+    chunk_elements: bound on the elements of one batched vector-Jacobian product
+        (cotangents × batch × positions × width); bounds memory, not the result.
+    """
+
+    truncation: float = 1e-12
+    center: bool = True
+    rotate_final: bool = False
+    integration: str = "gradient"
+    n_intervals: int = 1
+    stochastic_sources: int | None = None
+    seed: int = 0
+    chunk_elements: int = 2 ** 24
+
+    def __post_init__(self):
+        if not (isinstance(self.truncation, (int, float)) and 0 <= self.truncation < 1):
+            raise ValueError(f"truncation must be a number in [0, 1), got {self.truncation!r}")
+        if self.integration not in INTEGRATION_RULES:
+            raise ValueError(f"unknown integration {self.integration!r}; use one of {INTEGRATION_RULES}")
+        integration_rule(self.integration, self.n_intervals)  # validates n_intervals
+        if self.stochastic_sources is not None and (
+                not isinstance(self.stochastic_sources, int) or self.stochastic_sources < 1):
+            raise ValueError(f"stochastic_sources must be None or an integer >= 1, got {self.stochastic_sources!r}")
+        if not isinstance(self.chunk_elements, int) or self.chunk_elements < 1:
+            raise ValueError(f"chunk_elements must be an integer >= 1, got {self.chunk_elements!r}")
+
+
+@dataclass
+class LayerBasis:
+    """A basis of one node layer; features f̂ = [1, f] C, back to activations by f̂ C⁺.
+
+    C: (d+1, k) float64, row 0 multiplies the constant 1; column 0 is the constant feature.
+    C_pinv: (k, d+1). Lambda: (k,) LIB eigenvalues (PCA: 1 then variances). mean: (d,).
+    """
+
+    name: str
+    C: Tensor
+    C_pinv: Tensor
+    Lambda: Tensor
+    mean: Tensor
+
+    def transform(self, act: Tensor) -> Tensor:
+        """Features f̂ = [1, f] C of an activation (..., d) -> (..., k), float64."""
+        a = act.to(torch.float64)
+        return torch.cat([torch.ones(*a.shape[:-1], 1, dtype=a.dtype), a], dim=-1) @ self.C
+
+
+@dataclass
+class LIBResult:
+    """LIB and PCA bases per node layer and edges per section (keyed by the section's input layer)."""
+
+    node_layers: list[str]
+    lib: dict[str, LayerBasis]
+    pca: dict[str, LayerBasis]
+    lib_edges: dict[str, Tensor]   # E (k_{l+1}, k_l) float64
+    pca_edges: dict[str, Tensor]
+    config: LIBConfig
+
+
+class _Moments:
+    """Streaming mean and covariance of rows (float64), shifted by the first row for accuracy."""
+
+    def __init__(self):
+        self.n, self.shift, self.s1, self.s2, self.sq = 0, None, None, None, None
+
+    def update(self, rows: Tensor) -> None:
+        rows = rows.to(torch.float64)
+        if self.shift is None:
+            d = rows.shape[1]
+            self.shift = rows[0].clone()
+            self.s1, self.s2 = torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
+            self.sq = torch.zeros(d, dtype=torch.float64)
+        z = rows - self.shift
+        self.n += rows.shape[0]
+        self.s1 += z.sum(0)
+        self.s2 += z.T @ z
+        self.sq += rows.pow(2).sum(0)
+
+    def mean(self) -> Tensor:
+        return self.shift + self.s1 / self.n
+
+    def cov(self) -> Tensor:
+        m = self.s1 / self.n
+        return self.s2 / self.n - torch.outer(m, m)
+
+    def second_moment(self) -> Tensor:
+        """E[f fᵀ] (uncentred)."""
+        mu = self.mean()
+        return self.cov() + torch.outer(mu, mu)
+
+
+def _centering(mean: Tensor, center: bool) -> tuple[Tensor, Tensor]:
+    """Y = [[1, −μ], [0, I]] and Y⁻¹ = [[1, μ], [0, I]] (identity when not centring)."""
+    d = mean.shape[0]
+    Y, Y_inv = torch.eye(d + 1, dtype=torch.float64), torch.eye(d + 1, dtype=torch.float64)
+    if center:
+        Y[0, 1:], Y_inv[0, 1:] = -mean, mean
+    return Y, Y_inv
+
+
+def _pca_frame(name: str, moments: _Moments, config: LIBConfig):
+    """(Y, Y⁻¹, U_full, D_full) of step 2; raises for a layer without variation."""
+    G = moments.cov() if config.center else moments.second_moment()
+    D, U = torch.linalg.eigh(G)
+    D, U = D.flip(0), U.flip(1)
+    if not D.numel() or D[0] <= 0:
+        raise ValueError(
+            f"node layer {name!r} is constant over the data (every variance is 0), so it has no "
+            "directions to fit; drop it from node_layers or use data on which it varies"
+        )
+    keep = D > config.truncation * D[0]
+    D, U = D[keep], U[:, keep]
+    d, k = U.shape
+    U_full = torch.zeros(d + 1, k + 1, dtype=torch.float64)
+    U_full[0, 0] = 1.0
+    U_full[1:, 1:] = U
+    D_full = torch.cat([torch.ones(1, dtype=torch.float64), D])
+    Y, Y_inv = _centering(moments.mean(), config.center)
+    return Y, Y_inv, U_full, D_full
+
+
+def pca_basis(name: str, moments: _Moments, config: LIBConfig) -> LayerBasis:
+    """C = Y U_full, C⁺ = U_fullᵀ Y⁻¹, Lambda = D_full (step 6)."""
+    Y, Y_inv, U_full, D_full = _pca_frame(name, moments, config)
+    return LayerBasis(name, Y @ U_full, U_full.T @ Y_inv, D_full, moments.mean())
+
+
+def neuron_basis(name: str, moments: _Moments) -> LayerBasis:
+    """The unrotated layer: C = C⁺ = I (constant first), Lambda_k = E[a_k²]."""
+    d = moments.mean().shape[0]
+    eye = torch.eye(d + 1, dtype=torch.float64)
+    second = torch.cat([torch.ones(1, dtype=torch.float64), moments.sq / moments.n])
+    return LayerBasis(name, eye, eye.clone(), second, moments.mean())
+
+
+def lib_basis(name: str, moments: _Moments, M_dash: Tensor, config: LIBConfig) -> LayerBasis:
+    """Steps 2 and 4: C = R V Λ^{1/2}, C⁺ = Λ^{-1/2} Vᵀ R⁺ from the Jacobian Gram M′ (d × d)."""
+    Y, Y_inv, U_full, D_full = _pca_frame(name, moments, config)
+    R = Y @ U_full @ torch.diag(D_full.rsqrt())
+    R_pinv = torch.diag(D_full.sqrt()) @ U_full.T @ Y_inv
+    d = M_dash.shape[0]
+    M_full = torch.zeros(d + 1, d + 1, dtype=torch.float64)
+    M_full[1:, 1:] = M_dash
+    M = R_pinv @ M_full @ R_pinv.T
+    M = (M + M.T) / 2
+    Lam, V = torch.linalg.eigh(M[1:, 1:])
+    Lam, V = Lam.flip(0), V.flip(1)
+    if not Lam.numel() or Lam[0] <= 0:
+        raise ValueError(
+            f"node layer {name!r} has no influence on the next node layer (its Jacobian Gram is 0); "
+            "LIB cannot rank its directions"
+        )
+    keep = Lam > config.truncation * Lam[0]
+    Lam, V = Lam[keep], V[:, keep]
+    lam0 = M[0, 0]
+    scale0 = lam0.sqrt() if lam0 > config.truncation * Lam[0] else torch.ones((), dtype=torch.float64)
+    C = torch.cat([R[:, :1] * scale0, R[:, 1:] @ V * Lam.sqrt()], dim=1)
+    C_pinv = torch.cat([R_pinv[:1] / scale0, (V.T @ R_pinv[1:]) / Lam.sqrt()[:, None]], dim=0)
+    return LayerBasis(name, C, C_pinv, torch.cat([lam0.reshape(1), Lam]), moments.mean())
+
+
+def _model_input(batch, input_fn: Callable | None):
+    if input_fn is not None:
+        return input_fn(batch)
+    if isinstance(batch, (tuple, list)):
+        return batch[0]
+    return batch
+
+
+def _check_layers(model: nn.Module, node_layers: list[str]) -> None:
+    if not isinstance(node_layers, (list, tuple)) or len(node_layers) < 2:
+        raise ValueError(f"node_layers must list at least two layers, got {node_layers!r}")
+    if len(set(node_layers)) != len(node_layers):
+        raise ValueError(f"node_layers contains duplicates: {node_layers!r}")
+    for name in node_layers[:-1]:
+        if name == OUTPUT:
+            raise ValueError(f"'output' (the model's logits) can only be the last node layer, got {node_layers!r}")
+        resolve_site(model, name)  # KeyError listing the available names
+    if node_layers[-1] != OUTPUT:
+        resolve_site(model, node_layers[-1])
+
+
+def _gather_moments(model, data, node_layers, input_fn, progress) -> dict[str, _Moments]:
+    """Pass 1: mean and covariance of every node layer."""
+    moments = {name: _Moments() for name in node_layers}
+    record = [n for n in node_layers if n != OUTPUT]
+    for batch in tqdm(data, desc="LIB moments", disable=not progress):
+        with torch.no_grad():
+            result = run_model(model, _model_input(batch, input_fn), record=record)
+        for name in node_layers:
+            act = result.output if name == OUTPUT else result.activations[name]
+            if not torch.isfinite(act).all():
+                raise ValueError(f"node layer {name!r} has non-finite (NaN or inf) activations; "
+                                 "check the model and the data")
+            rows = as_positions(act.detach())
+            moments[name].update(rows.reshape(-1, rows.shape[-1]))
+    return moments
+
+
+def fit_lib(model: nn.Module, data: Iterable, node_layers: list[str], config: LIBConfig = LIBConfig(),
+            input_fn: Callable | None = None, progress: bool = True) -> LIBResult:
+    """Fits LIB and PCA bases for ``node_layers`` (forward order; "output" = the logits) and edges.
+
+    data: re-iterable batches (tensors, or tuples whose first element is the model input;
+    ``input_fn(batch)`` overrides that). Passes: one for moments, one per section for M′
+    (from the output backwards), one for the edges of every section in both bases.
+    """
+    if iter(data) is data:
+        raise TypeError("data must be re-iterable (e.g. a DataLoader or a list of batches), not an iterator")
+    _check_layers(model, node_layers)
+    was_training = model.training
+    model.eval()
+    try:
+        return _fit(model, data, list(node_layers), config, input_fn, progress)
+    finally:
+        model.train(was_training)
+
+
+def _fit(model, data, node_layers, config, input_fn, progress) -> LIBResult:
+    moments = _gather_moments(model, data, node_layers, input_fn, progress)
+    last = node_layers[-1]
+    final = pca_basis(last, moments[last], config) if config.rotate_final else neuron_basis(last, moments[last])
+    lib, pca = {last: final}, {last: final}
+    generator = torch.Generator().manual_seed(config.seed)
+    for l_in, l_out in reversed(list(zip(node_layers[:-1], node_layers[1:]))):
+        M_dash = None
+        for batch in tqdm(data, desc=f"LIB Jacobian Gram {l_in}", disable=not progress):
+            sp = section_forward(model, _model_input(batch, input_fn), l_in, l_out)
+            probes = None
+            if config.stochastic_sources is not None:
+                out = as_positions(sp.out)
+                probes = rademacher(config.stochastic_sources, out.shape[0], out.shape[1], generator)
+            part = jacobian_gram_for_batch(sp, lib[l_out].C, config.chunk_elements, probes)
+            M_dash = part if M_dash is None else M_dash + part
+        lib[l_in] = lib_basis(l_in, moments[l_in], M_dash / moments[l_in].n, config)
+        pca[l_in] = pca_basis(l_in, moments[l_in], config)
+    lib_edges, pca_edges = compute_edges(model, data, node_layers, lib, pca, config, input_fn, progress,
+                                         {n: m.n for n, m in moments.items()})
+    return LIBResult(node_layers, {n: lib[n] for n in node_layers}, {n: pca[n] for n in node_layers},
+                     lib_edges, pca_edges, config)
+
+
+def compute_edges(model, data, node_layers, lib, pca, config, input_fn=None, progress=False, rows=None):
+    """Edge pass: E (k_{l+1}, k_l) per section, in the LIB and the PCA bases (edges.edges_for_batch).
+
+    rows: N·P per node layer (the normaliser); counted from the data when None.
+    """
+    alphas, weights = integration_rule(config.integration, config.n_intervals)
+    sections = list(zip(node_layers[:-1], node_layers[1:]))
+    lib_e = {l_in: 0.0 for l_in, _ in sections}
+    pca_e = {l_in: 0.0 for l_in, _ in sections}
+    counted = {l_in: 0 for l_in, _ in sections}
+    for batch in tqdm(data, desc="LIB edges", disable=not progress):
+        inputs = _model_input(batch, input_fn)
+        for l_in, l_out in sections:
+            passes = [(w, section_forward(model, inputs, l_in, l_out, alpha)) for alpha, w in zip(alphas, weights)]
+            counted[l_in] += passes[0][1].clean.shape[0] * passes[0][1].clean.shape[1]
+            lib_e[l_in] = lib_e[l_in] + edges_for_batch(passes, lib[l_in].C, lib[l_in].C_pinv, lib[l_out].C,
+                                                        config.chunk_elements)
+            pca_e[l_in] = pca_e[l_in] + edges_for_batch(passes, pca[l_in].C, pca[l_in].C_pinv, pca[l_out].C,
+                                                        config.chunk_elements)
+    norm = rows if rows is not None else counted
+    return ({k: v / norm[k] for k, v in lib_e.items()}, {k: v / norm[k] for k, v in pca_e.items()})
+
+
+__all__ = ["LIBConfig", "LIBResult", "LayerBasis", "compute_edges", "fit_lib", "lib_basis", "neuron_basis", "pca_basis"]

@@ -1,0 +1,151 @@
+"""A naive dense LIB reference for tests: all data at once, one example at a time, explicit loops.
+
+It shares no code with lib.py/edges.py beyond ``run_model`` and the result dataclasses: every
+matrix of DESIGN.md §4 is built explicitly (Y, U, D, R, R⁺ = D^{1/2} Uᵀ Y⁻¹, M, V, Λ, C, C⁺) and
+every Jacobian is the full dense ``torch.func.jacrev`` of one example, contracted with loops over
+input positions s, output positions t and integration points α. Only center=True, exact
+(non-stochastic) fits. Slow by design: use on tiny models only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from interp_train.sites import run_model
+from evaluation.lib import LayerBasis, LIBConfig, LIBResult
+
+F64 = torch.float64
+
+
+def _inputs(data, input_fn):
+    xs = [input_fn(b) if input_fn else (b[0] if isinstance(b, (tuple, list)) else b) for b in data]
+    return torch.cat(xs)
+
+
+def _activation(model, x, name):
+    with torch.no_grad():
+        res = run_model(model, x, record=[] if name == "output" else [name])
+    act = res.output if name == "output" else res.activations[name]
+    return act.reshape(act.shape[0], -1, act.shape[-1]) if act.dim() > 2 else act.reshape(act.shape[0], 1, -1)
+
+
+def _section_jacobian(model, x_one, l_in, l_out, f_in):
+    """Dense Jacobian of f^{l+1} (P_out, d_out) w.r.t. f^l (P, d) of one example, at f^l = f_in."""
+    with torch.no_grad():
+        shape = run_model(model, x_one, record=[l_in]).activations[l_in].shape
+
+    def g(f):
+        res = run_model(model, x_one, record=[] if l_out == "output" else [l_out],
+                        edit={l_in: lambda _a: f.reshape(shape)})
+        out = res.output if l_out == "output" else res.activations[l_out]
+        return out.reshape(-1, out.shape[-1]) if out.dim() > 2 else out.reshape(1, -1)
+
+    return torch.func.jacrev(g)(f_in)  # (P_out, d_out, P, d)
+
+
+def _frame(acts, truncation):
+    """Y, Y⁻¹, U_full, D_full from (N, P, d) activations, with an explicit covariance sum."""
+    rows = acts.reshape(-1, acts.shape[-1]).to(F64)
+    mu = rows.mean(0)
+    cov = torch.zeros(rows.shape[1], rows.shape[1], dtype=F64)
+    for r in rows:
+        cov += torch.outer(r - mu, r - mu)
+    cov /= rows.shape[0]
+    D, U = torch.linalg.eigh(cov)
+    order = torch.argsort(D, descending=True)
+    D, U = D[order], U[:, order]
+    keep = D > truncation * D.max()
+    D, U = D[keep], U[:, keep]
+    d = rows.shape[1]
+    Y = torch.eye(d + 1, dtype=F64)
+    Y[0, 1:] = -mu
+    U_full = torch.block_diag(torch.ones(1, 1, dtype=F64), U)
+    D_full = torch.cat([torch.ones(1, dtype=F64), D])
+    return mu, Y, torch.linalg.inv(Y), U_full, D_full
+
+
+def _rule(config: LIBConfig):
+    n = config.n_intervals
+    if config.integration == "gradient":
+        return [1.0], [1.0]
+    if config.integration == "trapezoid":
+        return [k / n for k in range(n + 1)], [(0.5 if k in (0, n) else 1.0) / n for k in range(n + 1)]
+    x, w = np.polynomial.legendre.leggauss(n)
+    return list((x + 1) / 2), list(w / 2)
+
+
+def naive_fit_lib(model, data, node_layers, config: LIBConfig = LIBConfig(), input_fn=None) -> LIBResult:
+    """Dense reference of evaluation.lib.fit_lib (center=True, stochastic_sources=None only)."""
+    if not config.center or config.stochastic_sources is not None:
+        raise NotImplementedError("the naive reference covers center=True and exact Jacobians only")
+    model.eval()
+    x = _inputs(data, input_fn)
+    acts = {n: _activation(model, x, n).to(F64) for n in node_layers}
+    N = x.shape[0]
+    lib, pca = {}, {}
+    last = node_layers[-1]
+    mu, Y, Y_inv, U_full, D_full = _frame(acts[last], config.truncation)
+    if config.rotate_final:
+        final = LayerBasis(last, Y @ U_full, U_full.T @ Y_inv, D_full, mu)
+    else:
+        rows = acts[last].reshape(-1, acts[last].shape[-1])
+        d = rows.shape[1]
+        final = LayerBasis(last, torch.eye(d + 1, dtype=F64), torch.eye(d + 1, dtype=F64),
+                           torch.cat([torch.ones(1, dtype=F64), rows.pow(2).mean(0)]), mu)
+    lib[last] = pca[last] = final
+    for l_in, l_out in reversed(list(zip(node_layers[:-1], node_layers[1:]))):
+        mu, Y, Y_inv, U_full, D_full = _frame(acts[l_in], config.truncation)
+        pca[l_in] = LayerBasis(l_in, Y @ U_full, U_full.T @ Y_inv, D_full, mu)
+        P, d = acts[l_in].shape[1:]
+        C_next = lib[l_out].C[1:]  # rows multiplying f^{l+1}
+        M_dash = torch.zeros(d + 1, d + 1, dtype=F64)
+        for n in range(N):
+            J = _section_jacobian(model, x[n:n + 1], l_in, l_out, acts[l_in][n].to(model_dtype(model))).to(F64)
+            J_hat = torch.einsum("toSd,oi->tiSd", J, C_next)
+            for s in range(P):
+                for t in range(J_hat.shape[0]):
+                    M_dash[1:, 1:] += J_hat[t, :, s, :].T @ J_hat[t, :, s, :]
+        M_dash /= N * P
+        R = Y @ U_full @ torch.diag(D_full ** -0.5)
+        R_pinv = torch.diag(D_full ** 0.5) @ U_full.T @ Y_inv
+        M = R_pinv @ M_dash @ R_pinv.T
+        lam, V = torch.linalg.eigh(M[1:, 1:])
+        order = torch.argsort(lam, descending=True)
+        lam, V = lam[order], V[:, order]
+        keep = lam > config.truncation * lam.max()
+        lam, V = lam[keep], V[:, keep]
+        Lam = torch.cat([M[0, 0].reshape(1), lam])
+        V_full = torch.block_diag(torch.ones(1, 1, dtype=F64), V)
+        C = R @ V_full @ torch.diag(Lam.sqrt())
+        C_pinv = torch.diag(Lam.rsqrt()) @ V_full.T @ R_pinv
+        lib[l_in] = LayerBasis(l_in, C, C_pinv, Lam, mu)
+    lib_edges, pca_edges = {}, {}
+    alphas, weights = _rule(config)
+    for l_in, l_out in zip(node_layers[:-1], node_layers[1:]):
+        for bases, store in ((lib, lib_edges), (pca, pca_edges)):
+            C_in, C_pinv, C_out = bases[l_in].C, bases[l_in].C_pinv, bases[l_out].C
+            P = acts[l_in].shape[1]
+            E = torch.zeros(C_out.shape[1], C_in.shape[1], dtype=F64)
+            for n in range(N):
+                f = acts[l_in][n]
+                f_hat = torch.cat([torch.ones(P, 1, dtype=F64), f], 1) @ C_in  # (P, k_in)
+                total = 0.0
+                for alpha, w in zip(alphas, weights):
+                    J = _section_jacobian(model, x[n:n + 1], l_in, l_out,
+                                          (alpha * f).to(model_dtype(model))).to(F64)
+                    # ∂ĥ_{t,i}/∂f̂_{s,j} = ∑_{o,d} C_out[1+o, i] J[t,o,s,d] C⁺[j, 1+d]
+                    J_hat = torch.einsum("oi,toSd,jd->tiSj", C_out[1:], J, C_pinv[:, 1:])
+                    term = torch.zeros(J_hat.shape[0], J_hat.shape[1], J_hat.shape[3], dtype=F64)
+                    for s in range(P):
+                        term += J_hat[:, :, s, :] * f_hat[s]
+                    total = total + w * term
+                for t in range(total.shape[0]):
+                    E += total[t] ** 2
+            store[l_in] = E / (N * P)
+    return LIBResult(list(node_layers), lib, pca, lib_edges, pca_edges, config)
+
+
+def model_dtype(model) -> torch.dtype:
+    p = next(model.parameters(), None)
+    return p.dtype if p is not None else torch.float32
