@@ -1,0 +1,193 @@
+"""LIB bases: DESIGN.md §4 properties, agreement with the naive dense reference, bad input."""
+
+import pytest
+import torch
+from torch import nn
+
+from evaluation.lib import LIBConfig, fit_lib
+from evaluation.naive import naive_fit_lib
+from interp_train.sites import run_model
+
+F64 = torch.float64
+MLP_LAYERS = ["0", "1", "output"]
+TF_LAYERS = ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid", "blocks.0.hook_resid_post", "output"]
+
+
+def mlp():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4)).double()
+
+
+def mlp_data(n=24, batch=8):
+    x = torch.randn(n, 5, dtype=F64, generator=torch.Generator().manual_seed(2))
+    return [x[i:i + batch] for i in range(0, n, batch)]
+
+
+def transformer():
+    from transformer_lens import TransformerBridge, TransformerBridgeConfig
+    cfg = TransformerBridgeConfig(d_model=8, d_head=4, n_layers=1, n_ctx=4, n_heads=2, d_vocab=7, d_vocab_out=5,
+                                  d_mlp=16, act_fn="relu", normalization_type=None, seed=0)
+    return TransformerBridge.boot_native(cfg).double()
+
+
+def token_data(n=24, batch=8):
+    toks = torch.randint(0, 7, (n, 3), generator=torch.Generator().manual_seed(3))
+    return [(toks[i:i + batch], torch.zeros(batch)) for i in range(0, n, batch)]
+
+
+def activations(model, data, name):
+    x = torch.cat([b[0] if isinstance(b, tuple) else b for b in data])
+    with torch.no_grad():
+        res = run_model(model, x, record=[] if name == "output" else [name])
+    act = res.output if name == "output" else res.activations[name]
+    return act.reshape(-1, act.shape[-1]).to(F64)
+
+
+def raw_gram(rows):
+    """G_raw = E[aᵀa] for a = [1, f], computed directly."""
+    a = torch.cat([torch.ones(rows.shape[0], 1, dtype=F64), rows], 1)
+    return a.T @ a / rows.shape[0]
+
+
+def align_signs(C, ref):
+    """Flip columns of C to match ref (eigenvectors are defined up to sign)."""
+    return C * torch.sign((C * ref).sum(0, keepdim=True))
+
+
+@pytest.fixture(scope="module")
+def mlp_fit():
+    model, data = mlp(), mlp_data()
+    return model, data, fit_lib(model, data, MLP_LAYERS, progress=False)
+
+
+def test_pinv_inverts_C_in_both_bases(mlp_fit):
+    _, _, res = mlp_fit
+    for bases in (res.lib, res.pca):
+        for b in bases.values():
+            k = b.C.shape[1]
+            torch.testing.assert_close(b.C_pinv @ b.C, torch.eye(k, dtype=F64), atol=1e-11, rtol=0)
+
+
+def test_lib_features_uncorrelated_with_second_moment_lambda(mlp_fit):
+    model, data, res = mlp_fit
+    for name in MLP_LAYERS[:-1]:
+        b = res.lib[name]
+        G = raw_gram(activations(model, data, name))
+        torch.testing.assert_close(b.C.T @ G @ b.C, torch.diag(b.Lambda), atol=1e-12, rtol=1e-10)
+        assert (b.Lambda[1:].diff() <= 1e-15).all(), "non-constant features sorted by Lambda, descending"
+
+
+def test_pca_basis_is_centred_and_unwhitened(mlp_fit):
+    model, data, res = mlp_fit
+    rows = activations(model, data, "0")
+    b = res.pca["0"]
+    f_hat = b.transform(rows)
+    variances = torch.linalg.eigvalsh((rows - rows.mean(0)).T @ (rows - rows.mean(0)) / rows.shape[0]).flip(0)
+    torch.testing.assert_close(b.Lambda[1:], variances[: b.C.shape[1] - 1], atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(f_hat.T @ f_hat / rows.shape[0], torch.diag(b.Lambda), atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(b.C[1:, 1:].T @ b.C[1:, 1:], torch.eye(b.C.shape[1] - 1, dtype=F64))
+
+
+def test_constant_feature_is_constant_and_others_have_mean_zero(mlp_fit):
+    model, data, res = mlp_fit
+    for bases in (res.lib, res.pca):
+        for name in MLP_LAYERS[:-1]:
+            f_hat = bases[name].transform(activations(model, data, name))
+            assert f_hat[:, 0].std() < 1e-12
+            torch.testing.assert_close(f_hat[:, 0].mean() ** 2, bases[name].Lambda[0], atol=1e-14, rtol=1e-10)
+            assert f_hat[:, 1:].mean(0).abs().max() < 1e-12
+
+
+def test_streamed_batches_equal_one_batch(mlp_fit):
+    model, data, res = mlp_fit
+    one = fit_lib(model, [torch.cat(data)], MLP_LAYERS, progress=False)
+    for name in MLP_LAYERS:
+        torch.testing.assert_close(one.lib[name].Lambda, res.lib[name].Lambda, atol=1e-13, rtol=1e-10)
+        torch.testing.assert_close(align_signs(one.lib[name].C, res.lib[name].C), res.lib[name].C,
+                                   atol=1e-11, rtol=1e-9)
+    for name in MLP_LAYERS[:-1]:
+        torch.testing.assert_close(one.lib_edges[name], res.lib_edges[name], atol=1e-13, rtol=1e-10)
+        torch.testing.assert_close(one.pca_edges[name], res.pca_edges[name], atol=1e-13, rtol=1e-10)
+
+
+def assert_same_fit(res, ref):
+    for name in res.node_layers:
+        for got, want in ((res.lib[name], ref.lib[name]), (res.pca[name], ref.pca[name])):
+            torch.testing.assert_close(got.Lambda, want.Lambda, atol=1e-12, rtol=1e-9)
+            torch.testing.assert_close(align_signs(got.C, want.C), want.C, atol=1e-10, rtol=1e-8)
+            torch.testing.assert_close(got.mean, want.mean, atol=1e-13, rtol=1e-10)
+    for name in res.node_layers[:-1]:
+        assert res.lib_edges[name].abs().max() > 1e-6
+        torch.testing.assert_close(res.lib_edges[name], ref.lib_edges[name], atol=1e-13, rtol=1e-9)
+        torch.testing.assert_close(res.pca_edges[name], ref.pca_edges[name], atol=1e-13, rtol=1e-9)
+
+
+@pytest.mark.parametrize("integration,n", [("gradient", 1), ("trapezoid", 3), ("gauss-legendre", 2)])
+def test_matches_naive_dense_reference_on_mlp(integration, n):
+    model, data = mlp(), mlp_data()
+    cfg = LIBConfig(integration=integration, n_intervals=n, rotate_final=integration == "trapezoid")
+    assert_same_fit(fit_lib(model, data, MLP_LAYERS, cfg, progress=False), naive_fit_lib(model, data, MLP_LAYERS, cfg))
+
+
+def test_matches_naive_dense_reference_on_transformer_with_positions_and_attention():
+    model, data = transformer(), token_data(n=12, batch=4)
+    cfg = LIBConfig()
+    assert_same_fit(fit_lib(model, data, TF_LAYERS, cfg, progress=False), naive_fit_lib(model, data, TF_LAYERS, cfg))
+
+
+def test_rotating_the_final_layer_leaves_earlier_bases_and_edges_unchanged():
+    model, data = transformer(), token_data()
+    plain = fit_lib(model, data, TF_LAYERS, LIBConfig(rotate_final=False), progress=False)
+    rotated = fit_lib(model, data, TF_LAYERS, LIBConfig(rotate_final=True), progress=False)
+    assert not torch.allclose(rotated.lib["output"].C[:, 1:3], plain.lib["output"].C[:, 1:3])
+    for name in TF_LAYERS[:-1]:
+        torch.testing.assert_close(rotated.lib[name].Lambda, plain.lib[name].Lambda, atol=1e-12, rtol=1e-9)
+        torch.testing.assert_close(align_signs(rotated.lib[name].C, plain.lib[name].C), plain.lib[name].C,
+                                   atol=1e-10, rtol=1e-8)
+    for name in TF_LAYERS[:-2]:
+        torch.testing.assert_close(rotated.lib_edges[name], plain.lib_edges[name], atol=1e-13, rtol=1e-9)
+    # the last section's edges rotate with the output, but their column sums (∑_i over outputs) do not
+    last = TF_LAYERS[-2]
+    torch.testing.assert_close(rotated.lib_edges[last].sum(0), plain.lib_edges[last].sum(0), atol=1e-13, rtol=1e-9)
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+def test_unknown_layer_lists_available_names():
+    with pytest.raises(KeyError, match=r"unknown layer 'nope'.*one of: 0, 1, 2"):
+        fit_lib(mlp(), mlp_data(), ["0", "nope", "output"], progress=False)
+
+
+def test_output_must_be_last_and_data_reiterable():
+    with pytest.raises(ValueError, match=r"'output' .* can only be the last node layer"):
+        fit_lib(mlp(), mlp_data(), ["output", "1"], progress=False)
+    with pytest.raises(TypeError, match=r"data must be re-iterable"):
+        fit_lib(mlp(), iter(mlp_data()), MLP_LAYERS, progress=False)
+
+
+def test_nan_activations_name_the_layer():
+    model = mlp()
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"node layer 'output' has non-finite \(NaN or inf\) activations"):
+        fit_lib(model, mlp_data(), MLP_LAYERS, progress=False)
+
+
+def test_constant_layer_is_a_clear_error():
+    model = mlp()
+    with torch.no_grad():
+        model[0].weight.zero_()  # layers "0" and "1" are constant; "1" is met first (fits go backwards)
+    with pytest.raises(ValueError, match=r"node layer '1' is constant over the data \(every variance is 0\)"):
+        fit_lib(model, mlp_data(), MLP_LAYERS, progress=False)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(integration="simpson"), r"unknown integration 'simpson'; use one of"),
+    (dict(n_intervals=3), r"integration='gradient' evaluates alpha = 1 only; n_intervals must be 1, got 3"),
+    (dict(integration="trapezoid", n_intervals=0), r"n_intervals must be an integer >= 1, got 0"),
+    (dict(stochastic_sources=0), r"stochastic_sources must be None or an integer >= 1, got 0"),
+    (dict(truncation=-1.0), r"truncation must be a number in \[0, 1\), got -1.0"),
+])
+def test_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LIBConfig(**kwargs)
