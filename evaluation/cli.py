@@ -1,0 +1,187 @@
+"""``interp-eval``: evaluation commands.
+
+    interp-eval lib CHECKPOINT [--config HT_CONFIG.json] [--layers L ...] [--data SPEC]
+                    [--truncation T] [--integration RULE] [--n-intervals N] [--max-samples N]
+                    [--batch-size B] [--no-ablation] --out DIR
+
+CHECKPOINT: a HookedTransformer-format state dict (with --config, or with a stored config),
+a TransformerBridge state dict, or an interp-train recipe's Lightning .ckpt (see
+evaluation.checkpoints). SPEC: ``modular-addition:p=113`` (all p² inputs ``a b =`` with
+target (a + b) mod p; ``=`` is token p) or a torch file holding ``{"inputs": X, "targets": y}``;
+a recipe's own data module is used when --data is omitted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from evaluation.checkpoints import load_checkpoint
+from evaluation.report_lib import check_out_dir, write_lib_report
+
+
+def modular_addition_data(p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All pairs: inputs (p², 3) rows (a, b, p) ('=' is token p), targets (a + b) mod p."""
+    a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
+    a, b = a.reshape(-1), b.reshape(-1)
+    inputs = torch.stack([a, b, torch.full_like(a, p)], dim=1)
+    return inputs, (a + b) % p
+
+
+def parse_data(spec: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(inputs, targets or None) from a --data spec."""
+    if spec.startswith("modular-addition"):
+        _, _, params = spec.partition(":")
+        fields = dict(kv.split("=", 1) for kv in params.split(",") if "=" in kv)
+        unknown = set(fields) - {"p"}
+        if unknown or (params and not fields):
+            raise ValueError(f"bad --data {spec!r}: modular-addition takes only p, e.g. 'modular-addition:p=113'")
+        try:
+            p = int(fields.get("p", 113))
+        except ValueError:
+            raise ValueError(f"bad --data {spec!r}: p must be an integer") from None
+        if p < 2:
+            raise ValueError(f"bad --data {spec!r}: p must be >= 2")
+        return modular_addition_data(p)
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(f"bad --data {spec!r}: expected 'modular-addition:p=P' or an existing torch file "
+                         "holding {'inputs': ..., 'targets': ...}")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"cannot read --data file {spec!r}: {type(err).__name__}: {err}") from err
+    if isinstance(obj, torch.Tensor):
+        return obj, None
+    if isinstance(obj, dict) and isinstance(obj.get("inputs"), torch.Tensor):
+        return obj["inputs"], obj.get("targets")
+    raise ValueError(f"--data file {spec!r} must hold a tensor of inputs or {{'inputs': ..., 'targets': ...}}")
+
+
+def default_layers(model) -> list[str]:
+    """Residual stream around every block, then the logits ("output")."""
+    n_layers = getattr(getattr(model, "cfg", None), "n_layers", None)
+    if n_layers is None:
+        raise ValueError("cannot choose node layers for this model; pass --layers")
+    layers = ["blocks.0.hook_resid_pre"]
+    for l in range(n_layers):
+        layers += [f"blocks.{l}.hook_resid_mid", f"blocks.{l}.hook_resid_post"]
+    return layers + ["output"]
+
+
+def _subsample(inputs, targets, max_samples: int | None):
+    if max_samples is None or max_samples >= inputs.shape[0]:
+        return inputs, targets
+    idx = torch.randperm(inputs.shape[0], generator=torch.Generator().manual_seed(0))[:max_samples]
+    return inputs[idx], (targets[idx] if targets is not None else None)
+
+
+def _batches(inputs, targets, batch_size):
+    out = []
+    for i in range(0, inputs.shape[0], batch_size):
+        x = inputs[i:i + batch_size]
+        out.append((x, targets[i:i + batch_size]) if targets is not None else (x,))
+    return out
+
+
+def _recipe_batches(datamodule, max_samples):
+    if datamodule is None:
+        raise ValueError("no --data given and the checkpoint carries no data module; pass --data")
+    datamodule.setup("fit")
+    batches, n = [], 0
+    for batch in datamodule.train_dataloader():
+        if not isinstance(batch, (tuple, list)):
+            raise ValueError(f"the recipe's batches are {type(batch).__name__}; expected (inputs, targets)")
+        batches.append(tuple(batch[:2]))
+        n += batch[0].shape[0]
+        if max_samples is not None and n >= max_samples:
+            break
+    return batches
+
+
+def _ablation_ks(n: int) -> list[int]:
+    ks = [0] + [2 ** i for i in range(n.bit_length()) if 2 ** i < n] + [n]
+    return sorted(set(ks))
+
+
+def run_lib(args) -> dict:
+    from evaluation.lib import LIBConfig, fit_lib
+    from evaluation.metrics import node_ablation_curve
+
+    out_dir = check_out_dir(args.out)  # fail before the expensive fit
+    config = None
+    if args.config is not None:
+        try:
+            config = json.loads(Path(args.config).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"cannot read --config {args.config!r} as JSON: {err}") from err
+    loaded = load_checkpoint(args.checkpoint, config=config)
+    model = loaded.model
+    if args.data is not None:
+        inputs, targets = _subsample(*parse_data(args.data), args.max_samples)
+        batches = _batches(inputs, targets, args.batch_size)
+    else:
+        batches = _recipe_batches(loaded.datamodule, args.max_samples)
+    layers = args.layers or default_layers(model)
+    lib_config = LIBConfig(truncation=args.truncation, integration=args.integration, n_intervals=args.n_intervals)
+    result = fit_lib(model, batches, layers, lib_config, progress=not args.quiet)
+    ablation = {}
+    has_targets = all(len(b) == 2 for b in batches)
+    if args.ablation and has_targets:
+        for layer in layers[:-1]:
+            curves = {"metric": "accuracy", "ks": {}}
+            for basis, bases in (("lib", result.lib), ("pca", result.pca)):
+                ks = _ablation_ks(int(torch.as_tensor(bases[layer].Lambda).numel()) - 1)
+                curves["ks"][basis] = ks
+                curves[basis] = node_ablation_curve(model, batches, result, layer, ks, basis, "accuracy")
+            ablation[layer] = curves
+    metadata = {"checkpoint": str(args.checkpoint), "checkpoint_kind": loaded.kind, "model_config": loaded.config,
+                "data": args.data, "n_samples": sum(b[0].shape[0] for b in batches), "node_layers": layers}
+    report = write_lib_report(result, out_dir, metadata, ablation)
+    if not args.quiet:
+        print(f"wrote {out_dir}: {', '.join(report['files'])}")
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="interp-eval", description="Evaluate trained checkpoints.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    lib = sub.add_parser("lib", help="fit LIB and PCA bases, measure sparsity/modularity, write a report")
+    lib.add_argument("checkpoint", help="checkpoint file (.pt/.pth/.safetensors state dict or recipe .ckpt)")
+    lib.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    lib.add_argument("--config", help="JSON config of a HookedTransformer-format state dict")
+    lib.add_argument("--layers", nargs="+", help="node layers in forward order; 'output' = the logits "
+                     "(default for transformers: resid_pre, resid_mid/resid_post of each block, output)")
+    lib.add_argument("--data", help="'modular-addition:p=113' or a torch file {'inputs', 'targets'}")
+    lib.add_argument("--truncation", type=float, default=1e-12, help="relative eigenvalue cut-off")
+    lib.add_argument("--integration", default="gradient", choices=["gradient", "trapezoid", "gauss-legendre"])
+    lib.add_argument("--n-intervals", type=int, default=1)
+    lib.add_argument("--max-samples", type=int, help="use a random subset (seed 0) of this many inputs")
+    lib.add_argument("--batch-size", type=int, default=512)
+    lib.add_argument("--no-ablation", dest="ablation", action="store_false", help="skip node-ablation curves")
+    lib.add_argument("--quiet", action="store_true", help="no progress bars")
+    lib.set_defaults(func=run_lib)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "max_samples", None) is not None and args.max_samples < 1:
+        parser.error(f"--max-samples must be >= 1, got {args.max_samples}")
+    if getattr(args, "batch_size", 1) < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    try:
+        args.func(args)
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as err:
+        print(f"interp-eval {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Figures for a LIB fit (matplotlib, Agg backend). Each function writes one PNG and returns its path.
+
+Spectra and edge curves exclude the constant feature (index 0), as the metrics do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+LIB_COLOR, PCA_COLOR = "tab:blue", "tab:orange"
+
+
+def _np(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _grid(n: int, width: float = 4.2, height: float = 3.4):
+    cols = min(n, 3)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    for ax in axes.ravel()[n:]:
+        ax.set_visible(False)
+    return fig, axes.ravel()
+
+
+def plot_spectra(result, path) -> Path:
+    """Per node layer: sorted LIB Λ_j / ∑Λ and PCA variance_j / ∑variance (log scale)."""
+    layers = [l for l in result.node_layers if l in result.lib]
+    fig, axes = _grid(len(layers))
+    for ax, layer in zip(axes, layers):
+        for side, bases, color in (("LIB Λ", result.lib, LIB_COLOR), ("PCA variance", result.pca, PCA_COLOR)):
+            lam = np.sort(_np(bases[layer].Lambda)[1:])[::-1]
+            if lam.size and lam.sum() > 0:
+                ax.semilogy(np.arange(1, lam.size + 1), lam / lam.sum(), ".-", color=color, ms=3, label=side)
+        ax.set_title(layer, fontsize=10)
+        ax.set_xlabel("direction (sorted)")
+        ax.set_ylabel("share of total")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Spectra: LIB vs PCA")
+    return _save(fig, path)
+
+
+def cumulative_edge_weight(E) -> np.ndarray:
+    """c_n = (sum of the n largest non-constant edges) / (sum of all non-constant edges)."""
+    values = np.sort(_np(E)[1:, 1:].ravel())[::-1]
+    total = values.sum()
+    return np.cumsum(values) / total if total > 0 else np.zeros_like(values)
+
+
+def plot_edge_curves(result, path) -> Path:
+    """Per edge layer: cumulative share of edge weight against the number of edges kept."""
+    layers = [l for l in result.node_layers[:-1] if l in result.lib_edges]
+    fig, axes = _grid(len(layers))
+    for ax, layer in zip(axes, layers):
+        for side, edges, color in (("LIB", result.lib_edges, LIB_COLOR), ("PCA", result.pca_edges, PCA_COLOR)):
+            c = cumulative_edge_weight(edges[layer])
+            ax.semilogx(np.arange(1, c.size + 1), c, color=color, label=side)
+        for frac in (0.9, 0.99):
+            ax.axhline(frac, color="grey", lw=0.7, ls="--")
+        ax.set_title(f"edges out of {layer}", fontsize=10)
+        ax.set_xlabel("number of edges (largest first)")
+        ax.set_ylabel("share of total edge weight")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Interaction sparsity: LIB vs PCA")
+    return _save(fig, path)
+
+
+def plot_interaction_graph(G, path, title: str = "interaction graph", max_rank: int | None = 40) -> Path:
+    """Nodes at x = node-layer position, y = feature index (0 = largest after the constant),
+    coloured by the ``community`` node attribute; edge opacity ∝ weight / max weight.
+    Features beyond ``max_rank`` are not drawn (the tails carry little weight)."""
+    nodes = [n for n, d in G.nodes(data=True) if max_rank is None or d["index"] <= max_rank]
+    pos = {n: (G.nodes[n]["layer_index"], G.nodes[n]["index"]) for n in nodes}
+    layers = sorted({(d["layer_index"], d["layer"]) for _, d in G.nodes(data=True)})
+    height = max(3.0, min(12.0, 0.18 * max((p[1] for p in pos.values()), default=1)))
+    fig, ax = plt.subplots(figsize=(1.8 + 2.2 * max(len(layers), 1), height))
+    weights = [w for *_, w in G.edges(data="weight")]
+    w_max = max(weights, default=1.0) or 1.0
+    for u, v, w in G.edges(data="weight"):
+        if u in pos and v in pos:
+            (x0, y0), (x1, y1) = pos[u], pos[v]
+            ax.plot([x0, x1], [y0, y1], color="k", lw=0.8, alpha=float(np.clip(w / w_max, 0.03, 1.0)))
+    communities = [G.nodes[n].get("community", 0) for n in nodes]
+    cmap = plt.get_cmap("tab10" if max(communities, default=0) < 10 else "tab20")
+    ax.scatter([pos[n][0] for n in nodes], [pos[n][1] for n in nodes], s=28, zorder=3,
+               c=[cmap(c % cmap.N) for c in communities], edgecolors="k", linewidths=0.3)
+    ax.set_xticks([i for i, _ in layers], [name for _, name in layers], rotation=20, fontsize=8)
+    ax.set_ylabel("feature index (by Λ)")
+    ax.invert_yaxis()
+    ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_ablation(curves: Mapping[str, tuple[Sequence[int], Sequence[float]]], path, layer: str,
+                  metric: str = "accuracy") -> Path:
+    """metric against k (directions kept), one line per basis ("lib", "pca")."""
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    styles = {"lib": ("o-", LIB_COLOR, 5), "pca": ("s--", PCA_COLOR, 3)}  # distinct so overlaps stay visible
+    for basis, (ks, values) in curves.items():
+        fmt, color, ms = styles.get(basis, ("^-", None, 3))
+        ax.plot(list(ks), list(values), fmt, ms=ms, color=color, label=basis.upper())
+    ax.set_xlabel("directions kept (k)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"node ablation at {layer}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -1,0 +1,119 @@
+"""Writes the outputs of a LIB fit to a directory, atomically.
+
+Layout of ``out_dir``:
+    lib.json              metrics summary (metrics.summarize), config, run metadata, ablation curves
+    bases.safetensors     "<lib|pca>/<layer>/<C|C_pinv|Lambda|mean>" (float64)
+    edges.safetensors     "<lib|pca>/<input layer>" -> E (k_{l+1}, k_l) (float64)
+    graph.graphml         LIB interaction graph (node attributes layer, layer_index, index,
+                          community at γ = 1); graph_pca.graphml the same for PCA
+    spectra.png, edge_curves.png, graph_lib.png, graph_pca.png, ablation_<layer>.png
+
+Everything is written to a temporary sibling directory first and renamed into place at the
+end, so ``out_dir`` either holds a complete report or is untouched (nothing is left on error).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import save_file
+
+from evaluation import plots
+from evaluation.graph import interaction_graph, modularity, set_communities, write_graphml
+from evaluation.metrics import summarize
+
+
+def check_out_dir(out_dir) -> Path:
+    """``out_dir`` must not exist or be an empty directory (a report is never overwritten)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"output directory {str(out_dir)!r} already exists and is not empty; "
+                              "choose a new --out (reports are never overwritten)")
+    return out_dir
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, Mapping):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return _json_safe(x.tolist())
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def bases_tensors(result) -> dict[str, torch.Tensor]:
+    out = {}
+    for side, bases in (("lib", result.lib), ("pca", result.pca)):
+        for layer, b in bases.items():
+            for field in ("C", "C_pinv", "Lambda", "mean"):
+                out[f"{side}/{layer}/{field}"] = torch.as_tensor(getattr(b, field)).detach().cpu().clone().contiguous()
+    return out
+
+
+def edges_tensors(result) -> dict[str, torch.Tensor]:
+    return {f"{side}/{layer}": torch.as_tensor(E).detach().cpu().clone().contiguous()
+            for side, edges in (("lib", result.lib_edges), ("pca", result.pca_edges)) for layer, E in edges.items()}
+
+
+def _write_all(result, tmp: Path, metadata: Mapping[str, Any], ablation: Mapping[str, Any] | None, seed: int):
+    summary = summarize(result, seed=seed)
+    save_file(bases_tensors(result), str(tmp / "bases.safetensors"))
+    save_file(edges_tensors(result), str(tmp / "edges.safetensors"))
+    files = ["lib.json", "bases.safetensors", "edges.safetensors"]
+    if len(result.node_layers) >= 3:
+        for side, edges, graph_file in (("lib", result.lib_edges, "graph.graphml"),
+                                        ("pca", result.pca_edges, "graph_pca.graphml")):
+            G = interaction_graph(edges, result.node_layers)
+            _, communities = modularity(G, resolution=1.0, seed=seed)
+            set_communities(G, communities)
+            write_graphml(G, tmp / graph_file)
+            plots.plot_interaction_graph(G, tmp / f"graph_{side}.png",
+                                         title=f"{side.upper()} interaction graph (Louvain, γ = 1)")
+            files += [graph_file, f"graph_{side}.png"]
+    plots.plot_spectra(result, tmp / "spectra.png")
+    plots.plot_edge_curves(result, tmp / "edge_curves.png")
+    files += ["spectra.png", "edge_curves.png"]
+    for layer, curves in (ablation or {}).items():
+        name = f"ablation_{layer.replace('/', '_')}.png"
+        metric = curves.get("metric", "accuracy")
+        plots.plot_ablation({b: (curves["ks"][b], curves[b]) for b in ("lib", "pca") if b in curves},
+                            tmp / name, layer, metric)
+        files.append(name)
+    config = dataclasses.asdict(result.config) if dataclasses.is_dataclass(result.config) else result.config
+    report = {"metadata": dict(metadata), "config": config, "summary": summary,
+              "ablation": dict(ablation or {}), "files": files}
+    (tmp / "lib.json").write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False))
+    return report
+
+
+def write_lib_report(result, out_dir, metadata: Mapping[str, Any] | None = None,
+                     ablation: Mapping[str, Any] | None = None, seed: int = 0) -> dict:
+    """Writes the report of ``result`` to ``out_dir`` (see the module docstring); returns lib.json's content.
+
+    ablation: {layer: {"metric": ..., "ks": {"lib": [...], "pca": [...]}, "lib": [...], "pca": [...]}}.
+    """
+    out_dir = check_out_dir(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        report = _write_all(result, tmp, metadata or {}, ablation, seed)
+        if out_dir.exists():
+            out_dir.rmdir()  # empty (checked above)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
