@@ -50,7 +50,8 @@ def plot_spectra(result, path) -> Path:
             lam = np.sort(_np(bases[layer].Lambda)[1:])[::-1]
             if lam.size and lam.sum() > 0:
                 ax.semilogy(np.arange(1, lam.size + 1), lam / lam.sum(), ".-", color=color, ms=3, label=side)
-        ax.set_title(layer, fontsize=10)
+        same = result.lib[layer] is result.pca[layer]  # final layer: one shared (neuron / PCA) basis
+        ax.set_title(f"{layer} (shared basis)" if same else layer, fontsize=10)
         ax.set_xlabel("direction (sorted)")
         ax.set_ylabel("share of total")
         ax.grid(alpha=0.3)

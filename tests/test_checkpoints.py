@@ -143,3 +143,13 @@ def test_config_mismatch_is_reported():
         load_hooked_transformer_state_dict(random_ht_state_dict(), wrong)
     with pytest.raises(ValueError, match=r"model config lacks \['d_mlp'\]"):
         load_hooked_transformer_state_dict(random_ht_state_dict(), {k: v for k, v in CONFIG.items() if k != "d_mlp"})
+
+
+def test_lightning_checkpoint_without_recipe_loader(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "interp_train.recipes", None)  # import fails: loader not available
+    ckpt = tmp_path / "run.ckpt"
+    torch.save({"state_dict": {"model.w": torch.zeros(2)}, "pytorch-lightning_version": "2.6.0", "epoch": 3}, ckpt)
+    with pytest.raises(ValueError, match=r"run\.ckpt' is a Lightning checkpoint, but interp_train\.recipes\.load_recipe"):
+        load_checkpoint(ckpt)

@@ -92,3 +92,26 @@ def test_lib_command_errors_write_nothing(checkpoint, capsys):
     assert [p.name for p in (tmp / "full").iterdir()] == ["keep.txt"]
     with pytest.raises(SystemExit):
         main(["lib", str(tmp / "model.pt"), "--out", str(tmp / "r4"), "--integration", "simpson"])
+
+
+def test_report_writer_leaves_nothing_on_error(tmp_path, monkeypatch):
+    from evaluation import plots, report_lib
+    from tests.test_metrics import E3, Basis, FakeResult
+
+    lam = torch.tensor([1.0, 3.0, 2.0], dtype=torch.float64)
+    basis = Basis("l", torch.eye(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64), lam, torch.zeros(2))
+    result = FakeResult(["a", "b", "c"], {l: basis for l in "abc"}, {l: basis for l in "abc"},
+                        {"a": E3, "b": E3}, {"a": E3, "b": E3})
+    result.config = LIBConfig()
+
+    def broken(*_a, **_k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(plots, "plot_edge_curves", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        report_lib.write_lib_report(result, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []  # neither the report nor its temporary directory
+    monkeypatch.undo()
+    report = report_lib.write_lib_report(result, tmp_path / "out")
+    assert report["summary"]["edges"]["a"]["lib"]["edges_90"] == 3
+    assert json.loads((tmp_path / "out" / "lib.json").read_text())["summary"]["edges"]["b"]["lib"]["gini"] == 0.25
