@@ -7,7 +7,9 @@
 ``attach_regularizers`` makes the module an instance of a subclass that mixes in
 :class:`RegularizedMixin` (same attributes, same hooks). Its ``training_step`` calls the original
 one for the task loss, then adds the weighted regularizer terms and logs, under ``train/``,
-the raw task loss, every unweighted term, every weighted term, every weight and the total.
+the raw task loss, every unweighted term, every weighted term, every weight and the total
+(``reg/task_loss``, ``reg/<name>/<term>``, ``reg/<name>/<term>_weighted``, ``reg/<name>/weight``,
+``reg/total_loss``).
 Regularizers are registered as the submodule ``regularizers``, so their schedule state is part
 of the module's checkpoint. Equivalently, subclass: ``class Mine(RegularizedMixin, MyLitModule)``
 and call ``self.set_regularizers(...)`` in ``__init__``.
@@ -30,6 +32,7 @@ from interp_train.regularizers.base import (
 )
 from interp_train.sites import check_sites
 
+LOG_PREFIX = "reg"
 BatchFn = Callable[[Any], tuple[torch.Tensor, torch.Tensor, Mapping[str, Any]]]
 
 
@@ -87,8 +90,9 @@ class RegularizedMixin:
                                  sites=declared_sites(regs), step=int(self.global_step))
         result = apply_regularizers(ctx, regs, task_loss, advance=True)
         logs = result.logs()
-        self.log("train/total_loss", logs.pop("loss"), prog_bar=True)
-        self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False)
+        # Own namespace: the user's training_step may already log e.g. "train/loss".
+        self.log(f"{LOG_PREFIX}/total_loss", logs.pop("loss"), prog_bar=True)
+        self.log_dict({f"{LOG_PREFIX}/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False)
         if isinstance(out, Mapping):
             return {**out, "loss": result.total}
         return result.total

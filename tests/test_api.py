@@ -123,11 +123,11 @@ def test_lightning_attach_logs_terms_and_keeps_training_step_signature():
     trainer = quiet_trainer(max_steps=3)
     trainer.fit(model, toy_loader())
     logged = trainer.callback_metrics
-    for key in ["train/task_loss", "train/hid/l2", "train/hid/l2_weighted", "train/hid/weight", "train/total_loss"]:
+    for key in ["reg/task_loss", "reg/hid/l2", "reg/hid/l2_weighted", "reg/hid/weight", "reg/total_loss"]:
         assert key in logged, key
-    assert float(logged["train/hid/l2_weighted"]) == pytest.approx(0.1 * float(logged["train/hid/l2"]), rel=1e-5)
-    assert float(logged["train/total_loss"]) == pytest.approx(
-        float(logged["train/task_loss"]) + float(logged["train/hid/l2_weighted"]), rel=1e-5)
+    assert float(logged["reg/hid/l2_weighted"]) == pytest.approx(0.1 * float(logged["reg/hid/l2"]), rel=1e-5)
+    assert float(logged["reg/total_loss"]) == pytest.approx(
+        float(logged["reg/task_loss"]) + float(logged["reg/hid/l2_weighted"]), rel=1e-5)
     assert model.regularizers[0].step == 3
 
 
@@ -152,7 +152,7 @@ def test_schedule_state_survives_checkpoint_resume(tmp_path):
     trainer2.fit(fresh, toy_loader(), ckpt_path=ckpt)
     assert fresh.regularizers[0].step == 6
     assert fresh.regularizers[0].current_weight() == pytest.approx(0.6)
-    assert float(trainer2.callback_metrics["train/hid/weight"]) == pytest.approx(0.5)  # weight at step 5
+    assert float(trainer2.callback_metrics["reg/hid/weight"]) == pytest.approx(0.5)  # weight at step 5
 
 
 def test_site_edit_and_record_on_module_path():
