@@ -163,12 +163,27 @@ class ExactTangents(TangentProvider):
 
 
 # ----------------------------------------------------------------------------- PCA
+def _top_principal_directions(centred: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``keep`` eigenvectors (b, d, keep) and eigenvalues (b, keep) of C = XᵀX/(n−1) per batch
+    entry, for centred float64 X (b, n, d). With n < d it eigendecomposes the n×n Gram matrix
+    XXᵀ = V Λ Vᵀ instead (same nonzero eigenvalues; eigenvectors XᵀV Λ^{-1/2}), re-orthonormalised by QR.
+    """
+    n, d = centred.shape[1:]
+    if n >= d:
+        eigenvalues, vectors = torch.linalg.eigh(centred.transpose(1, 2) @ centred)
+        return vectors.flip(-1)[..., :keep], eigenvalues.flip(-1)[..., :keep] / (n - 1)
+    eigenvalues, vectors = torch.linalg.eigh(centred @ centred.transpose(1, 2))
+    eigenvalues, vectors = eigenvalues.flip(-1)[..., :keep], vectors.flip(-1)[..., :keep]
+    U = centred.transpose(1, 2) @ vectors / eigenvalues.clamp_min(1e-300).sqrt()[:, None, :]
+    return torch.linalg.qr(U).Q, eigenvalues.clamp_min(0) / (n - 1)
+
+
 class LocalPCATangents(TangentProvider):
     """U(x) = top-``dim`` principal directions of the n nearest training points of x.
 
     For each query x: N(x) = its ``n_neighbors`` nearest rows of ``data`` (Euclidean); the
-    neighbourhood is centred at its own mean and U spans the top right singular vectors of the
-    centred (n, d) matrix in float64 (= the top eigenvectors of the local covariance).
+    neighbourhood is centred at its own mean and U spans the top eigenvectors of the local
+    covariance, in float64 (through the n×n Gram matrix when n < d).
 
     A query that is itself a training point is excluded from its own neighbourhood (one row at
     distance 0 is dropped), so a training point gets the same estimate as a held-out point
@@ -202,7 +217,7 @@ class LocalPCATangents(TangentProvider):
         if n_neighbors > n - 1:
             raise ValueError(f"n_neighbors ({n_neighbors}) must be smaller than the number of training points ({n})")
         self.n_neighbors = n_neighbors
-        self._data_cache: dict[torch.device, torch.Tensor] = {}
+        self._data_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         if dim is None:
             gen = torch.Generator().manual_seed(seed)
             probe = self.data[torch.randperm(n, generator=gen)[: min(n_probe, n)]]
@@ -214,23 +229,26 @@ class LocalPCATangents(TangentProvider):
             self.explained_variance_curve = None
         self.dim = int(dim)
 
-    def _data_on(self, device: torch.device) -> torch.Tensor:
+    def _data_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(data, squared row norms) on ``device``, cached."""
         if device not in self._data_cache:
-            self._data_cache[device] = self.data.to(device)
+            data = self.data.to(device)
+            self._data_cache[device] = (data, data.pow(2).sum(dim=1))
         return self._data_cache[device]
 
     def _local_pca(self, query: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(U (B, d, keep) float64, eigenvalues (B, keep) float64) of each query's neighbourhood."""
-        data = self._data_on(query.device)
+        data, sq_norms = self._data_on(query.device)
         n, d = data.shape
         k = self.n_neighbors
-        chunk = max(1, _CHUNK_ELEMENTS // (n + (k + 1) * d))
+        chunk = max(1, _CHUNK_ELEMENTS // (n + (k + 1) * d + min(k, d) ** 2))  # per-query work memory
         bases, values = [], []
         for start in range(0, query.shape[0], chunk):
             q = query[start:start + chunk].to(data.dtype)
-            near = torch.cdist(q, data).topk(k + 1, dim=1, largest=False).indices  # (b, k+1)
+            # ||q − x||² up to the per-query constant ||q||², enough to rank candidates
+            near = (sq_norms - 2 * q @ data.T).topk(k + 1, dim=1, largest=False).indices  # (b, k+1)
             candidates = data[near].to(torch.float64)
-            # cdist's matmul shortcut is not exact; recompute the candidates' distances directly
+            # the matmul shortcut is not exact; recompute the candidates' distances directly
             near_dist = (candidates - q.to(torch.float64)[:, None, :]).norm(dim=-1)
             order = near_dist.argsort(dim=1)
             candidates = candidates.gather(1, order[:, :, None].expand_as(candidates))
@@ -238,9 +256,9 @@ class LocalPCATangents(TangentProvider):
             is_self = (near_dist.gather(1, order[:, :1]) == 0)[:, :, None]
             hood = torch.where(is_self, candidates[:, 1:], candidates[:, :-1])  # (b, k, d)
             hood = hood - hood.mean(dim=1, keepdim=True)
-            _, s, vh = torch.linalg.svd(hood, full_matrices=False)
-            bases.append(vh[:, :keep].transpose(1, 2))
-            values.append(s[:, :keep] ** 2 / (k - 1))
+            U, eigenvalues = _top_principal_directions(hood, keep)
+            bases.append(U)
+            values.append(eigenvalues)
         return torch.cat(bases), torch.cat(values)
 
     def basis(self, x: torch.Tensor, extras: Mapping[str, Any] | None = None) -> torch.Tensor:

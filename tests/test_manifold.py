@@ -156,6 +156,17 @@ def test_local_pca_excludes_the_query_itself_from_its_neighbourhood():
     torch.testing.assert_close(U_in[0] @ U_in[0].T, projector(vecs[:, -2:]), atol=1e-10, rtol=0)
 
 
+def test_local_pca_gives_the_same_bases_in_small_chunks(monkeypatch):
+    import interp_train.tangents as tangents
+
+    data = torch.randn(200, 12, dtype=f64)
+    provider = LocalPCATangents(data, dim=3, n_neighbors=8)
+    whole = provider.basis(data[:40])
+    monkeypatch.setattr(tangents, "_CHUNK_ELEMENTS", 1000)  # about 3 queries per chunk
+    chunked = provider.basis(data[:40])
+    torch.testing.assert_close(chunked @ chunked.transpose(1, 2), whole @ whole.transpose(1, 2), atol=1e-10, rtol=0)
+
+
 def test_global_pca_recovers_a_linear_subspace_exactly():
     A = torch.randn(10, 3, dtype=f64)
     data = torch.randn(500, 3, dtype=f64) @ A.T + 2.0  # offset: PCA centres
