@@ -1,7 +1,5 @@
 """Tangent providers, the synthetic manifold generator and the off-manifold regularizers."""
 
-import math
-
 import pytest
 import torch
 from torch import nn
@@ -9,6 +7,7 @@ from torch.func import jacrev
 
 from interp_train import regularized_loss
 from interp_train.data.manifold_generator import SmoothManifoldGenerator
+from interp_train.regularizers.base import RegularizerContext
 from interp_train.regularizers.manifold import OffManifoldGradientPenalty, OffManifoldNoisePenalty
 from interp_train.tangents import (
     ExactTangents, GlobalPCATangents, LocalPCATangents, fit_from_datamodule, project_off, project_on,
@@ -233,7 +232,6 @@ def test_off_manifold_noise_is_orthogonal_and_the_penalty_uses_it():
     z, x = g.sample(8, torch.Generator().manual_seed(0), dtype=f64)
     model = nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 3)).to(f64)
     reg = OffManifoldNoisePenalty(tangents=ExactTangents(g), sigma=0.3)
-    from interp_train.regularizers.base import RegularizerContext
     ctx = RegularizerContext(model, x, torch.zeros(8, dtype=torch.long), extras={"latents": z}, sites=["input"])
     torch.manual_seed(7)
     noise = reg.off_manifold_noise(ctx)
