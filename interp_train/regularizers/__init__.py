@@ -1,4 +1,13 @@
-"""Regularizers: loss-term plugins. See ``base.Regularizer`` for the API."""
+"""Regularizers: loss-term plugins. See ``base.Regularizer`` for the API.
+
+Families (formulas in each class docstring and in DESIGN.md section 3):
+* smoothness: GradientNorm, FiniteDifferenceGradientNorm, JacobianNorm, NoisePenalty,
+  RandomizedSmoothing, PGDAdversarial
+* manifold: OffManifoldNoisePenalty, OffManifoldGradientPenalty (tangent spaces from
+  ``interp_train.tangents``)
+* degeneracy: ActivationDegeneracy, GradientDegeneracy, FiringPatternDegeneracy
+* interaction: InteractionSparsity; connection cost: ConnectionCost (+ NeuronSwapCallback)
+"""
 
 from interp_train.regularizers.base import (
     NonFiniteRegularizerError,
@@ -8,9 +17,34 @@ from interp_train.regularizers.base import (
     apply_regularizers,
     regularized_loss,
 )
+from interp_train.regularizers.connection_cost import ConnectionCost
+from interp_train.regularizers.degeneracy import ActivationDegeneracy, FiringPatternDegeneracy, GradientDegeneracy
+from interp_train.regularizers.interaction import InteractionSparsity
+from interp_train.regularizers.manifold import OffManifoldGradientPenalty, OffManifoldNoisePenalty
+from interp_train.regularizers.smoothness import (
+    FiniteDifferenceGradientNorm,
+    GradientNorm,
+    JacobianNorm,
+    NoisePenalty,
+    PGDAdversarial,
+    RandomizedSmoothing,
+)
 
 __all__ = [
+    "ActivationDegeneracy",
+    "ConnectionCost",
+    "FiniteDifferenceGradientNorm",
+    "FiringPatternDegeneracy",
+    "GradientDegeneracy",
+    "GradientNorm",
+    "InteractionSparsity",
+    "JacobianNorm",
+    "NoisePenalty",
     "NonFiniteRegularizerError",
+    "OffManifoldGradientPenalty",
+    "OffManifoldNoisePenalty",
+    "PGDAdversarial",
+    "RandomizedSmoothing",
     "RegularizedLoss",
     "Regularizer",
     "RegularizerContext",
