@@ -12,7 +12,7 @@ from interp_train.regularizers.degeneracy import (
     ActivationDegeneracy, FiringPatternDegeneracy, GradientDegeneracy, effective_rank,
 )
 
-MEASURES = ["nuclear", "entropy"]
+MEASURES = ["nuclear", "entropy", "participation"]
 
 
 def reference_rank(a: torch.Tensor, measure: str) -> float:
@@ -21,6 +21,8 @@ def reference_rank(a: torch.Tensor, measure: str) -> float:
     s = torch.linalg.svdvals(a - a.mean(0))
     if measure == "nuclear":
         return float(s.sum() / s.pow(2).sum().sqrt())
+    if measure == "participation":
+        return float(s.pow(2).sum() ** 2 / s.pow(4).sum())
     p = s[s > 0] / s.sum()
     return float(torch.exp(-(p * p.log()).sum()))
 
@@ -31,7 +33,7 @@ def test_rank_one_is_lower_than_isotropic(measure):
     rank1 = torch.randn(256, 1) * torch.randn(1, 8)
     low, high = effective_rank(rank1, measure).item(), effective_rank(iso, measure).item()
     assert low == pytest.approx(1.0, abs=0.02)
-    full = math.sqrt(8) if measure == "nuclear" else 8.0
+    full = math.sqrt(8) if measure == "nuclear" else 8.0  # entropy, participation: up to the rank
     assert high > 0.85 * full and low < 0.5 * high
 
 
@@ -41,6 +43,7 @@ def test_hand_built_matrix_matches_analytic_value():
     assert effective_rank(a, "nuclear").item() == pytest.approx(7 / 5, rel=1e-6)
     p = torch.tensor([3 / 7, 4 / 7])
     assert effective_rank(a, "entropy").item() == pytest.approx(math.exp(-(p * p.log()).sum().item()), rel=1e-6)
+    assert effective_rank(a, "participation").item() == pytest.approx(50 ** 2 / (18 ** 2 + 32 ** 2), rel=1e-6)
     # (B, T, d) activations are B·T rows: the same matrix split over a position dimension
     assert effective_rank(a.reshape(2, 2, 2), "nuclear").item() == pytest.approx(7 / 5, rel=1e-6)
 
@@ -54,8 +57,9 @@ def test_matches_svd_reference_in_value_and_gradient(measure):
     ref = a.detach().clone().requires_grad_(True)
     b = ref - ref.mean(0)
     s = torch.linalg.svdvals(b)  # distinct singular values here, so the SVD gradient is fine
-    ref_value = s.sum() / s.pow(2).sum().sqrt() if measure == "nuclear" else torch.exp(
-        -((s / s.sum()) * (s / s.sum()).log()).sum())
+    ref_value = {"nuclear": s.sum() / s.pow(2).sum().sqrt(),
+                 "entropy": torch.exp(-((s / s.sum()) * (s / s.sum()).log()).sum()),
+                 "participation": s.pow(2).sum() ** 2 / s.pow(4).sum()}[measure]
     (ref_grad,) = torch.autograd.grad(ref_value, ref)
     assert torch.allclose(grad, ref_grad, atol=1e-8)
 
@@ -109,7 +113,8 @@ def test_activation_term_equals_rank_of_hidden_activations(measure):
 @pytest.mark.parametrize("target", ["loss", "logit", "logprob"])
 def test_gradient_term_equals_rank_of_per_example_gradients(target):
     model, x, y = mlp(), torch.randn(12, 6), torch.randint(0, 3, (12,))
-    out = regularized_loss(model, x, y, [GradientDegeneracy(layers="3", target=target, rel_floor=1e-12)])
+    out = regularized_loss(model, x, y, [GradientDegeneracy(layers="3", target=target, measure="nuclear",
+                                                            rel_floor=1e-12)])
     rows = []
     for i in range(len(x)):  # naive reference: one example at a time
         h = torch.tanh(model[2](torch.relu(model[0](x[i:i + 1])))).detach().requires_grad_(True)
@@ -123,13 +128,16 @@ def test_gradient_term_equals_rank_of_per_example_gradients(target):
         rows.append(torch.autograd.grad(score, h)[0][0])
     expected = reference_rank(torch.stack(rows), "nuclear")
     assert out.terms["gradient_degeneracy/erank/3"].item() == pytest.approx(expected, rel=1e-5)
+    default = regularized_loss(model, x, y, [GradientDegeneracy(layers="3", target=target)])
+    assert default.terms["gradient_degeneracy/erank/3"].item() == pytest.approx(
+        reference_rank(torch.stack(rows), "participation"), rel=1e-5)
     out.total.backward()  # double backprop reaches the parameters
     assert model[0].weight.grad is not None and torch.isfinite(model[0].weight.grad).all()
 
 
 def test_firing_pattern_term_and_shared_firing_is_lower():
     model, x, y = mlp(), torch.randn(32, 6), torch.randint(0, 3, (32,))
-    reg = FiringPatternDegeneracy(layers="0", tau=0.3, rel_floor=1e-12)
+    reg = FiringPatternDegeneracy(layers="0", tau=0.3, measure="nuclear", rel_floor=1e-12)
     out = regularized_loss(model, x, y, [reg])
     expected = reference_rank(torch.sigmoid(model[0](x) / 0.3).detach(), "nuclear")
     assert out.terms["firing_pattern_degeneracy/erank/0"].item() == pytest.approx(expected, rel=1e-5)
@@ -160,8 +168,8 @@ def test_transformer_hook_names_with_position_dimension(transformer):
     assert out.terms["activation_degeneracy/erank/blocks.0.hook_resid_mid"].item() == pytest.approx(
         reference_rank(resid, "entropy"), rel=1e-4)
     assert out.terms["firing_pattern_degeneracy/erank/blocks.0.mlp.hook_pre"].item() == pytest.approx(
-        reference_rank(torch.sigmoid(cache["blocks.0.mlp.hook_pre"] / 0.5), "nuclear"), rel=1e-4)
-    assert 1.0 <= out.terms["gradient_degeneracy/erank/hook_embed"].item() <= 4.0  # sqrt(16)
+        reference_rank(torch.sigmoid(cache["blocks.0.mlp.hook_pre"] / 0.5), "participation"), rel=1e-4)
+    assert 1.0 <= out.terms["gradient_degeneracy/erank/hook_embed"].item() <= 16.0
     out.total.backward()
 
 
@@ -218,6 +226,7 @@ def train_digits(regs, steps=150, seed=0):
 
 
 def test_each_penalty_lowers_its_own_quantity_in_training():
+    """Nuclear measure for kind 1, the default (participation) for kinds 2 and 3."""
     _, (xt, yt) = digits()
 
     def measures(model):
@@ -226,11 +235,11 @@ def test_each_penalty_lowers_its_own_quantity_in_training():
         h1g = h1.detach().requires_grad_(True)
         loss = F.cross_entropy(model[4](model[3](model[2](h1g))), yt, reduction="sum")
         grads = torch.autograd.grad(loss, h1g)[0]
-        return {"act": reference_rank(h1.detach(), "nuclear"), "grad": reference_rank(grads, "nuclear"),
-                "fire": reference_rank(torch.sigmoid(z1 / 0.5).detach(), "nuclear")}
+        return {"act": reference_rank(h1.detach(), "nuclear"), "grad": reference_rank(grads, "participation"),
+                "fire": reference_rank(torch.sigmoid(z1 / 0.5).detach(), "participation")}
 
     base = measures(train_digits([]))
-    act = measures(train_digits([ActivationDegeneracy(0.5, layers="1")]))["act"]
+    act = measures(train_digits([ActivationDegeneracy(0.5, layers="1", measure="nuclear")]))["act"]
     grad = measures(train_digits([GradientDegeneracy(0.5, layers="1")]))["grad"]
     fire = measures(train_digits([FiringPatternDegeneracy(0.5, layers="0")]))["fire"]
     assert act < 0.8 * base["act"], (act, base)

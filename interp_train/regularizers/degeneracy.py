@@ -25,8 +25,8 @@ from interp_train.losses import TARGET_KINDS, target_score
 from interp_train.regularizers.base import Regularizer, RegularizerContext
 from interp_train.schedules import WeightLike
 
-Measure = Literal["nuclear", "entropy"]
-MEASURES = ("nuclear", "entropy")
+Measure = Literal["nuclear", "entropy", "participation"]
+MEASURES = ("nuclear", "entropy", "participation")
 
 
 def _check_measure(measure: str) -> None:
@@ -61,20 +61,24 @@ def gram_eigenvalues(rows: torch.Tensor, center: bool = True, rel_floor: float =
     return torch.linalg.eigvalsh(gram).clamp_min(0.0) + floor
 
 
-def effective_rank(a: torch.Tensor, measure: Measure = "nuclear", center: bool = True,
+def effective_rank(a: torch.Tensor, measure: Measure = "participation", center: bool = True,
                    rel_floor: float = 1e-8) -> torch.Tensor:
     """Effective rank of the matrix of rows of ``a`` (see ``as_rows``), a differentiable scalar.
 
     With singular values σ_k of the (centered) matrix A:
     * ``"nuclear"``: ||A||_* / ||A||_F = Σ σ_k / sqrt(Σ σ_k²), in [1, sqrt(rank)];
     * ``"entropy"``: exp(H(p)) with p_k = σ_k / Σ σ_j and H(p) = −Σ p_k log p_k (Roy & Vetterli),
-      in [1, rank].
-    Both are 1 for a rank-1 matrix, scale-invariant, and computed in float64 from
+      in [1, rank];
+    * ``"participation"``: (Σ σ_k²)² / Σ σ_k⁴, in [1, rank] (see ``participation_ratio``; no
+      eigendecomposition, so much cheaper for wide layers).
+    All are 1 for a rank-1 matrix and scale-invariant; the first two are computed in float64 from
     ``gram_eigenvalues`` (finite gradients at rank-deficient inputs); returned in a's dtype.
     The floor biases "nuclear" upward by at most sqrt(k · rel_floor) (1e-4 for k = 100 at the
     default); pass a smaller rel_floor for evaluation.
     """
     _check_measure(measure)
+    if measure == "participation":
+        return participation_ratio(a, center=center)
     lam = gram_eigenvalues(as_rows(a), center=center, rel_floor=rel_floor)
     sigma = lam.sqrt()
     if measure == "nuclear":
@@ -82,6 +86,23 @@ def effective_rank(a: torch.Tensor, measure: Measure = "nuclear", center: bool =
     else:
         p = sigma / sigma.sum()
         value = torch.exp(-(p * p.log()).sum())
+    return value.to(a.dtype if a.is_floating_point() else torch.get_default_dtype())
+
+
+def participation_ratio(a: torch.Tensor, center: bool = True) -> torch.Tensor:
+    """(Σ_k σ_k²)² / Σ_k σ_k⁴ = tr(G)² / ||G||_F² for the Gram G of the (centered) rows of ``a``.
+
+    The exponential of the order-2 Rényi entropy of p_k = σ_k² / Σ σ_j²; 1 for rank 1, r for r
+    equal singular values. A polynomial in A, so its gradient exists everywhere and no
+    eigendecomposition is needed: cost O(N·k²) for k = min(N, d). The Gram matrix is a matmul in
+    a's dtype (both sums are dominated by the large eigenvalues, so float32 rounding does not
+    matter here, unlike for the square roots of the eigen-based measures); the sums are float64.
+    """
+    rows = as_rows(a)
+    if center:
+        rows = rows - rows.mean(dim=0, keepdim=True)
+    gram = (rows.T @ rows if rows.shape[1] <= rows.shape[0] else rows @ rows.T).to(torch.float64)
+    value = torch.diagonal(gram).sum().pow(2) / (gram.pow(2).sum() + 1e-30)
     return value.to(a.dtype if a.is_floating_point() else torch.get_default_dtype())
 
 
@@ -120,11 +141,13 @@ class ActivationDegeneracy(_EffectiveRankPenalty):
 
     Args:
         layers: a module path or TransformerLens hook name, or a list of them.
-        measure: "nuclear" (||A||_*/||A||_F) or "entropy" (exp of spectral entropy).
+        measure: "nuclear" (||A||_*/||A||_F), "entropy" (exp of spectral entropy) or
+            "participation" ((Σσ²)²/Σσ⁴, the default: no eigendecomposition, so it stays cheap
+            for wide layers; the eigen-based measures cost O(k³) in float64, k = min(rows, width)).
         center: subtract the batch mean of each feature first (default True).
     """
 
-    def __init__(self, weight: WeightLike = 1.0, layers: str | Sequence[str] = (), measure: Measure = "nuclear",
+    def __init__(self, weight: WeightLike = 1.0, layers: str | Sequence[str] = (), measure: Measure = "participation",
                  center: bool = True, rel_floor: float = 1e-8, name: str | None = None):
         super().__init__(weight, layers, measure, center, rel_floor, name)
 
@@ -142,7 +165,7 @@ class GradientDegeneracy(_EffectiveRankPenalty):
     batch norm in training mode), so ∂(Σ_i s_i)/∂a_i = ∂s_i/∂a_i.
     """
 
-    def __init__(self, weight: WeightLike = 1.0, layers: str | Sequence[str] = (), measure: Measure = "nuclear",
+    def __init__(self, weight: WeightLike = 1.0, layers: str | Sequence[str] = (), measure: Measure = "participation",
                  target: str = "loss", center: bool = True, rel_floor: float = 1e-8, name: str | None = None):
         super().__init__(weight, layers, measure, center, rel_floor, name)
         if target not in TARGET_KINDS:
@@ -180,7 +203,7 @@ class FiringPatternDegeneracy(_EffectiveRankPenalty):
     """
 
     def __init__(self, weight: WeightLike = 1.0, layers: str | Sequence[str] = (), tau: float = 0.5,
-                 measure: Measure = "nuclear", center: bool = True, rel_floor: float = 1e-8, name: str | None = None):
+                 measure: Measure = "participation", center: bool = True, rel_floor: float = 1e-8, name: str | None = None):
         super().__init__(weight, layers, measure, center, rel_floor, name)
         if not tau > 0:
             raise ValueError(f"tau must be > 0, got {tau!r}")

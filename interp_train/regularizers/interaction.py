@@ -37,6 +37,8 @@ def sampled_rows(batch: int, d_out: int, m: int, device: torch.device | None = N
     in order when m >= d_out."""
     if m >= d_out:
         return torch.arange(d_out, device=device).expand(batch, d_out)
+    if m == 1:
+        return torch.randint(0, d_out, (batch, 1), device=device, generator=generator)
     scores = torch.rand(batch, d_out, device=device, generator=generator)
     return scores.argsort(dim=1)[:, :m]
 
@@ -64,7 +66,7 @@ def jacobian_l1_estimate(source_act: torch.Tensor, target_act: torch.Tensor, m: 
     cotangents = torch.zeros(m_eff, batch, d_out, dtype=target_act.dtype, device=target_act.device)
     cotangents.scatter_(2, rows.T.unsqueeze(-1), 1.0)
     cotangents = cotangents.reshape(m_eff, *target_act.shape)
-    if vectorize:
+    if vectorize and m_eff > 1:
         (vjps,) = torch.autograd.grad(target_act, source_act, cotangents, create_graph=create_graph,
                                       retain_graph=True, allow_unused=True, is_grads_batched=True)
         if vjps is None:
@@ -90,12 +92,13 @@ class InteractionSparsity(Regularizer):
             a TransformerLens hook name).
         target_layer: a layer downstream of ``source`` whose activation b is differentiated.
         m: output rows sampled per example and step (m VJPs); exact (deterministic) when
-            m >= d_out. Cost grows with m.
+            m >= d_out. Default 1 (cheapest; unbiased, and the batch mean averages the noise);
+            each extra row adds about one backward pass and its double backward.
         vectorize: batch the m VJPs with vmap (``is_grads_batched``); set False for models whose
             ops do not support vmap.
     """
 
-    def __init__(self, weight: WeightLike = 1.0, source: str = "input", target_layer: str = "", m: int = 4,
+    def __init__(self, weight: WeightLike = 1.0, source: str = "input", target_layer: str = "", m: int = 1,
                  vectorize: bool = True, name: str | None = None):
         super().__init__(weight, name)
         if not isinstance(m, int) or isinstance(m, bool) or m <= 0:
