@@ -4,6 +4,14 @@
                     [--truncation T] [--integration RULE] [--n-intervals N] [--max-samples N]
                     [--batch-size B] [--no-ablation] --out DIR
 
+    interp-eval compare [ROOT] [--variant NAME RUN [RUN ...]]... [--baseline NAME] [--test welch|permutation]
+                        [--alpha A] [--max-samples N] [--layers L ...] [--tangents KIND] [--eps E ...]
+                        [--ratio-eps E] [--no-alignment] [--llc] --out DIR
+
+compare: ROOT is a task directory of recipe runs ``<variant>/seed<k>/`` (evaluation.compare);
+--variant adds or names runs explicitly. DIR keeps a per-checkpoint cache, so a re-run only
+measures new or changed checkpoints; report.md/report.json/plots are replaced.
+
 CHECKPOINT: a HookedTransformer-format state dict (with --config, or with a stored config),
 a TransformerBridge state dict, or an interp-train recipe's Lightning .ckpt (see
 evaluation.checkpoints). SPEC: ``modular-addition:p=113`` (all p² inputs ``a b =`` with
@@ -147,6 +155,55 @@ def run_lib(args) -> dict:
     return report
 
 
+def run_compare_command(args):
+    from evaluation.compare import MeasureOptions, discover_runs, run_compare, runs_from_paths
+
+    if args.root is None and not args.variant:
+        raise ValueError("give a task directory of runs (ROOT) or at least one --variant NAME RUN [RUN ...]")
+    variants = dict(discover_runs(args.root)) if args.root is not None else {}
+    for name, *paths in args.variant or []:
+        if not paths:
+            raise ValueError(f"--variant {name} lists no runs; use --variant NAME RUN [RUN ...]")
+        variants[name] = runs_from_paths(name, paths)
+    eps = tuple(args.eps)
+    options = MeasureOptions(max_samples=args.max_samples, batch_size=args.batch_size,
+                             node_layers=tuple(args.layers) if args.layers else None,
+                             alignment=args.alignment, tangents=args.tangents, robustness_eps=eps,
+                             ratio_eps=args.ratio_eps if args.ratio_eps is not None else eps[len(eps) // 2],
+                             llc=args.llc, llc_draws=args.llc_draws, llc_chains=args.llc_chains)
+    result = run_compare(variants, args.out, options, baseline=args.baseline, test=args.test, alpha=args.alpha,
+                         progress=not args.quiet)
+    if not args.quiet:
+        for message in result.report["messages"]:
+            print(f"note: {message}", file=sys.stderr)
+        print(f"wrote {result.out_dir}: {', '.join(result.files)}")
+    return result
+
+
+def _add_compare_parser(sub) -> None:
+    cmp = sub.add_parser("compare", help="compare regularized variants with the baseline over seeds")
+    cmp.add_argument("root", nargs="?", help="task directory holding <variant>/seed<k>/ run directories")
+    cmp.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "RUN"),
+                     help="a variant and its run directories (repeatable)")
+    cmp.add_argument("--out", required=True, help="output directory (its cache/ is reused on re-runs)")
+    cmp.add_argument("--baseline", default="baseline", help="name of the standard-training variant")
+    cmp.add_argument("--test", default="welch", choices=["welch", "permutation"])
+    cmp.add_argument("--alpha", type=float, default=0.05)
+    cmp.add_argument("--max-samples", type=int, default=512, help="examples for LIB / alignment / robustness")
+    cmp.add_argument("--batch-size", type=int, default=256)
+    cmp.add_argument("--layers", nargs="+", help="LIB node layers (default: per architecture)")
+    cmp.add_argument("--tangents", default="auto", choices=["auto", "exact", "local_pca", "global_pca"])
+    cmp.add_argument("--eps", type=float, nargs="+", default=[0.03, 0.1, 0.3], help="robustness radii")
+    cmp.add_argument("--ratio-eps", type=float, help="radius of the reported off/on ratio (default: middle --eps)")
+    cmp.add_argument("--no-alignment", dest="alignment", action="store_false",
+                     help="skip gradient alignment and robustness")
+    cmp.add_argument("--llc", action="store_true", help="also estimate the LLC (SGLD; slow)")
+    cmp.add_argument("--llc-draws", type=int, default=100)
+    cmp.add_argument("--llc-chains", type=int, default=2)
+    cmp.add_argument("--quiet", action="store_true", help="no progress bars")
+    cmp.set_defaults(func=run_compare_command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="interp-eval", description="Evaluate trained checkpoints.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -165,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     lib.add_argument("--no-ablation", dest="ablation", action="store_false", help="skip node-ablation curves")
     lib.add_argument("--quiet", action="store_true", help="no progress bars")
     lib.set_defaults(func=run_lib)
+    _add_compare_parser(sub)
     return parser
 
 

@@ -1,0 +1,579 @@
+"""``interp-eval compare``: is a regularized variant more interpretable than standard training,
+at what accuracy cost, and is the difference real? (DESIGN.md section 5.)
+
+Runs are recipe run directories ``<root>/<variant>/seed<k>/`` (``config.yaml``,
+``checkpoints/last.ckpt``) as written by ``interp-train fit``. Each run is measured once
+(``measure_run``; cached per checkpoint, see evaluation.cache), then every metric is summarised
+per variant over seeds (mean ± std, ddof = 1) and compared with the baseline by
+``evaluation.stats.compare_groups`` (Welch t or exact permutation test).
+
+Metrics, with the direction counted as "more interpretable" (``higher_is_better``):
+
+* accuracy — held-out (test split) accuracy; the *cost* of a regularizer, higher is better.
+* lib_edge_fraction_90 / pca_edge_fraction_90 — interaction sparsity: ∑_l n90_l / ∑_l N_l, the
+  fewest edges holding 90 % of each edge layer's weight over all edges (constant node excluded),
+  in the LIB / PCA basis. Lower: the computation is carried by fewer interactions.
+* lib_features_99 — ∑ over non-output node layers of the LIB directions holding 99 % of ∑Λ.
+  Lower: fewer features take part in the computation.
+* modularity_q — Louvain modularity Q (γ = 1) of the LIB interaction graph. Higher: the graph
+  splits into more separate modules.
+* alignment — mean of ||UUᵀg|| / ||g|| for input gradients g of the per-example loss (U the
+  tangent space of the data). Higher: the model's sensitivity lies along the data manifold.
+* robustness_ratio — Δ_off(ε)/Δ_on(ε) at one radius ε (evaluation.robustness). Lower: the
+  model ignores off-manifold perturbations relative to on-manifold ones, which is the
+  behaviour that aligned gradients imply.
+* llc — local learning coefficient (opt-in, SGLD via devinterp). Lower: a more degenerate,
+  effectively simpler solution.
+
+Token models (integer inputs) get no alignment/robustness: those need tangents of the
+embedding (site "hook_embed"), which this command does not estimate; the report says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from evaluation import cache as cache_mod
+from evaluation.stats import TESTS, compare_groups
+
+BASELINE = "baseline"
+CURVE_POINTS = 200  # cumulative edge-weight curves are stored at this many log-spaced ranks
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    label: str
+    higher_is_better: bool
+    description: str
+
+
+METRICS = (
+    Metric("accuracy", "accuracy", True, "held-out accuracy (the cost; higher is better)"),
+    Metric("lib_edge_fraction_90", "LIB edges for 90 %", False, "fraction of LIB edges holding 90 % of edge weight"),
+    Metric("pca_edge_fraction_90", "PCA edges for 90 %", False, "fraction of PCA edges holding 90 % of edge weight"),
+    Metric("lib_features_99", "LIB features (99 %)", False, "LIB directions holding 99 % of ∑Λ, summed over layers"),
+    Metric("modularity_q", "modularity Q", True, "Louvain modularity (γ = 1) of the LIB interaction graph"),
+    Metric("alignment", "gradient alignment", True, "mean ||UUᵀg||/||g|| of input gradients (tangent space U)"),
+    Metric("robustness_ratio", "off/on robustness", False, "Δ_off/Δ_on: output change off vs on the manifold"),
+    Metric("llc", "LLC", False, "local learning coefficient (SGLD, devinterp)"),
+)
+METRIC_NAMES = tuple(m.name for m in METRICS)
+TANGENT_CHOICES = ("auto", "exact", "local_pca", "global_pca")
+
+
+@dataclass(frozen=True)
+class MeasureOptions:
+    """What ``measure_run`` computes (all of it enters the cache key).
+
+    max_samples: training examples for the LIB fit and test examples for alignment/robustness
+    (a seeded random subset; accuracy always uses the whole test split). node_layers: LIB node
+    layers (None: input + hidden activations + output for MLPs, the residual stream for
+    transformers). tangents: "auto" = exact where the data module has a generator, else local PCA.
+    robustness_eps: radii; ratio_eps: the radius whose off/on ratio is the headline number.
+    llc: opt-in (slow); llc_*: its chains, draws, step size and localization.
+    """
+
+    max_samples: int = 512
+    batch_size: int = 256
+    node_layers: tuple[str, ...] | None = None
+    truncation: float = 1e-12
+    alignment: bool = True
+    tangents: str = "auto"
+    robustness_eps: tuple[float, ...] = (0.03, 0.1, 0.3)
+    ratio_eps: float = 0.1
+    n_draws: int = 4
+    llc: bool = False
+    llc_chains: int = 2
+    llc_draws: int = 100
+    llc_lr: float = 1e-4
+    llc_localization: float = 100.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.max_samples, bool) or not isinstance(self.max_samples, int) or self.max_samples < 2:
+            raise ValueError(f"max_samples must be an integer >= 2, got {self.max_samples!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.tangents not in TANGENT_CHOICES:
+            raise ValueError(f"unknown tangents {self.tangents!r}; allowed: {', '.join(TANGENT_CHOICES)}")
+        if self.ratio_eps not in self.robustness_eps:
+            raise ValueError(f"ratio_eps {self.ratio_eps!r} must be one of robustness_eps {list(self.robustness_eps)}")
+
+
+@dataclass
+class Run:
+    """One trained run: variant name, seed label, run directory, checkpoint and config files."""
+
+    variant: str
+    seed: str
+    run_dir: Path
+    checkpoint: Path
+    config: Path
+
+
+# ----------------------------------------------------------------------------- finding runs
+
+
+def _run_files(path: Path) -> tuple[Path, Path] | None:
+    from interp_train.recipes import find_run_files
+
+    try:
+        config, ckpt = find_run_files(path)
+    except FileNotFoundError:
+        return None
+    return ckpt, config
+
+
+def _seed_label(run_dir: Path, config: Path, index: int) -> str:
+    if re.fullmatch(r"seed\w+", run_dir.name):
+        return run_dir.name
+    import yaml
+
+    seed = (yaml.safe_load(config.read_text()) or {}).get("seed_everything")
+    return f"seed{seed}" if isinstance(seed, int) and not isinstance(seed, bool) else f"run{index}"
+
+
+def runs_from_paths(variant: str, paths: Sequence[str | Path]) -> list[Run]:
+    """Runs of one variant from explicit run directories (or checkpoint files inside them)."""
+    runs = []
+    for i, p in enumerate(paths):
+        found = _run_files(Path(p))
+        if found is None:
+            raise FileNotFoundError(f"variant {variant!r}: {str(p)!r} is not a run directory or checkpoint with a "
+                                    "config.yaml (expected <run>/config.yaml and <run>/checkpoints/last.ckpt)")
+        ckpt, config = found
+        run_dir = config.parent
+        runs.append(Run(variant, _seed_label(run_dir, config, i), run_dir, ckpt, config))
+    labels = [r.seed for r in runs]
+    if len(set(labels)) != len(labels):  # e.g. two explicit dirs both called seed0
+        runs = [dataclasses.replace(r, seed=f"{r.seed}_{i}") for i, r in enumerate(runs)]
+    return runs
+
+
+def discover_runs(root: str | Path) -> dict[str, list[Run]]:
+    """{variant: runs} from ``root/<variant>/<seed dir>/`` (sorted by name).
+
+    Raises FileNotFoundError for a missing root and ValueError, listing what is there, when no
+    run directories are found (or when ``root`` is itself one run, or holds several tasks).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {str(root)!r} does not exist")
+    if (root / "config.yaml").is_file():
+        raise ValueError(f"{str(root)!r} is a single run; pass the task directory that holds "
+                         "<variant>/seed<k>/ run directories (e.g. checkpoints/digits/)")
+    variants: dict[str, list[Run]] = {}
+    for vdir in sorted(p for p in root.iterdir() if p.is_dir()):
+        seed_dirs = [p for p in sorted(vdir.iterdir()) if p.is_dir() and (p / "config.yaml").is_file()
+                     and _run_files(p) is not None]
+        runs = runs_from_paths(vdir.name, seed_dirs)
+        if runs:
+            variants[vdir.name] = runs
+    if not variants:
+        nested = sorted(str(p.relative_to(root)) for p in root.glob("*/*/*/config.yaml"))
+        if nested:
+            raise ValueError(f"{str(root)!r} holds runs of several tasks ({', '.join(nested[:6])}); "
+                             "pass one task directory, e.g. checkpoints/<task>/")
+        found = sorted(str(p.relative_to(root)) for p in root.glob("*/*"))[:20] or ["nothing"]
+        raise ValueError(f"no runs under {str(root)!r}: expected <variant>/seed<k>/config.yaml with "
+                         f"checkpoints/*.ckpt; found: {', '.join(found)}")
+    return variants
+
+
+# ----------------------------------------------------------------------------- consistency
+
+
+def _load_yaml(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text()) or {}
+
+
+_LOADER_KEYS = ("batch_size", "eval_batch_size", "num_workers")
+
+
+def check_consistent(variants: Mapping[str, Sequence[Run]]) -> list[str]:
+    """Raises ValueError when runs differ in architecture (config ``model.model``) or data module
+    class; returns messages for other differences in the data settings (loader settings aside)."""
+    archs: dict[str, list[str]] = {}
+    tasks: dict[str, list[str]] = {}
+    data_settings: dict[str, list[str]] = {}
+    for runs in variants.values():
+        for run in runs:
+            cfg = _load_yaml(run.config)
+            name = f"{run.variant}/{run.seed}"
+            arch = repr((cfg.get("model") or {}).get("model"))
+            data = cfg.get("data") or {}
+            archs.setdefault(arch, []).append(name)
+            tasks.setdefault(str(data.get("class_path")), []).append(name)
+            init = {k: v for k, v in (data.get("init_args") or {}).items() if k not in _LOADER_KEYS}
+            data_settings.setdefault(repr(sorted(init.items())), []).append(name)
+    if len(tasks) > 1:
+        groups = "; ".join(f"{t}: {', '.join(n)}" for t, n in tasks.items())
+        raise ValueError(f"runs disagree on the task (data module): {groups}")
+    if len(archs) > 1:
+        groups = "; ".join(f"{', '.join(n)} have model {a}" for a, n in archs.items())
+        raise ValueError(f"runs disagree on the architecture (config 'model.model'): {groups}")
+    if len(data_settings) > 1:
+        groups = "; ".join(f"{', '.join(n)}: {s}" for s, n in data_settings.items())
+        return [f"runs use different data settings (measured on each run's own data): {groups}"]
+    return []
+
+
+# ----------------------------------------------------------------------------- measuring one run
+
+
+def _split_tensors(datamodule, split: str) -> tuple[torch.Tensor, ...]:
+    """All tensors of a split: from ``datamodule.splits`` when it has them, else from its loader."""
+    splits = getattr(datamodule, "splits", None)
+    if isinstance(splits, Mapping) and split in splits and hasattr(splits[split], "tensors"):
+        return tuple(splits[split].tensors)
+    loader = getattr(datamodule, f"{split}_dataloader")()
+    parts = [b if isinstance(b, (tuple, list)) else (b,) for b in loader]
+    return tuple(torch.cat(col) for col in zip(*parts))
+
+
+def _subset(tensors: tuple[torch.Tensor, ...], n: int, seed: int) -> tuple[torch.Tensor, ...]:
+    if tensors[0].shape[0] <= n:
+        return tensors
+    idx = torch.randperm(tensors[0].shape[0], generator=torch.Generator().manual_seed(seed))[:n]
+    return tuple(t[idx] for t in tensors)
+
+
+def _batches(tensors: tuple[torch.Tensor, ...], batch_size: int) -> list[tuple[torch.Tensor, ...]]:
+    n = tensors[0].shape[0]
+    return [tuple(t[i:i + batch_size] for t in tensors) for i in range(0, n, batch_size)]
+
+
+def default_node_layers(module) -> list[str]:
+    """LIB node layers of a recipe module: MLP → "input", every hidden activation, "output";
+    TransformerLens model → resid_pre, resid_mid/resid_post of each block, "output"."""
+    from torch import nn
+
+    from interp_train.models.mlp import MLP
+
+    for name, sub in module.named_modules():
+        if isinstance(sub, MLP):
+            acts = [f"{name}.layers.{i}" for i, m in enumerate(sub.layers) if not isinstance(m, nn.Linear)]
+            return ["input", *acts, "output"]
+        n_layers = getattr(getattr(sub, "cfg", None), "n_layers", None)
+        if isinstance(n_layers, int) and isinstance(getattr(sub, "hook_dict", None), dict):
+            layers = ["blocks.0.hook_resid_pre"]
+            for l in range(n_layers):
+                layers += [f"blocks.{l}.hook_resid_mid", f"blocks.{l}.hook_resid_post"]
+            return layers + ["output"]
+    raise ValueError(f"cannot choose LIB node layers for {type(module).__name__}; pass node_layers (--layers)")
+
+
+def tangent_provider(datamodule, kind: str):
+    """The tangent provider ``kind`` ("auto": exact with a known generator, else local PCA)."""
+    if kind == "auto":
+        kind = "exact" if getattr(datamodule, "generator", None) is not None else "local_pca"
+    if callable(getattr(datamodule, "tangent_provider", None)):
+        return datamodule.tangent_provider(kind)
+    from interp_train.tangents import fit_from_datamodule
+
+    return fit_from_datamodule(kind, datamodule)
+
+
+def cumulative_curve(E, points: int = CURVE_POINTS) -> dict[str, list]:
+    """c_n = (sum of the n largest non-constant edges)/(their total) at ≤ ``points`` log-spaced n."""
+    from evaluation.plots import cumulative_edge_weight
+
+    c = cumulative_edge_weight(E)
+    if c.size == 0:
+        return {"n": [], "c": []}
+    ns = np.unique(np.round(np.geomspace(1, c.size, num=min(points, c.size))).astype(int))
+    return {"n": ns.tolist(), "c": [float(v) for v in c[ns - 1]]}
+
+
+def _finite_or_none(x) -> float | None:
+    return float(x) if x is not None and math.isfinite(float(x)) else None
+
+
+def lib_metrics(summary: Mapping[str, Any], node_layers: Sequence[str]) -> dict[str, float | None]:
+    """The report's LIB scalars from ``evaluation.metrics.summarize`` output (see module docstring)."""
+    out: dict[str, float | None] = {}
+    for side in ("lib", "pca"):
+        n90 = sum(e[side]["edges_90"] for e in summary["edges"].values())
+        total = sum(e[side]["n_edges"] for e in summary["edges"].values())
+        out[f"{side}_edge_fraction_90"] = n90 / total if total else None
+    out["lib_features_99"] = float(sum(summary["layers"][l]["lib"]["features_99"] for l in node_layers[:-1]))
+    q = summary.get("modularity", {}).get("lib", {}).get("gamma_1.0", {}).get("Q")
+    out["modularity_q"] = _finite_or_none(q)
+    return out
+
+
+def measure_run(run: Run, options: MeasureOptions, progress: bool = False) -> dict:
+    """All measurements of one run: {"metrics": {name: value or None}, "details": ..., "notes": [...]}.
+
+    LIB/PCA: ``fit_lib`` on ``max_samples`` training examples (seeded subset), summarised by
+    ``metrics.summarize`` (see ``lib_metrics``). Accuracy: ``evaluate_accuracy`` on the whole
+    test split. Alignment and robustness: on ``max_samples`` test examples at site "input".
+    LLC: ``estimate_llc`` on the training split when ``options.llc``.
+    """
+    from evaluation.checkpoints import load_checkpoint
+    from evaluation.lib import LIBConfig, fit_lib
+    from evaluation.metrics import summarize
+    from evaluation.robustness import evaluate_accuracy
+
+    loaded = load_checkpoint(run.checkpoint)
+    module, dm = loaded.model.eval(), loaded.datamodule
+    if dm is None:
+        raise ValueError(f"{str(run.checkpoint)!r} carries no data module; compare needs recipe checkpoints")
+    dm.setup("fit")
+    train, test = _split_tensors(dm, "train"), _split_tensors(dm, "test")
+    metrics: dict[str, float | None] = {name: None for name in METRIC_NAMES}
+    details: dict[str, Any] = {}
+    notes: list[str] = []
+
+    metrics["accuracy"] = evaluate_accuracy(module, _batches(test, options.batch_size), progress=False)["accuracy"]
+
+    layers = list(options.node_layers) if options.node_layers else default_node_layers(module)
+    lib_data = [b[:1] for b in _batches(_subset(train, options.max_samples, options.seed), options.batch_size)]
+    result = fit_lib(module, lib_data, layers, LIBConfig(truncation=options.truncation, seed=options.seed),
+                     progress=progress)
+    summary = summarize(result, seed=options.seed)
+    metrics.update(lib_metrics(summary, layers))
+    details["node_layers"] = layers
+    details["edge_curves"] = {l: cumulative_curve(result.lib_edges[l]) for l in layers[:-1]}
+    if len(layers) < 3:
+        notes.append("modularity needs at least 3 node layers")
+
+    eval_set = _subset(test, options.max_samples, options.seed)
+    if not torch.is_floating_point(eval_set[0]):
+        notes.append("token inputs: gradient alignment and robustness need embedding-space tangents "
+                     "(site hook_embed); not measured")
+    elif options.alignment:
+        from evaluation.alignment import gradient_alignment
+        from evaluation.robustness import manifold_robustness
+
+        tangents = tangent_provider(dm, options.tangents)
+        eval_batches = _batches(eval_set, options.batch_size)
+        align = gradient_alignment(module, eval_batches, tangents, target="loss", site="input", progress=False)
+        metrics["alignment"] = align.mean
+        details["alignment"] = {**align.to_dict(), "fractions": [float(v) for v in align.fractions]}
+        rob = manifold_robustness(module, eval_batches, tangents, eps=list(options.robustness_eps),
+                                  n_draws=options.n_draws, seed=options.seed, site="input", progress=False)
+        metrics["robustness_ratio"] = _finite_or_none(rob.ratio[rob.eps.index(options.ratio_eps)])
+        details["robustness"] = rob.to_dict()
+
+    if options.llc:
+        from evaluation.llc import estimate_llc
+        from interp_train.losses import per_example_cross_entropy
+
+        llc = estimate_llc(module, _batches(train, options.batch_size), per_example_cross_entropy,
+                           lr=options.llc_lr, localization=options.llc_localization,
+                           num_chains=options.llc_chains, num_draws=options.llc_draws, seed=options.seed,
+                           progress=False)
+        metrics["llc"] = _finite_or_none(llc.mean)
+        details["llc"] = llc.to_dict(include_traces=False)
+        if not llc.healthy:
+            notes.append(f"LLC chains unhealthy: {'; '.join(llc.warnings)}")
+    details["task"] = getattr(dm, "task", type(dm).__name__)
+    return {"metrics": metrics, "details": details, "notes": notes}
+
+
+def measure_all(
+    variants: Mapping[str, Sequence[Run]],
+    out_dir: Path,
+    options: MeasureOptions,
+    progress: bool = True,
+    measure: Callable[[Run, MeasureOptions], dict] | None = None,
+) -> dict[str, list[dict]]:
+    """{variant: [cache entry per run]}: read from ``out_dir/cache`` when the key matches, else
+    measured (``measure``, default ``measure_run``) and written there atomically."""
+    measure = measure or measure_run
+    opts = dataclasses.asdict(options)
+    runs = [r for rs in variants.values() for r in rs]
+    out: dict[str, list[dict]] = {v: [] for v in variants}
+    for run in tqdm(runs, desc="checkpoints", disable=not progress):
+        key = cache_mod.cache_key(run.checkpoint, run.config, opts)
+        path = cache_mod.cache_path(out_dir, run.variant, run.seed)
+        entry = cache_mod.read_cached(path, key)
+        if entry is None:
+            entry = {"key": key, "variant": run.variant, "seed": run.seed, "run_dir": str(run.run_dir),
+                     "checkpoint": str(run.checkpoint), "options": opts, **measure(run, options)}
+            entry = _json_safe(entry)
+            cache_mod.write_json_atomic(path, entry)
+        out[run.variant].append(entry)
+    return out
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, Mapping):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        return _json_safe(x.item())
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+
+def arrow(diff: float | None) -> str:
+    """↑ / ↓ for the sign of the difference to baseline, = for none, – when undefined."""
+    if diff is None:
+        return "–"
+    return "↑" if diff > 0 else "↓" if diff < 0 else "="
+
+
+def verdict(comparison: Mapping[str, Any]) -> str:
+    """✓ significant in the interpretable direction, ✗ significant the other way, '' otherwise."""
+    if not comparison.get("significant"):
+        return ""
+    return "✓" if comparison.get("improved") else "✗"
+
+
+def build_report(
+    measurements: Mapping[str, Sequence[Mapping[str, Any]]],
+    baseline: str = BASELINE,
+    test: str = "welch",
+    alpha: float = 0.05,
+    options: Mapping[str, Any] | None = None,
+    messages: Sequence[str] = (),
+) -> dict:
+    """The report dict: per variant and metric the seed values, mean, std (ddof = 1) and, for
+    non-baseline variants, ``compare_groups(baseline values, variant values, higher_is_better)``
+    plus ``arrow`` and ``verdict``. Metrics nobody measured are dropped; runs missing a value
+    (None) are left out of that metric's statistics."""
+    if baseline not in measurements:
+        raise ValueError(f"no baseline variant {baseline!r}; variants found: {', '.join(sorted(measurements))} "
+                         "(choose one with --baseline)")
+    if test not in TESTS:
+        raise ValueError(f"unknown test {test!r}; allowed: {', '.join(TESTS)}")
+    messages = list(messages)
+    order = [baseline] + sorted(v for v in measurements if v != baseline)
+    used = [m for m in METRICS if any(e["metrics"].get(m.name) is not None
+                                      for entries in measurements.values() for e in entries)]
+    values = {v: {m.name: [e["metrics"].get(m.name) for e in measurements[v]] for m in used} for v in order}
+    for v in order:
+        n = len(measurements[v])
+        if n < 2:
+            messages.append(f"variant {v!r} has {n} seed; no significance test (at least 2 seeds per variant "
+                            "are needed)")
+    report_variants = {}
+    for v in order:
+        entries = measurements[v]
+        row = {"seeds": [e["seed"] for e in entries], "runs": [e["run_dir"] for e in entries], "metrics": {}}
+        for m in used:
+            vals = [x for x in values[v][m.name] if x is not None]
+            stats = {"values": values[v][m.name], "n": len(vals),
+                     "mean": float(np.mean(vals)) if vals else None,
+                     "std": float(np.std(vals, ddof=1)) if len(vals) >= 2 else None}
+            if v != baseline:
+                base = [x for x in values[baseline][m.name] if x is not None]
+                cmp = compare_groups(base, vals, higher_is_better=m.higher_is_better, test=test, alpha=alpha)
+                stats["comparison"] = {**cmp, "arrow": arrow(cmp["diff"]), "verdict": verdict(cmp)}
+            row["metrics"][m.name] = stats
+        notes = sorted({n for e in entries for n in e.get("notes", [])})
+        if notes:
+            row["notes"] = notes
+        report_variants[v] = row
+    tasks = sorted({str(e.get("details", {}).get("task")) for es in measurements.values() for e in es})
+    return _json_safe({
+        "task": tasks[0] if len(tasks) == 1 else tasks, "baseline": baseline, "test": test, "alpha": alpha,
+        "metrics": [dataclasses.asdict(m) for m in used], "variants": report_variants,
+        "options": dict(options or {}), "messages": messages,
+    })
+
+
+# ----------------------------------------------------------------------------- markdown
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    return "–" if x is None else f"{x:.{digits}g}"
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    """report.md: one table row per variant; cells "mean ± std" and, for variants, the
+    difference to baseline with its arrow, p-value and ✓/✗ (see ``verdict``)."""
+    metrics = report["metrics"]
+    lines = [f"# Regularized vs standard training: {report['task']}", "",
+             f"Baseline: `{report['baseline']}`. Test: {report['test']} (α = {report['alpha']}), "
+             "seeds as listed. Each cell: mean ± std over seeds; for variants, Δ to baseline, "
+             "arrow = direction of the change, p-value, ✓ = significant in the interpretable direction, "
+             "✗ = significant the other way.", "",
+             "| variant | seeds | " + " | ".join(f"{m['label']} ({'↑' if m['higher_is_better'] else '↓'} better)"
+                                             for m in metrics) + " |",
+             "|---|---|" + "---|" * len(metrics)]
+    for v, row in report["variants"].items():
+        cells = [f"`{v}`", str(len(row["seeds"]))]
+        for m in metrics:
+            s = row["metrics"][m["name"]]
+            cell = f"{_fmt(s['mean'])} ± {_fmt(s['std'], 2)}"
+            c = s.get("comparison")
+            if c is not None:
+                p = "no test" if c["p"] is None else f"p={c['p']:.3g}"
+                cell += f"<br>Δ {_fmt(c['diff'], 3)} {c['arrow']} ({p}) {c['verdict']}".rstrip()
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Accuracy is the cost: its Δ is what the regularizer costs (or gains) in held-out accuracy.", "",
+              "## Metrics", ""]
+    lines += [f"- **{m['label']}** ({'higher' if m['higher_is_better'] else 'lower'} = more interpretable): "
+              f"{m['description']}" for m in metrics]
+    measured = {m["name"] for m in metrics}
+    if "llc" not in measured:
+        lines.append("- **LLC**: not measured (opt-in: `--llc`; SGLD sampling is slow).")
+    notes = [f"`{v}`: {n}" for v, row in report["variants"].items() for n in row.get("notes", [])]
+    if report["messages"] or notes:
+        lines += ["", "## Messages", ""] + [f"- {m}" for m in report["messages"]] + [f"- {n}" for n in notes]
+    lines += ["", "Plots: `metrics.png` (bars = means, dots = seeds), `alignment_hist.png`, `edge_curves.png`.", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+@dataclass
+class CompareResult:
+    report: dict
+    out_dir: Path
+    files: list[str] = field(default_factory=list)
+
+
+def run_compare(
+    variants: Mapping[str, Sequence[Run]],
+    out_dir: str | Path,
+    options: MeasureOptions = MeasureOptions(),
+    baseline: str = BASELINE,
+    test: str = "welch",
+    alpha: float = 0.05,
+    progress: bool = True,
+) -> CompareResult:
+    """Checks the runs, measures them (cached in ``out_dir/cache``), writes ``report.json``,
+    ``report.md`` and the plots into ``out_dir`` (each file atomically; a re-run replaces them)."""
+    from evaluation import compare_plots
+
+    if baseline not in variants:
+        raise ValueError(f"no baseline variant {baseline!r}; variants found: {', '.join(sorted(variants))} "
+                         "(choose one with --baseline)")
+    if test not in TESTS:
+        raise ValueError(f"unknown test {test!r}; allowed: {', '.join(TESTS)}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"--out {str(out_dir)!r} exists and is not a directory")
+    messages = check_consistent(variants)
+    measurements = measure_all(variants, out_dir, options, progress=progress)
+    report = build_report(measurements, baseline, test, alpha, dataclasses.asdict(options), messages)
+    files = ["report.json", "report.md"]
+    cache_mod.write_json_atomic(out_dir / "report.json", report)
+    cache_mod.write_atomic(out_dir / "report.md", render_markdown(report))
+    files += compare_plots.write_plots(report, measurements, out_dir)
+    return CompareResult(report, out_dir, files)

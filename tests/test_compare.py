@@ -1,0 +1,225 @@
+"""`interp-eval compare` on tiny real recipe runs (digits MLP, a few steps) trained in the test setup."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as scipy_stats
+
+from evaluation import compare
+from evaluation.cli import main as eval_main
+from evaluation.compare import MeasureOptions, build_report, discover_runs, run_compare, runs_from_paths
+from evaluation.stats import compare_groups
+
+OPTIONS = MeasureOptions(max_samples=64)
+
+TINY = """
+seed_everything: 0
+trainer:
+  max_steps: 4
+  accelerator: cpu
+  devices: 1
+  enable_progress_bar: false
+  enable_model_summary: false
+  log_every_n_steps: 1
+model:
+  model:
+    class_path: interp_train.models.mlp.MLP
+    init_args: {{d_in: 64, hidden: {hidden}, d_out: 10}}
+  lr: {lr}
+data:
+  class_path: interp_train.data.digits.DigitsDataModule
+  init_args: {{batch_size: 64}}
+"""
+
+
+def _train(tmp, root, variant, seed, lr=0.01, hidden="[12, 12]"):
+    from interp_train.cli import main as train_main
+
+    cfg = tmp / f"{variant}_{lr}_{hidden.replace(' ', '')}.yaml"
+    cfg.write_text(TINY.format(lr=lr, hidden=hidden))
+    train_main(["fit", "--config", str(cfg), "--variant", variant, "--seed_everything", str(seed),
+                "--checkpoint_root", str(root), "--test_after_fit", "false"])
+    return root / "digits" / variant / f"seed{seed}"
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory):
+    """checkpoints/digits/{baseline, fast}/seed{0,1} plus, outside that tree, a 1-seed variant and a
+    run with another architecture."""
+    pytest.importorskip("interp_train.recipes")
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("compare_runs")
+    root = tmp / "checkpoints"
+    for seed in (0, 1):
+        _train(tmp, root, "baseline", seed)
+        _train(tmp, root, "fast", seed, lr=0.05)
+    extra = tmp / "extra"
+    single = _train(tmp, extra, "single", 0, lr=0.05)
+    wide = _train(tmp, extra, "wide", 0, hidden="[8, 16]")
+    return {"task_dir": root / "digits", "single": single, "wide": wide, "tmp": tmp}
+
+
+def test_discovery_and_empty_dir(runs, tmp_path):
+    found = discover_runs(runs["task_dir"])
+    assert {v: [r.seed for r in rs] for v, rs in found.items()} == {"baseline": ["seed0", "seed1"],
+                                                                      "fast": ["seed0", "seed1"]}
+    assert found["fast"][1].checkpoint.name == "last.ckpt"
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"no runs under .*found: notes/readme.txt"):
+        discover_runs(tmp_path)
+    with pytest.raises(ValueError, match=r"holds runs of several tasks"):
+        discover_runs(runs["task_dir"].parent)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        discover_runs(tmp_path / "missing")
+
+
+def test_report_matches_the_underlying_api(runs, tmp_path):
+    from evaluation.alignment import gradient_alignment
+    from evaluation.checkpoints import load_checkpoint
+    from evaluation.lib import LIBConfig, fit_lib
+    from evaluation.metrics import summarize
+    from evaluation.robustness import evaluate_accuracy, manifold_robustness
+    from interp_train.tangents import LocalPCATangents
+
+    result = run_compare(discover_runs(runs["task_dir"]), tmp_path / "out", OPTIONS, progress=False)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert {"report.json", "report.md", "metrics.png", "alignment_hist.png", "edge_curves.png"} <= \
+        {p.name for p in (tmp_path / "out").iterdir()}
+    assert report == json.loads(json.dumps(result.report))
+
+    # recompute baseline/seed1 by hand through the evaluation API
+    loaded = load_checkpoint(runs["task_dir"] / "baseline" / "seed1" / "checkpoints" / "last.ckpt")
+    model, dm = loaded.model, loaded.datamodule
+    dm.setup("fit")
+    x_train = dm.splits["train"].tensors[0]
+    x_test, y_test = dm.splits["test"].tensors
+    acc = evaluate_accuracy(model, [(x_test, y_test)], progress=False)["accuracy"]
+    idx = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[:64]
+    layers = ["input", "model.layers.1", "model.layers.3", "output"]
+    summary = summarize(fit_lib(model, [(x_train[idx],)], layers, LIBConfig(), progress=False))
+    edges = summary["edges"].values()
+    lib_frac = sum(e["lib"]["edges_90"] for e in edges) / sum(e["lib"]["n_edges"] for e in edges)
+    features = sum(summary["layers"][l]["lib"]["features_99"] for l in layers[:-1])
+    idx_test = torch.randperm(len(x_test), generator=torch.Generator().manual_seed(0))[:64]
+    batch = [(x_test[idx_test], y_test[idx_test])]
+    tangents = LocalPCATangents(x_train)
+    align = gradient_alignment(model, batch, tangents, progress=False)
+    rob = manifold_robustness(model, batch, tangents, eps=[0.03, 0.1, 0.3], n_draws=4, seed=0, progress=False)
+
+    got = {m: s["values"][1] for m, s in report["variants"]["baseline"]["metrics"].items()}
+    assert got["accuracy"] == pytest.approx(acc, abs=1e-12)
+    assert got["lib_edge_fraction_90"] == pytest.approx(lib_frac, rel=1e-9)
+    assert got["lib_features_99"] == features
+    assert got["modularity_q"] == pytest.approx(summary["modularity"]["lib"]["gamma_1.0"]["Q"], rel=1e-9)
+    assert got["alignment"] == pytest.approx(align.mean, rel=1e-9)
+    assert got["robustness_ratio"] == pytest.approx(rob.ratio[1], rel=1e-9)
+    assert "llc" not in got  # opt-in
+
+    # statistics: mean/std over seeds and Welch p-values against scipy and stats.compare_groups
+    for metric in ("accuracy", "lib_edge_fraction_90", "alignment", "robustness_ratio"):
+        base = report["variants"]["baseline"]["metrics"][metric]
+        fast = report["variants"]["fast"]["metrics"][metric]
+        assert base["mean"] == pytest.approx(np.mean(base["values"]))
+        assert fast["std"] == pytest.approx(np.std(fast["values"], ddof=1))
+        cmp = fast["comparison"]
+        want = compare_groups(base["values"], fast["values"], higher_is_better=metric in ("accuracy", "alignment"))
+        assert cmp["p"] == pytest.approx(want["p"], rel=1e-12) and cmp["improved"] == want["improved"]
+        if np.std(base["values"]) + np.std(fast["values"]) > 0:
+            scipy_p = scipy_stats.ttest_ind(fast["values"], base["values"], equal_var=False).pvalue
+            assert cmp["p"] == pytest.approx(scipy_p, rel=1e-9)
+        assert cmp["diff"] == pytest.approx(fast["mean"] - base["mean"])
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| `fast` | 2 |" in md and "LLC**: not measured" in md
+
+
+def test_deterministic_cli_and_cache_reuse(runs, tmp_path, monkeypatch):
+    task = str(runs["task_dir"])
+    run_compare(discover_runs(task), tmp_path / "a", OPTIONS, progress=False)
+    rc = eval_main(["compare", task, "--out", str(tmp_path / "b"), "--max-samples", "64", "--quiet"])
+    assert rc == 0
+    first = (tmp_path / "a" / "report.json").read_bytes()
+    assert first == (tmp_path / "b" / "report.json").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "a" / "cache" / "fast").iterdir()) == ["seed0.json", "seed1.json"]
+
+    calls = []
+    real = compare.measure_run
+
+    def counting(run, options, progress=False):
+        calls.append(f"{run.variant}/{run.seed}")
+        return real(run, options, progress)
+
+    monkeypatch.setattr(compare, "measure_run", counting)
+    run_compare(discover_runs(task), tmp_path / "a", OPTIONS, progress=False)
+    assert calls == []  # everything from the cache
+    assert (tmp_path / "a" / "report.json").read_bytes() == first
+    variants = discover_runs(task)
+    variants["single"] = runs_from_paths("single", [runs["single"]])
+    run_compare(variants, tmp_path / "a", OPTIONS, progress=False)
+    assert calls == ["single/seed0"]  # only the new checkpoint
+    calls.clear()
+    run_compare(discover_runs(task), tmp_path / "a", MeasureOptions(max_samples=64, n_draws=2), progress=False)
+    assert sorted(calls) == ["baseline/seed0", "baseline/seed1", "fast/seed0", "fast/seed1"]  # options changed
+
+
+def test_one_seed_variant_and_mismatched_architecture(runs, tmp_path, capsys):
+    variants = {"baseline": discover_runs(runs["task_dir"])["baseline"],
+                "single": runs_from_paths("single", [runs["single"]])}
+    report = run_compare(variants, tmp_path / "one", OPTIONS, progress=False).report
+    assert any("'single' has 1 seed; no significance test" in m for m in report["messages"])
+    cmp = report["variants"]["single"]["metrics"]["accuracy"]["comparison"]
+    assert cmp["p"] is None and cmp["improved"] is None and cmp["verdict"] == "" and cmp["arrow"] in "↑↓="
+    assert "no test" in (tmp_path / "one" / "report.md").read_text()
+
+    variants["wide"] = runs_from_paths("wide", [runs["wide"]])
+    with pytest.raises(ValueError, match=r"disagree on the architecture .*wide/seed0 have model"):
+        run_compare(variants, tmp_path / "two", OPTIONS, progress=False)
+    assert not (tmp_path / "two").exists()  # checked before anything is measured or written
+    rc = eval_main(["compare", "--variant", "baseline", str(runs["task_dir"] / "baseline" / "seed0"),
+                    "--variant", "wide", str(runs["wide"]), "--out", str(tmp_path / "three"), "--quiet"])
+    assert rc == 2 and "disagree on the architecture" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"no baseline variant 'control'; variants found: baseline, single"):
+        run_compare({k: v for k, v in variants.items() if k != "wide"}, tmp_path / "four", OPTIONS,
+                    baseline="control", progress=False)
+
+
+def _entries(values_by_seed, variant):
+    return [{"seed": f"seed{i}", "run_dir": f"/runs/{variant}/seed{i}", "notes": [],
+             "metrics": {"accuracy": a, "lib_edge_fraction_90": e}, "details": {"task": "toy"}}
+            for i, (a, e) in enumerate(values_by_seed)]
+
+
+def test_build_report_hand_computed_case():
+    """Edges fall from {0.5, 0.6, 0.7} to {0.1, 0.2, 0.3}: every relabelling of the 6 values
+    but the observed split and its mirror has a smaller |mean difference|, so the exact
+    permutation p = 2 / C(6, 3) = 0.1; Welch: t = -0.4 / sqrt(0.01/3 + 0.01/3), df = 4."""
+    measurements = {"baseline": _entries([(0.9, 0.5), (0.92, 0.6), (0.94, 0.7)], "baseline"),
+                    "reg": _entries([(0.8, 0.1), (0.82, 0.2), (0.84, 0.3)], "reg")}
+    perm = build_report(measurements, test="permutation", alpha=0.15)
+    edges = perm["variants"]["reg"]["metrics"]["lib_edge_fraction_90"]["comparison"]
+    assert edges["p"] == pytest.approx(0.1) and edges["arrow"] == "↓" and edges["verdict"] == "✓"
+    acc = perm["variants"]["reg"]["metrics"]["accuracy"]["comparison"]
+    assert acc["p"] == pytest.approx(0.1) and acc["arrow"] == "↓" and acc["verdict"] == "✗"
+    assert [m["name"] for m in perm["metrics"]] == ["accuracy", "lib_edge_fraction_90"]  # unmeasured dropped
+
+    welch = build_report(measurements, test="welch")
+    t = -0.4 / math.sqrt(0.01 / 3 + 0.01 / 3)
+    want = 2 * scipy_stats.t.sf(abs(t), 4)
+    assert welch["variants"]["reg"]["metrics"]["lib_edge_fraction_90"]["comparison"]["p"] == pytest.approx(want)
+    assert welch["variants"]["reg"]["metrics"]["lib_edge_fraction_90"]["mean"] == pytest.approx(0.2)
+    md = compare.render_markdown(welch)
+    assert f"Δ -0.4 ↓ (p={want:.3g}) ✓" in md
+    with pytest.raises(ValueError, match="unknown test 'ttest'; allowed: welch, permutation"):
+        build_report(measurements, test="ttest")
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match=r"ratio_eps 0.5 must be one of robustness_eps \[0.03, 0.1, 0.3\]"):
+        MeasureOptions(ratio_eps=0.5)
+    with pytest.raises(ValueError, match="unknown tangents 'pca'; allowed: auto, exact, local_pca, global_pca"):
+        MeasureOptions(tangents="pca")
+    with pytest.raises(ValueError, match="max_samples must be an integer >= 2, got 1"):
+        MeasureOptions(max_samples=1)
