@@ -92,60 +92,89 @@ def section_forward(model: nn.Module, inputs, in_layer: str, out_layer: str, alp
     return SectionPass(x=holder["x"], clean=as_positions(holder["clean"]), out=out)
 
 
-def output_cotangents(C_next: torch.Tensor, out: torch.Tensor, probes: torch.Tensor | None = None) -> torch.Tensor:
-    """Cotangents selecting ĥ_{t,i} = f^{l+1}_t · C_next[1:, i] for every output unit.
+class Cotangents:
+    """Cotangents selecting ĥ_{t,i} = f^{l+1}_t · W[:, i] for the output units, built chunk by chunk.
 
-    Exact (probes None): one cotangent per (t, i), shape (T·k, *out.shape), ordered t-major.
-    Stochastic: probes r (S, B, T) of ±1; cotangent (r, i) = r_{b,t} C_next[1:, i], shape (S·k, ...).
-    The constant column 0 of C_next has no derivative and is skipped (its edges are 0).
+    Exact (probes None): one cotangent per (t, i), n = T·k, ordered t-major.
+    Stochastic: probes r (S, B, T) of ±1; cotangent (r, i) = r_{b,t} W[:, i], n = S·k.
+    W = C_next[1:, 1:]: the constant column 0 has no derivative and is skipped (its edges are 0).
     """
-    B, T, d = as_positions(out).shape
-    W = C_next[1:, 1:].to(out.dtype)  # (d, k-1): the non-constant output features
-    k = W.shape[1]
-    if probes is None:
-        cot = torch.zeros(T, k, B, T, d, dtype=out.dtype)
-        for t in range(T):
-            cot[t, :, :, t, :] = W.T.unsqueeze(1)
-        return cot.reshape(T * k, *out.shape)
-    S = probes.shape[0]
-    cot = probes.to(out.dtype)[:, None, :, :, None] * W.T[None, :, None, None, :]
-    return cot.reshape(S * k, *out.shape)
+
+    def __init__(self, W: torch.Tensor, out: torch.Tensor, probes: torch.Tensor | None = None):
+        self.out_shape = out.shape
+        self.B, self.T, self.d = as_positions(out).shape
+        self.W = W.to(out.dtype)
+        self.k = W.shape[1]
+        self.probes = None if probes is None else probes.to(out.dtype)
+        self.n = (self.T if probes is None else probes.shape[0]) * self.k
+
+    def chunk(self, start: int, stop: int) -> torch.Tensor:
+        idx = torch.arange(start, stop)
+        outer, unit = idx // self.k, idx % self.k
+        cols = self.W.T[unit]                                                  # (n, d)
+        if self.probes is None:
+            cot = torch.zeros(stop - start, self.B, self.T, self.d, dtype=self.W.dtype)
+            cot[torch.arange(stop - start), :, outer, :] = cols[:, None, :]
+        else:
+            cot = self.probes[outer][:, :, :, None] * cols[:, None, None, :]
+        return cot.reshape(stop - start, *self.out_shape)
 
 
-def batched_vjp(sp: SectionPass, cotangents: torch.Tensor, chunk_elements: int):
+def batched_vjp(sp: SectionPass, cotangents: Cotangents, chunk_elements: int):
     """Yields (start, grads) with grads[n] = ∂(cotangent_n · f^{l+1})/∂x as (n, B, P, d), in chunks."""
-    per = max(1, sp.x.numel())
+    per = max(sp.x.numel(), int(torch.Size(cotangents.out_shape).numel()), 1)
     size = max(1, chunk_elements // per)
-    for start in range(0, cotangents.shape[0], size):
-        (g,) = torch.autograd.grad(sp.out, sp.x, grad_outputs=cotangents[start:start + size],
+    for start in range(0, cotangents.n, size):
+        stop = min(start + size, cotangents.n)
+        (g,) = torch.autograd.grad(sp.out, sp.x, grad_outputs=cotangents.chunk(start, stop),
                                    is_grads_batched=True, retain_graph=True)
         yield start, g.reshape(g.shape[0], *sp.clean.shape)
 
 
-def edges_for_batch(passes: list[tuple[float, SectionPass]], C_in: torch.Tensor, C_in_pinv: torch.Tensor,
-                    C_out: torch.Tensor, chunk_elements: int) -> torch.Tensor:
-    """∑_x ∑_t (∑_α w_α ∑_s ∂ĥ_{t,i}(αf̂)/∂f̂_{s,j} f̂_{s,j})² over one batch, shape (k_out, k_in).
+def edges_for_batch(passes: list[tuple[float, SectionPass]], bases: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                    chunk_elements: int) -> list[torch.Tensor]:
+    """∑_x ∑_t (∑_α w_α ∑_s ∂ĥ_{t,i}(αf̂)/∂f̂_{s,j} f̂_{s,j})² over one batch, (k_out, k_in) per basis.
 
+    bases: (C_in, C_in_pinv, C_out) triples sharing the forward passes (e.g. LIB and PCA).
     ∂ĥ/∂f̂_{s,j} = ∑_d (∂ĥ/∂f_{s,d}) C⁺_{j,1+d} since f = f̂ C⁺ restricted to the non-constant rows.
+    When the bases together have more output features than the layer has units, the gradients
+    of every raw output unit o are computed once and projected: ∂ĥ_{t,i} = ∑_o C_out[1+o, i] ∂f_{t,o}.
     Row 0 (the constant output feature) stays 0.
     """
     _, first = passes[0]
     clean = first.clean.to(torch.float64)
     B, P, _ = clean.shape
-    f_hat = torch.cat([torch.ones(B, P, 1, dtype=torch.float64), clean], dim=-1) @ C_in   # (B, P, k_in)
-    pinv_rows = C_in_pinv[:, 1:]                                                           # (k_in, d)
-    T = as_positions(first.out).shape[1]
-    k_out, k_in = C_out.shape[1], C_in.shape[1]
-    cots = [output_cotangents(C_out, sp.out) for _, sp in passes]
-    n_total = cots[0].shape[0]
-    acc = torch.zeros(n_total, B, k_in, dtype=torch.float64)
-    for (weight, sp), cot in zip(passes, cots):
-        for start, g in batched_vjp(sp, cot, chunk_elements):
-            d_hat = g.to(torch.float64) @ pinv_rows.T                                      # (n, B, P, k_in)
-            acc[start:start + g.shape[0]] += weight * (d_hat * f_hat).sum(dim=2)
-    E = torch.zeros(k_out, k_in, dtype=torch.float64)
-    E[1:] = acc.reshape(T, k_out - 1, B, k_in).pow(2).sum(dim=(0, 2))
-    return E
+    aug = torch.cat([torch.ones(B, P, 1, dtype=torch.float64), clean], dim=-1)
+    T, d_out = as_positions(first.out).shape[1:]
+    W_out = [C_out[1:, 1:].to(torch.float64) for _, _, C_out in bases]
+    f_hats = [aug @ C_in for C_in, _, _ in bases]
+    accs = [torch.zeros(T, W.shape[1], B, C_in.shape[1], dtype=torch.float64)
+            for W, (C_in, _, _) in zip(W_out, bases)]
+    shared = sum(W.shape[1] for W in W_out) > d_out
+    jobs = [(torch.eye(d_out, dtype=torch.float64), None)] if shared else [(W, b) for b, W in enumerate(W_out)]
+    for weight, sp in passes:
+        for W, only in jobs:
+            cot = Cotangents(W, sp.out)
+            for start, g in batched_vjp(sp, cot, chunk_elements):
+                g = weight * g.to(torch.float64)
+                idx = torch.arange(start, start + g.shape[0])
+                t_of, unit = idx // cot.k, idx % cot.k
+                for b, (C_in, C_pinv, _) in enumerate(bases):
+                    if only is not None and b != only:
+                        continue
+                    h = ((g @ C_pinv[:, 1:].T) * f_hats[b]).sum(dim=2)                    # (n, B, k_in)
+                    for t in t_of.unique().tolist():
+                        sel = t_of == t
+                        if shared:
+                            accs[b][t] += torch.einsum("ni,nbj->ibj", W_out[b][unit[sel]], h[sel])
+                        else:
+                            accs[b][t, unit[sel]] += h[sel]
+    results = []
+    for acc, (C_in, _, C_out) in zip(accs, bases):
+        E = torch.zeros(C_out.shape[1], C_in.shape[1], dtype=torch.float64)
+        E[1:] = acc.pow(2).sum(dim=(0, 2))
+        results.append(E)
+    return results
 
 
 def jacobian_gram_for_batch(sp: SectionPass, C_out: torch.Tensor, chunk_elements: int,
@@ -155,10 +184,9 @@ def jacobian_gram_for_batch(sp: SectionPass, C_out: torch.Tensor, chunk_elements
     With probes r (S, B, T): (1/S) ∑_r ∑_i (∑_t r_t J_{(t,i),s·})ᵀ(…) — unbiased since E[r rᵀ] = I,
     and exact when there is a single output position (r_t² = 1).
     """
-    cot = output_cotangents(C_out, sp.out, probes)
     d = sp.clean.shape[-1]
     M = torch.zeros(d, d, dtype=torch.float64)
-    for _, g in batched_vjp(sp, cot, chunk_elements):
+    for _, g in batched_vjp(sp, Cotangents(C_out[1:, 1:], sp.out, probes), chunk_elements):
         rows = g.to(torch.float64).reshape(-1, d)
         M += rows.T @ rows
     if probes is not None:

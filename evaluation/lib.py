@@ -314,10 +314,11 @@ def compute_edges(model, data, node_layers, lib, pca, config, input_fn=None, pro
         for l_in, l_out in sections:
             passes = [(w, section_forward(model, inputs, l_in, l_out, alpha)) for alpha, w in zip(alphas, weights)]
             counted[l_in] += passes[0][1].clean.shape[0] * passes[0][1].clean.shape[1]
-            lib_e[l_in] = lib_e[l_in] + edges_for_batch(passes, lib[l_in].C, lib[l_in].C_pinv, lib[l_out].C,
-                                                        config.chunk_elements)
-            pca_e[l_in] = pca_e[l_in] + edges_for_batch(passes, pca[l_in].C, pca[l_in].C_pinv, pca[l_out].C,
-                                                        config.chunk_elements)
+            e_lib, e_pca = edges_for_batch(
+                passes, [(lib[l_in].C, lib[l_in].C_pinv, lib[l_out].C), (pca[l_in].C, pca[l_in].C_pinv, pca[l_out].C)],
+                config.chunk_elements)
+            lib_e[l_in] = lib_e[l_in] + e_lib
+            pca_e[l_in] = pca_e[l_in] + e_pca
     norm = rows if rows is not None else counted
     return ({k: v / norm[k] for k, v in lib_e.items()}, {k: v / norm[k] for k, v in pca_e.items()})
 

@@ -117,3 +117,20 @@ def test_stochastic_jacobian_gram_is_unbiased_over_positions():
     se = est.std(0) / math.sqrt(K)
     z = (est.mean(0) - exact).abs() / (se + 1e-12 * exact.abs().max())
     assert z.max() < 5.0
+
+
+def test_shared_raw_gradients_equal_per_basis_cotangents():
+    """edges_for_batch projects raw output-unit gradients when the bases are wide; same numbers."""
+    from evaluation.edges import edges_for_batch
+    model = transformer()
+    data = token_data(n=8, batch=8)
+    res = fit_lib(model, data, TF_LAYERS, progress=False)
+    toks = data[0][0]
+    l_in, l_out = TF_LAYERS[0], TF_LAYERS[1]
+    passes = [(w, section_forward(model, toks, l_in, l_out, a)) for a, w in zip(*integration_rule("trapezoid", 2))]
+    lib = (res.lib[l_in].C, res.lib[l_in].C_pinv, res.lib[l_out].C)
+    pca = (res.pca[l_in].C, res.pca[l_in].C_pinv, res.pca[l_out].C)
+    (alone,) = edges_for_batch(passes, [lib], chunk_elements=500)      # per-basis cotangents, many chunks
+    together, _ = edges_for_batch(passes, [lib, pca], chunk_elements=10 ** 6)  # shared raw gradients
+    assert alone.abs().max() > 1e-6
+    torch.testing.assert_close(alone, together, atol=1e-14, rtol=1e-10)
