@@ -30,6 +30,9 @@ import torch
 from torch import nn
 
 from interp_train.regularizers.base import Regularizer, regularized_loss
+from interp_train.regularizers.connection_cost import ConnectionCost
+from interp_train.regularizers.degeneracy import ActivationDegeneracy, FiringPatternDegeneracy, GradientDegeneracy
+from interp_train.regularizers.interaction import InteractionSparsity
 from interp_train.regularizers.smoothness import (
     FiniteDifferenceGradientNorm, GradientNorm, JacobianNorm, NoisePenalty, PGDAdversarial,
     RandomizedSmoothing,
@@ -51,6 +54,27 @@ CASES: list[Case] = [
     Case("noise_penalty", lambda at: NoisePenalty(at=at), 2.2),
     Case("randomized_smoothing", lambda at: RandomizedSmoothing(at=at), None),
     Case(f"pgd_adversarial (K={PGD_STEPS})", lambda at: PGDAdversarial(at=at, steps=PGD_STEPS), PGD_STEPS + 1.5),
+]
+
+# Degeneracy, interaction sparsity and connection cost read hidden layers, not the setting's site:
+# the MLP's ReLU layers, or the transformer's MLP (d_mlp 512, positions flattened into rows).
+_TL_LINEAR = "blocks.0._original_component.mlp._original_component.fc_{}._original_component"
+_LAYERS = {
+    "input": dict(hidden="1", pre="0", source="1", target="3", linear=["0", "2", "4"]),
+    "hook_embed": dict(hidden="blocks.0.mlp.hook_post", pre="blocks.0.mlp.hook_pre", source="blocks.0.hook_resid_mid",
+                       target="blocks.0.hook_resid_post", linear=[_TL_LINEAR.format("in"), _TL_LINEAR.format("out")]),
+}
+CASES += [
+    Case("activation_degeneracy", lambda at: ActivationDegeneracy(layers=_LAYERS[at]["hidden"]), 2.5),
+    Case("activation_degeneracy (nuclear, eigh)",
+         lambda at: ActivationDegeneracy(layers=_LAYERS[at]["hidden"], measure="nuclear"), None),
+    Case("gradient_degeneracy", lambda at: GradientDegeneracy(layers=_LAYERS[at]["hidden"]), 2.5),
+    Case("firing_pattern_degeneracy", lambda at: FiringPatternDegeneracy(layers=_LAYERS[at]["pre"]), 2.5),
+    Case("interaction_sparsity (m=1)",
+         lambda at: InteractionSparsity(source=_LAYERS[at]["source"], target_layer=_LAYERS[at]["target"]), 2.5),
+    Case("interaction_sparsity (m=4)",
+         lambda at: InteractionSparsity(source=_LAYERS[at]["source"], target_layer=_LAYERS[at]["target"], m=4), None),
+    Case("connection_cost", lambda at: ConnectionCost(layers=_LAYERS[at]["linear"]), 2.5),
 ]
 
 
