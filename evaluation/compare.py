@@ -501,7 +501,7 @@ def _fmt(x: float | None, digits: int = 4) -> str:
     return "–" if x is None else f"{x:.{digits}g}"
 
 
-def render_markdown(report: Mapping[str, Any]) -> str:
+def render_markdown(report: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
     """report.md: one table row per variant; cells "mean ± std" and, for variants, the
     difference to baseline with its arrow, p-value and ✓/✗ (see ``verdict``)."""
     metrics = report["metrics"]
@@ -526,15 +526,19 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Accuracy is the cost: its Δ is what the regularizer costs (or gains) in held-out accuracy.", "",
               "## Metrics", ""]
-    lines += [f"- **{m['label']}** ({'higher' if m['higher_is_better'] else 'lower'} = more interpretable): "
-              f"{m['description']}" for m in metrics]
+    lines += [f"- **{m['label']}** ({'higher' if m['higher_is_better'] else 'lower'} = "
+              f"{'better' if m['name'] == 'accuracy' else 'more interpretable'}): {m['description']}"
+              for m in metrics]
     measured = {m["name"] for m in metrics}
     if "llc" not in measured:
         lines.append("- **LLC**: not measured (opt-in: `--llc`; SGLD sampling is slow).")
     notes = [f"`{v}`: {n}" for v, row in report["variants"].items() for n in row.get("notes", [])]
     if report["messages"] or notes:
         lines += ["", "## Messages", ""] + [f"- {m}" for m in report["messages"]] + [f"- {n}" for n in notes]
-    lines += ["", "Plots: `metrics.png` (bars = means, dots = seeds), `alignment_hist.png`, `edge_curves.png`.", ""]
+    if plots:
+        lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in plots)
+                  + " (metrics.png: bars = means, dots = seeds)."]
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -572,8 +576,7 @@ def run_compare(
     messages = check_consistent(variants)
     measurements = measure_all(variants, out_dir, options, progress=progress)
     report = build_report(measurements, baseline, test, alpha, dataclasses.asdict(options), messages)
-    files = ["report.json", "report.md"]
+    plots = compare_plots.write_plots(report, measurements, out_dir)
     cache_mod.write_json_atomic(out_dir / "report.json", report)
-    cache_mod.write_atomic(out_dir / "report.md", render_markdown(report))
-    files += compare_plots.write_plots(report, measurements, out_dir)
-    return CompareResult(report, out_dir, files)
+    cache_mod.write_atomic(out_dir / "report.md", render_markdown(report, plots))
+    return CompareResult(report, out_dir, ["report.json", "report.md", *plots])

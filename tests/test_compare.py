@@ -223,3 +223,61 @@ def test_bad_options():
         MeasureOptions(tangents="pca")
     with pytest.raises(ValueError, match="max_samples must be an integer >= 2, got 1"):
         MeasureOptions(max_samples=1)
+
+
+MANIFOLD = """
+seed_everything: 0
+trainer: {max_steps: 3, accelerator: cpu, devices: 1, enable_progress_bar: false, enable_model_summary: false}
+model:
+  model:
+    class_path: interp_train.models.mlp.MLP
+    init_args: {d_in: 16, hidden: [12, 12], d_out: 3}
+data:
+  class_path: interp_train.data.manifold.ManifoldDataModule
+  init_args: {latent_dim: 2, ambient_dim: 16, n_classes: 3, n_train: 300, n_val: 50, n_test: 100, hidden: 16}
+"""
+
+MODULAR = """
+seed_everything: 0
+trainer: {max_steps: 3, accelerator: cpu, devices: 1, enable_progress_bar: false, enable_model_summary: false}
+model:
+  model:
+    class_path: interp_train.models.transformer.Transformer
+    init_args: {d_vocab: 8, d_vocab_out: 7, n_ctx: 3, d_model: 8, n_heads: 2, d_head: 4, d_mlp: 16}
+data:
+  class_path: interp_train.data.modular.ModularAdditionDataModule
+  init_args: {p: 7, train_fraction: 0.5}
+"""
+
+
+def _train_yaml(tmp, text, name):
+    from interp_train.cli import main as train_main
+
+    (tmp / f"{name}.yaml").write_text(text)
+    train_main(["fit", "--config", str(tmp / f"{name}.yaml"), "--variant", "baseline", "--run_dir", str(tmp / name),
+                "--test_after_fit", "false"])
+    return runs_from_paths("baseline", [tmp / name])[0]
+
+
+def test_manifold_run_uses_exact_tangents_and_token_run_skips_alignment(runs):
+    from evaluation.alignment import gradient_alignment
+    from evaluation.checkpoints import load_checkpoint
+
+    run = _train_yaml(runs["tmp"], MANIFOLD, "manifold")
+    entry = compare.measure_run(run, OPTIONS)
+    loaded = load_checkpoint(run.checkpoint)
+    dm = loaded.datamodule
+    x, y, z = dm.splits["test"].tensors
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:64]
+    # exact tangents read the latents z from the batch's third element
+    want = gradient_alignment(loaded.model, [(x[idx], y[idx], z[idx])], dm.tangent_provider("exact"), progress=False)
+    assert entry["details"]["alignment"]["provider"].startswith("ExactTangents")
+    assert entry["details"]["alignment"]["k"] == 2 and entry["details"]["alignment"]["d"] == 16
+    assert entry["metrics"]["alignment"] == pytest.approx(want.mean, rel=1e-9)
+
+    token = compare.measure_run(_train_yaml(runs["tmp"], MODULAR, "modular"), OPTIONS)
+    assert token["details"]["node_layers"] == ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid",
+                                                "blocks.0.hook_resid_post", "output"]
+    assert token["metrics"]["alignment"] is None and token["metrics"]["robustness_ratio"] is None
+    assert token["metrics"]["lib_edge_fraction_90"] is not None
+    assert any("token inputs" in n for n in token["notes"])
