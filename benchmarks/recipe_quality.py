@@ -44,7 +44,7 @@ class StopAtAccuracy(L.Callback):
 
 
 def run(config: str, root: str, extra: list[str], callbacks: list[L.Callback] = ()) -> tuple[dict, float]:
-    cli = InterpTrainCLI(args=["fit", "--config", str(RECIPES / config), "--checkpoint_root", root,
+    cli = InterpTrainCLI(args=["--config", str(RECIPES / config), "--checkpoint_root", root,
                                "--trainer.enable_progress_bar", "false", *extra], run=False)
     cli.trainer.callbacks.extend(callbacks)
     start = time.perf_counter()
