@@ -17,6 +17,7 @@ and call ``self.set_regularizers(...)`` in ``__init__``.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -77,8 +78,18 @@ class RegularizedMixin:
             for reg in getattr(self, "regularizers", []):
                 reg.setup(self, datamodule)
 
+    def __init_subclass__(cls, **kwargs):
+        # A subclass that writes its own training_step (class M(RegularizedMixin, LightningModule))
+        # would shadow the mixin's; wrap it so the regularizers still apply.
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("training_step")
+        if own is not None and not getattr(own, "_adds_regularizers", False):
+            cls.training_step = _regularizing(own)
+
     def training_step(self, batch, *args, **kwargs):
-        out = super().training_step(batch, *args, **kwargs)
+        return super().training_step(batch, *args, **kwargs)
+
+    def _add_regularizer_terms(self, batch, out):
         regs = list(getattr(self, "regularizers", []))
         if not regs:
             return out
@@ -97,6 +108,26 @@ class RegularizedMixin:
             return {**out, "loss": result.total}
         return result.total
 
+
+def _regularizing(training_step):
+    """Wraps a training_step so that the outermost call adds the regularizer terms exactly once
+    (a training_step that calls super().training_step is wrapped at every level)."""
+
+    @functools.wraps(training_step)
+    def wrapped(self, batch, *args, **kwargs):
+        depth = getattr(self, "_regularizer_call_depth", 0)
+        self._regularizer_call_depth = depth + 1
+        try:
+            out = training_step(self, batch, *args, **kwargs)
+        finally:
+            self._regularizer_call_depth = depth
+        return self._add_regularizer_terms(batch, out) if depth == 0 else out
+
+    wrapped._adds_regularizers = True
+    return wrapped
+
+
+RegularizedMixin.training_step = _regularizing(RegularizedMixin.training_step)
 
 _MIXED: dict[type, type] = {}
 

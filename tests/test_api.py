@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from interp_train import RegularizedMixin
 from interp_train import (
     Constant, Cosine, LinearWarmup, NonFiniteRegularizerError, Regularizer, attach_regularizers,
     regularized_loss,
@@ -162,3 +163,47 @@ def test_site_edit_and_record_on_module_path():
     assert torch.allclose(res.activations["1"], torch.zeros(4, 8))
     assert torch.allclose(res.output, model[2].bias.expand(4, 3))
     assert resolve_site(model, "input") is None
+
+
+class DirectSubclass(RegularizedMixin, PlainClassifier.__mro__[1]):
+    """Mixin first, with its own training_step (the recipe pattern): must still be regularized."""
+
+    def __init__(self, regs):
+        super().__init__()
+        self.net = tiny_mlp()
+        self.set_regularizers(regs)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class CallsSuper(RegularizedMixin, PlainClassifier):
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("make", [
+    lambda regs: DirectSubclass(regs),
+    lambda regs: _with_regs(CallsSuper(), regs),
+])
+def test_subclass_with_own_training_step_is_regularized_exactly_once(make):
+    torch.manual_seed(0)
+    model = make([ActivationL2("net.1", weight=0.1, name="hid")])
+    x, y = next(iter(toy_loader()))
+    out = model.training_step((x, y), 0)
+    hidden = torch.tanh(model.net[0](x))
+    expected = nn.functional.cross_entropy(model(x), y) + 0.1 * hidden.pow(2).sum(1).mean()
+    assert float(out) == pytest.approx(float(expected), rel=1e-6)
+    assert model.regularizers[0].step == 1
+
+
+def _with_regs(model, regs):
+    model.set_regularizers(regs)
+    return model
