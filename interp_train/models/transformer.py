@@ -17,6 +17,8 @@ class Transformer(nn.Module):
 
     Defaults are the LIB paper's modular-addition model for p = 113: d_vocab 114 (p + "="),
     d_vocab_out 113, n_ctx 3, one layer, d_model 128, 4 heads of 32, d_mlp 512, ReLU, no LayerNorm.
+    init_seed None (default) draws the initialisation seed from torch's global RNG (so
+    ``seed_everything(k)`` gives seed-dependent weights); an int fixes the weights.
     """
 
     def __init__(
@@ -31,11 +33,13 @@ class Transformer(nn.Module):
         n_layers: int = 1,
         act_fn: Literal["relu", "gelu"] = "relu",
         normalization_type: Optional[Literal["LN", "LNPre"]] = None,
-        init_seed: int = 0,
+        init_seed: Optional[int] = None,
     ):
         super().__init__()
         from transformer_lens import TransformerBridge, TransformerBridgeConfig
 
+        if init_seed is None:  # boot_native reseeds torch with cfg.seed: draw it from the global RNG so seed_everything matters
+            init_seed = int(torch.randint(0, 2**31 - 1, ()).item())
         cfg = TransformerBridgeConfig(
             d_model=d_model, d_head=d_head, n_layers=n_layers, n_ctx=n_ctx, n_heads=n_heads, d_vocab=d_vocab,
             d_vocab_out=d_vocab_out or d_vocab, d_mlp=d_mlp, act_fn=act_fn,
