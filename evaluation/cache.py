@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -52,20 +50,5 @@ def read_cached(path: Path, key: str) -> dict | None:
     return entry if isinstance(entry, dict) and entry.get("key") == key else None
 
 
-def write_atomic(path: Path, data: bytes | str) -> Path:
-    """Writes to a temporary file in the same folder, then renames it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+# Atomic writers live in interp_train.io (shared with training).
 
-
-def write_json_atomic(path: Path, obj: Any) -> Path:
-    return write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False))

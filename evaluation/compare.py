@@ -43,6 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from evaluation import cache as cache_mod
+from interp_train.io import json_safe, write_atomic, write_json_atomic
 from evaluation.stats import TESTS, compare_groups
 
 BASELINE = "baseline"
@@ -404,24 +405,12 @@ def measure_all(
         if entry is None:
             entry = {"key": key, "variant": run.variant, "seed": run.seed, "run_dir": str(run.run_dir),
                      "checkpoint": str(run.checkpoint), "options": opts, **measure(run, options)}
-            entry = _json_safe(entry)
-            cache_mod.write_json_atomic(path, entry)
+            entry = json_safe(entry)
+            write_json_atomic(path, entry)
         out[run.variant].append(entry)
     return out
 
 
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, Mapping):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, (np.floating, np.integer)):
-        return _json_safe(x.item())
-    if isinstance(x, Path):
-        return str(x)
-    return x
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -487,7 +476,7 @@ def build_report(
             row["notes"] = notes
         report_variants[v] = row
     tasks = sorted({str(e.get("details", {}).get("task")) for es in measurements.values() for e in es})
-    return _json_safe({
+    return json_safe({
         "task": tasks[0] if len(tasks) == 1 else tasks, "baseline": baseline, "test": test, "alpha": alpha,
         "metrics": [dataclasses.asdict(m) for m in used], "variants": report_variants,
         "options": dict(options or {}), "messages": messages,
@@ -577,6 +566,6 @@ def run_compare(
     measurements = measure_all(variants, out_dir, options, progress=progress)
     report = build_report(measurements, baseline, test, alpha, dataclasses.asdict(options), messages)
     plots = compare_plots.write_plots(report, measurements, out_dir)
-    cache_mod.write_json_atomic(out_dir / "report.json", report)
-    cache_mod.write_atomic(out_dir / "report.md", render_markdown(report, plots))
+    write_json_atomic(out_dir / "report.json", report)
+    write_atomic(out_dir / "report.md", render_markdown(report, plots))
     return CompareResult(report, out_dir, ["report.json", "report.md", *plots])

@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from evaluation.cache import write_atomic  # noqa: E402
+from interp_train.io import write_atomic  # noqa: E402
 
 
 def _save(fig, path: Path) -> str:

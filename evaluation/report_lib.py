@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -27,6 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from evaluation import plots
+from interp_train.io import json_safe
 from evaluation.graph import interaction_graph, modularity, set_communities, write_graphml
 from evaluation.metrics import summarize
 
@@ -40,18 +40,6 @@ def check_out_dir(out_dir) -> Path:
     return out_dir
 
 
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, Mapping):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return _json_safe(x.tolist())
-    if isinstance(x, Path):
-        return str(x)
-    return x
 
 
 def bases_tensors(result) -> dict[str, torch.Tensor]:
@@ -95,7 +83,7 @@ def _write_all(result, tmp: Path, metadata: Mapping[str, Any], ablation: Mapping
     config = dataclasses.asdict(result.config) if dataclasses.is_dataclass(result.config) else result.config
     report = {"metadata": dict(metadata), "config": config, "summary": summary,
               "ablation": dict(ablation or {}), "files": files}
-    (tmp / "lib.json").write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False))
+    (tmp / "lib.json").write_text(json.dumps(json_safe(report), indent=2, allow_nan=False))
     return report
 
 

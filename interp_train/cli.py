@@ -13,11 +13,8 @@ written atomically; includes the test split unless ``--test_after_fit false``).
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,17 +24,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
+from interp_train.io import write_json_atomic
 from interp_train.recipes import RecipeModule
 
 
-def write_json_atomic(path: str | Path, data: dict) -> None:
-    """Writes JSON to a temporary file in the same folder, then renames it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:

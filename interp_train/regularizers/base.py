@@ -17,7 +17,6 @@ Two ways to use regularizers:
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -27,7 +26,7 @@ from torch import nn
 
 from interp_train.losses import per_example_cross_entropy
 from interp_train.schedules import Schedule, WeightLike, as_schedule
-from interp_train.sites import INPUT, Edit, ForwardResult, check_sites, run_model
+from interp_train.sites import Edit, ForwardResult, check_sites, run_model
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
