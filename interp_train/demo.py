@@ -1,101 +1,180 @@
-"""`make demo`: train an MLP on scikit-learn's 8x8 digits with and without a regularizer.
+"""`make demo`: train baseline and regularized models on embedded data, 3 seeds each, and compare them.
 
-Prints, for each variant, the final task loss, the input-gradient-norm penalty
-mean_i ||∇_x ℓ_i||² on held-out data, and the test accuracy. Offline and CPU-only.
+    python -m interp_train.demo [--seeds 0 1 2] [--root checkpoints/demo] [--out reports/demo]
+
+Two recipes, both offline and CPU-sized: the digits MLP (scikit-learn 8x8 digits) and the MLP on
+the synthetic manifold (exact tangent spaces, so gradient alignment is measured exactly; the
+bent d = 128 setting of study/run_study.py). Each (variant, seed) is trained with
+``interp-train fit`` (in this process) into ``<root>/<task>/<variant>/seed<k>/``; a run whose
+``metrics.json`` exists is reused. Then ``interp-eval compare`` measures every run (accuracy,
+LIB/PCA interaction sparsity, modularity, gradient alignment, off/on robustness ratio; cached
+in ``<out>/<task>/cache``), writes ``report.md``/``report.json`` and plots into ``<out>/<task>/``,
+and the demo prints the comparison table and those paths.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
 
-import lightning as L
-import torch
-from torch import nn
-from torch.nn import functional as F
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
-from interp_train import attach_regularizers
-from interp_train.regularizers.smoothness import GradientNorm
-
-
-def digits_loaders(batch_size: int = 128, seed: int = 0):
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    n_test = len(x) // 5
-    test, train = perm[:n_test], perm[n_test:]
-    make = lambda idx, shuffle: torch.utils.data.DataLoader(  # noqa: E731
-        torch.utils.data.TensorDataset(x[idx], y[idx]), batch_size=batch_size, shuffle=shuffle)
-    return make(train, True), (x[test], y[test])
+# The synthetic manifold, strongly bent (scale 10) in d = 128: reading z linearly off the chart is
+# then far from the tangent spaces, so gradient alignment has room to move (see study/README.md).
+MANIFOLD_DATA = ("--data.init_args.ambient_dim", "128", "--data.init_args.scale", "10.0",
+                 "--model.model.init_args.d_in", "128")
+TABLE_METRICS = ("accuracy", "alignment", "robustness_ratio", "lib_edge_fraction_90", "pca_edge_fraction_90",
+                 "modularity_q")
 
 
-class DigitsMLP(L.LightningModule):
-    """An ordinary LightningModule: nothing in it knows about regularizers."""
+@dataclass(frozen=True)
+class DemoTask:
+    """One recipe folder (under recipes/), its baseline and regularized variants (YAML names),
+    and CLI overrides applied to every run."""
 
-    def __init__(self, hidden: int = 128, lr: float = 1e-3):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                 nn.Linear(hidden, 10))
-        self.lr = lr
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train/task_loss", loss, prog_bar=True)
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
+    name: str
+    variants: tuple[str, ...]
+    baseline: str = "baseline"
+    overrides: tuple[str, ...] = field(default_factory=tuple)
 
 
-def input_gradient_penalty(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """mean_i ||∇_x ℓ(x_i, y_i)||² on the given data."""
-    x = x.clone().requires_grad_(True)
-    losses = F.cross_entropy(model(x), y, reduction="none")
-    (grad,) = torch.autograd.grad(losses.sum(), x)
-    return float(grad.pow(2).sum(1).mean())
+DEMO_TASKS = (
+    DemoTask("digits", ("baseline", "grad_norm", "connection_cost")),
+    DemoTask("manifold", ("baseline", "off_manifold_grad", "grad_norm"), overrides=MANIFOLD_DATA),
+)
 
 
-def run(epochs: int, weight: float, seed: int = 0) -> list[dict]:
-    rows = []
-    for variant, regs in [("baseline", []), (f"grad_norm (w={weight:g})", [GradientNorm(weight=weight)])]:
-        L.seed_everything(seed, verbose=False)
-        train, (x_test, y_test) = digits_loaders(seed=seed)
-        model = DigitsMLP()
-        if regs:
-            attach_regularizers(model, regs)
-        trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                            enable_model_summary=False)
-        trainer.fit(model, train)
-        model.eval()
-        with torch.no_grad():
-            logits = model(x_test)
-        rows.append({
-            "variant": variant,
-            "task_loss": float(F.cross_entropy(logits, y_test)),
-            "grad_penalty": input_gradient_penalty(model, x_test, y_test),
-            "accuracy": float((logits.argmax(-1) == y_test).float().mean()),
-        })
-    return rows
+def run_directory(root: Path, task: str, variant: str, seed: int) -> Path:
+    return Path(root) / task / variant / f"seed{seed}"
+
+
+def fit_arguments(task: DemoTask, variant: str, seed: int, directory: Path,
+                  extra: Sequence[str] = (), recipes: Path = RECIPES) -> list[str]:
+    """The ``interp-train fit`` arguments of one run: recipe YAML, seed, run directory, the task's
+    overrides, then ``extra`` (later arguments win)."""
+    config = Path(recipes) / task.name / f"{variant}.yaml"
+    if not config.is_file():
+        raise FileNotFoundError(f"no recipe {str(config)!r} for variant {variant!r} of task {task.name!r}")
+    return ["fit", "--config", str(config), "--seed_everything", str(seed), "--run_dir", str(directory),
+            *task.overrides, *extra, "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false"]
+
+
+def train_missing(task: DemoTask, seeds: Sequence[int], root: Path, extra: Sequence[str] = (),
+                  progress: bool = True, recipes: Path = RECIPES) -> dict[str, int]:
+    """Trains every (variant, seed) of ``task`` whose run directory has no metrics.json yet.
+    Returns {"trained": n, "reused": m}."""
+    from tqdm.auto import tqdm
+
+    from interp_train.cli import InterpTrainCLI
+
+    jobs = [(v, s) for v in task.variants for s in seeds]
+    counts = {"trained": 0, "reused": 0}
+    bar = tqdm(jobs, desc=f"train {task.name}", unit="run", disable=not progress)
+    for variant, seed in bar:
+        bar.set_postfix_str(f"{variant} seed{seed}")
+        directory = run_directory(root, task.name, variant, seed)
+        if (directory / "metrics.json").is_file():
+            counts["reused"] += 1
+            continue
+        InterpTrainCLI(args=fit_arguments(task, variant, seed, directory, extra, recipes))
+        counts["trained"] += 1
+    return counts
+
+
+def compare_task(task: DemoTask, seeds: Sequence[int], root: Path, out: Path, max_samples: int = 512,
+                 progress: bool = True):
+    """``interp-eval compare`` on the task's runs into ``out/<task>/`` (its cache/ is reused)."""
+    from evaluation.compare import MeasureOptions, run_compare, runs_from_paths
+
+    variants = {v: runs_from_paths(v, [run_directory(root, task.name, v, s) for s in seeds])
+                for v in task.variants}
+    return run_compare(variants, Path(out) / task.name, MeasureOptions(max_samples=max_samples),
+                       baseline=task.baseline, progress=progress)
+
+
+def format_table(report: dict, metrics: Sequence[str] = TABLE_METRICS) -> str:
+    """Plain-text table: per variant "mean ± std" of each metric; variant rows add
+    "Δ <diff> p=<p>" against the baseline (Welch t-test) and ✓/✗ when significant."""
+    labels = {m["name"]: m["label"] + (" ↑" if m["higher_is_better"] else " ↓") for m in report["metrics"]}
+    names = [n for n in metrics if n in labels]
+    rows = [["variant", *(labels[n] for n in names)]]
+    for variant, row in report["variants"].items():
+        cells = [variant]
+        for n in names:
+            s = row["metrics"][n]
+            cell = "–" if s["mean"] is None else f"{s['mean']:.3f}"
+            cell += "" if s["std"] is None else f" ± {s['std']:.3f}"
+            c = s.get("comparison")
+            if c is not None and c.get("diff") is not None:
+                p = "–" if c.get("p") is None else f"{c['p']:.2g}"
+                cell += f"  Δ{c['diff']:+.3f} p={p} {c['verdict']}".rstrip()
+            cells.append(cell)
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def quiet_lightning() -> None:
+    """Lightning's per-run banners and the few known-harmless warnings would bury the progress bars."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*number of training batches.*")
+    warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+
+
+def run_demo(tasks: Sequence[DemoTask] = DEMO_TASKS, seeds: Sequence[int] = (0, 1, 2),
+             root: str | Path = "checkpoints/demo", out: str | Path = "reports/demo", extra: Sequence[str] = (),
+             max_samples: int = 512, progress: bool = True, recipes: Path = RECIPES, echo=print) -> dict[str, dict]:
+    """Trains (what is missing), compares and prints; returns {task: report dict}."""
+    root, out = Path(root), Path(out)
+    reports = {}
+    for task in tasks:
+        start = time.time()
+        counts = train_missing(task, seeds, root, extra, progress, recipes)
+        trained = time.time() - start
+        result = compare_task(task, seeds, root, out, max_samples, progress)
+        echo(f"\n== {task.name}: {len(task.variants)} variants x {len(seeds)} seeds "
+             f"({counts['trained']} trained in {trained:.0f} s, {counts['reused']} reused; "
+             f"compare {time.time() - start - trained:.0f} s) ==")
+        echo(format_table(result.report))
+        echo(f"report: {result.out_dir / 'report.md'}")
+        plots = [f for f in result.files if f.endswith(".png")]
+        if plots:
+            echo("plots:  " + ", ".join(str(result.out_dir / p) for p in plots))
+        reports[task.name] = result.report
+    echo("\nΔ = variant − baseline (Welch t-test over seeds); ✓ = significant in the interpretable direction, "
+         "✗ = significant the other way. Accuracy is the cost. Full study: study/README.md.")
+    return reports
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--weight", type=float, default=1.0, help="weight of the gradient-norm penalty")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(2)
-    rows = run(args.epochs, args.weight, args.seed)
-    print("\nDigits MLP, held-out data (360 images):")
-    print(f"{'variant':<24} {'task loss':>10} {'mean ||grad_x loss||^2':>24} {'accuracy':>9}")
-    for r in rows:
-        print(f"{r['variant']:<24} {r['task_loss']:>10.4f} {r['grad_penalty']:>24.4f} {r['accuracy']:>9.3f}")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--root", default="checkpoints/demo", help="run directories go here (reused)")
+    parser.add_argument("--out", default="reports/demo", help="compare reports and plots go here")
+    parser.add_argument("--tasks", nargs="+", default=[t.name for t in DEMO_TASKS],
+                        choices=[t.name for t in DEMO_TASKS])
+    parser.add_argument("--max-samples", type=int, default=512, help="examples for LIB / alignment / robustness")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args, extra = parser.parse_known_args(argv)  # unknown arguments go to every `interp-train fit`
+    import torch
+
+    torch.set_num_threads(args.threads)
+    quiet_lightning()
+    start = time.time()
+    run_demo([t for t in DEMO_TASKS if t.name in args.tasks], args.seeds, args.root, args.out, extra,
+             args.max_samples, progress=not args.quiet)
+    print(f"total time {time.time() - start:.0f} s")
 
 
 if __name__ == "__main__":
