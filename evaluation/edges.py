@@ -199,13 +199,7 @@ def rademacher(n_sources: int, batch: int, positions: int, generator: torch.Gene
     return torch.randint(0, 2, (n_sources, batch, positions), generator=generator).mul_(2).sub_(1).double()
 
 
-def n_rows(act: torch.Tensor) -> int:
-    """Number of (example, position) rows: N·P for a (B, P, d) view."""
-    a = as_positions(act)
-    return a.shape[0] * a.shape[1]
-
-
 __all__ = [
-    "INTEGRATION_RULES", "OUTPUT", "SectionPass", "as_positions", "batched_vjp", "edges_for_batch",
-    "integration_rule", "jacobian_gram_for_batch", "output_cotangents", "rademacher", "section_forward",
+    "INTEGRATION_RULES", "OUTPUT", "Cotangents", "SectionPass", "as_positions", "batched_vjp", "edges_for_batch",
+    "integration_rule", "jacobian_gram_for_batch", "rademacher", "section_forward",
 ]

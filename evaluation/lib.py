@@ -20,6 +20,12 @@ For each node layer l (activation f, viewed as (B, P, d)) with augmented activat
 
 The final node layer is kept in the neuron basis (C = I, Lambda = E[a_k²]) unless
 ``rotate_final``, in which case LIB and PCA both use its PCA basis.
+
+Cost: per section, M′ needs T_out·(k_{l+1} − 1) vector-Jacobian products per example (S·(k − 1)
+with ``stochastic_sources=S``), and the edges as many again per integration point (LIB and PCA
+share them: at most T_out·d_{l+1}). Each is one backward pass of the section, so the time grows
+linearly with the samples and roughly with width³; memory is bounded by the batch size and
+``chunk_elements``.
 """
 
 from __future__ import annotations
@@ -69,7 +75,7 @@ class LIBConfig:
     n_intervals: int = 1
     stochastic_sources: int | None = None
     seed: int = 0
-    chunk_elements: int = 2 ** 24
+    chunk_elements: int = 2 ** 22
 
     def __post_init__(self):
         if not (isinstance(self.truncation, (int, float)) and 0 <= self.truncation < 1):
