@@ -1,0 +1,224 @@
+"""Regularized training under Lightning DDP (2 CPU processes, gloo) against one process on the
+same global batch.
+
+The 2-process runs are this file run as a script under ``python -m torch.distributed.run
+--nproc_per_node 2`` (what ``torchrun`` does), which writes one JSON per rank; the reference is
+a plain single-process loop (``regularized_loss`` + SGD) on the global batch of 16 examples.
+Each rank gets the examples r, r + 2, ... (8 per rank; a fixed DistributedSampler).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # when run as a script by torchrun
+    sys.path.insert(0, str(REPO))
+
+import lightning as L  # noqa: E402
+
+from evaluation.distributed import gather_rows, global_batch  # noqa: E402
+from interp_train.lightning import attach_regularizers  # noqa: E402
+from interp_train.regularizers import (  # noqa: E402
+    ActivationDegeneracy,
+    ConnectionCost,
+    GradientDegeneracy,
+    GradientNorm,
+    OffManifoldGradientPenalty,
+    regularized_loss,
+)
+from interp_train.regularizers.degeneracy import effective_rank  # noqa: E402
+from interp_train.schedules import LinearWarmup  # noqa: E402
+from interp_train.tangents import GlobalPCATangents  # noqa: E402
+
+N_EXAMPLES, D_IN, N_CLASSES, STEPS, LR = 16, 5, 3, 3, 0.1
+CONFIGS = ("per_example", "global_batch", "local_batch")
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(N_EXAMPLES, D_IN, generator=g, dtype=torch.float64),
+            torch.randint(0, N_CLASSES, (N_EXAMPLES,), generator=g))
+
+
+def make_regularizers(config: str) -> list:
+    x, _ = data()
+    if config == "per_example":
+        return [GradientNorm(weight=LinearWarmup(0.5, warmup_steps=2)),
+                ConnectionCost(weight=0.01, layers=["net.0", "net.2"]),
+                OffManifoldGradientPenalty(weight=0.3, tangents=GlobalPCATangents(x, dim=2))]
+    if config == "global_batch":
+        return [global_batch(ActivationDegeneracy(weight=0.2, layers="net.1")),
+                global_batch(GradientDegeneracy(weight=0.2, layers="net.1", measure="entropy"))]
+    if config == "local_batch":
+        return [ActivationDegeneracy(weight=0.2, layers="net.1")]
+    raise ValueError(f"unknown config {config!r}; allowed: {', '.join(CONFIGS)}")
+
+
+def make_net() -> nn.Sequential:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(D_IN, 7), nn.Tanh(), nn.Linear(7, N_CLASSES)).double()
+
+
+class Classifier(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = make_net()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=LR)
+
+
+class RecordTerms(L.Callback):
+    """Per step: this rank's logged reg/* values (its local batch)."""
+
+    def __init__(self):
+        self.steps: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("reg/")})
+
+
+def ddp_worker(out_dir: str) -> None:
+    """Run by each torchrun process: DDP training for every config, one JSON per rank."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    torch.set_num_threads(1)
+    x, y = data()
+    # Lightning's own distributed sampler shuffles; a fixed split (rank r: examples r, r + 2, ...)
+    # lets the test name each rank's rows.
+    dataset = torch.utils.data.TensorDataset(x, y)
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=int(os.environ["WORLD_SIZE"]),
+                                                  rank=int(os.environ["RANK"]), shuffle=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=N_EXAMPLES // 2, sampler=sampler)
+    results = {}
+    for config in CONFIGS:
+        model = attach_regularizers(Classifier(), make_regularizers(config))
+        record = RecordTerms()
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(process_group_backend="gloo"),
+                            max_steps=STEPS, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            enable_checkpointing=False, callbacks=[record], use_distributed_sampler=False)
+        trainer.fit(model, loader)
+        results[config] = {"steps": record.steps, "rank": trainer.global_rank,
+                           "params": {k: v.tolist() for k, v in model.net.state_dict().items()},
+                           "reg_steps": [r.step for r in model.regularizers]}
+    Path(out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(results))
+
+
+def free_port() -> int:
+    """A port no one listens on now (port 0 would give every rank a different port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args: list[str], nproc: int = 2, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(free_port()), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def reference_run(config: str) -> tuple[list[dict[str, float]], dict[str, torch.Tensor]]:
+    """One process, the whole global batch per step: logs per step and final parameters."""
+    net = Classifier()  # used as a plain nn.Module: same site names ("net.0") as under Lightning
+    regs = make_regularizers(config)
+    opt = torch.optim.SGD(net.parameters(), lr=LR)
+    x, y = data()
+    logs = []
+    for _ in range(STEPS):
+        out = regularized_loss(net, x, y, regs)
+        opt.zero_grad()
+        out.total.backward()
+        opt.step()
+        logs.append(out.logs())
+    return logs, net.net.state_dict()
+
+
+# ---------------------------------------------------------------------------- tests
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("ddp")
+    torchrun([str(Path(__file__).resolve()), "ddp", str(out)])
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def rank_mean(ranks: list[dict], config: str, step: int, key: str) -> float:
+    key = "total_loss" if key == "loss" else key  # RegularizedMixin logs the total as reg/total_loss
+    return sum(r[config]["steps"][step][f"reg/{key}"] for r in ranks) / len(ranks)
+
+
+@pytest.mark.parametrize("config", ["per_example", "global_batch"])
+def test_ddp_matches_single_process_on_global_batch(ddp_results, config):
+    ref_logs, ref_params = reference_run(config)
+    for step, ref in enumerate(ref_logs):
+        # per-example means: the global mean is the mean of the equal-size per-rank means;
+        # gathered batch statistics and weight penalties are equal on every rank. Lightning logs
+        # in float32, hence rel=1e-6 here; the parameters below are compared in float64.
+        for key, value in ref.items():
+            assert rank_mean(ddp_results, config, step, key) == pytest.approx(value, rel=1e-6, abs=1e-9), (step, key)
+        if config == "global_batch":
+            for key in (k for k in ref if k.endswith("erank/net.1")):
+                values = [r[config]["steps"][step][f"reg/{key}"] for r in ddp_results]
+                assert values[0] == pytest.approx(values[1], rel=1e-6)
+    for r in ddp_results:  # same parameter updates (DDP keeps ranks in sync)
+        assert r[config]["reg_steps"] == [STEPS] * len(make_regularizers(config))
+        for name, value in ref_params.items():
+            torch.testing.assert_close(torch.tensor(r[config]["params"][name], dtype=torch.float64), value,
+                                       rtol=1e-9, atol=1e-12)
+
+
+def test_ddp_schedule_weights_agree_across_ranks(ddp_results):
+    weights = [[s["reg/gradient_norm/weight"] for s in r["per_example"]["steps"]] for r in ddp_results]
+    assert weights[0] == weights[1] == pytest.approx([0.0, 0.25, 0.5])
+
+
+def test_ungathered_degeneracy_is_the_per_rank_batch_statistic(ddp_results):
+    """Without global_batch, rank r's term is the effective rank of its own 8 rows (not of 16)."""
+    x, _ = data()
+    net = make_net()
+    hidden = net[:2](x).detach()
+    global_value = float(effective_rank(hidden))
+    for r in ddp_results:
+        rank = r["local_batch"]["rank"]
+        local_value = float(effective_rank(hidden[rank::2]))
+        assert r["local_batch"]["steps"][0]["reg/activation_degeneracy/erank/net.1"] == pytest.approx(local_value, rel=1e-6)
+        assert abs(local_value - global_value) > 1e-3
+
+
+def test_single_process_helpers_are_identities():
+    t = torch.randn(4, 3, requires_grad=True)
+    assert gather_rows(t) is t
+    reg = ActivationDegeneracy(layers="net.1")
+    assert global_batch(reg) is reg and type(reg).__name__ == "GlobalBatchActivationDegeneracy"
+    with pytest.raises(TypeError, match="GradientNorm"):
+        global_batch(GradientNorm())
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "ddp":
+        ddp_worker(sys.argv[2])
+    else:
+        raise SystemExit(f"unknown worker {sys.argv[1]!r}; allowed: ddp")
