@@ -11,7 +11,7 @@ LIBConfig) on ALL p² inputs with node layers resid_pre, resid_mid, resid_post, 
 
 * per node layer: directions for 99 % of ∑Λ (LIB) / of the variance (PCA), constant excluded;
 * per section: edges for 90 % of the total edge weight (LIB / PCA), constant node excluded;
-* per node layer: Fourier fraction (best 1 and 2 frequencies over cos/sin of k·a, k·b, k·(a+b))
+* per node layer: Fourier fraction (best 1, 2 and 3 frequencies over cos/sin of k·a, k·b, k·(a+b))
   of the top LIB and PCA directions and of random directions (evaluation.fourier.fourier_table).
 """
 
@@ -108,16 +108,17 @@ def format_tables(figures: dict, fourier: dict) -> str:
         ref = (f"{ref_d[0][0]}–{ref_d[0][1]} / {ref_d[1][0]}–{ref_d[1][1]}" if ref_d else "–")
         ref += "; " + (f"{ref_e[0][0]}–{ref_e[0][1]} / {ref_e[1][0]}–{ref_e[1][1]}" if ref_e else "–")
         lines.append(f"| {layer} | {d['lib']} (of {d['kept_lib']}) | {d['pca']} (of {d['kept_pca']}) | {e['lib']} | {e['pca']} | {ref} |")
-    lines += ["", "| layer (positions) | basis | top-1 frequency fraction per direction | top-2 | best k | variance share at positions |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| layer (positions) | basis | best-1 frequency fraction per direction | best-2 | best-3 | best k | variance share at positions |",
+              "|---|---|---|---|---|---|---|"]
     for layer, entry in fourier.items():
         for basis in ("lib", "pca", "random"):
             rows = entry[basis]
             f1 = " ".join(f"{r['top_1']:.2f}" for r in rows)
             f2 = " ".join(f"{r['top_2']:.2f}" for r in rows)
+            f3 = " ".join(f"{r['top_3']:.2f}" for r in rows)
             ks = " ".join(str(r["frequencies"][0]) for r in rows)
             share = " ".join(f"{r['variance_share']:.2f}" for r in rows)
-            lines.append(f"| {SHORT.get(layer, layer)} {tuple(entry['positions'])} | {basis} | {f1} | {f2} | {ks} | {share} |")
+            lines.append(f"| {SHORT.get(layer, layer)} {tuple(entry['positions'])} | {basis} | {f1} | {f2} | {f3} | {ks} | {share} |")
     return "\n".join(lines)
 
 
@@ -141,7 +142,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.run_dir:
             module, datamodule = load_recipe(args.run_dir)
-            info = {"run_dir": args.run_dir}
+            datamodule.setup("test")
+            x, y = datamodule.splits["test"].tensors
+            with torch.no_grad():
+                acc = (module.model(x)[:, -1].argmax(-1) == y).double().mean().item()
+            info = {"run_dir": args.run_dir, "held_out_acc": round(acc, 4)}
         else:
             module, datamodule, info = train_recipe(args.variant, args.root or tmp, args.max_steps, args.stop_at)
         print(json.dumps(info), flush=True)
@@ -150,7 +155,7 @@ def main() -> None:
         result = fit_reference(model, p, args.batch_size)
         info["lib_seconds"] = round(time.perf_counter() - start, 1)
         figures = reference_figures(result)
-        fourier = fourier_table(model, result, p, LAYERS[:-1], n_top=args.n_top)
+        fourier = fourier_table(model, result, p, LAYERS[:-1], n_top=args.n_top, Ks=(1, 2, 3))
     out = {"info": info, "p": p, **figures, "fourier": fourier}
     print(format_tables(figures, fourier))
     print(json.dumps(info))

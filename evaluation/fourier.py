@@ -181,10 +181,11 @@ def random_directions(d: int, n: int, seed: int = 0) -> Tensor:
 
 
 def fourier_table(model: nn.Module, result, p: int, layers: Sequence[str] | None = None, n_top: int = 6,
-                  Ks: Sequence[int] = (1, 2), n_random: int = 6, positions: dict | None = None, seed: int = 0) -> dict:
+                  Ks: Sequence[int] = (1, 2), n_random: int = 6, positions: dict | None = None, seed: int = 0,
+                  terms: Sequence[str] = TERMS) -> dict:
     """Fourier fractions of the top ``n_top`` non-constant LIB and PCA features (by Λ / variance)
     and of ``n_random`` random directions, per node layer of a LIBResult (the final layer, left in
-    the neuron basis, is skipped unless listed):
+    the neuron basis, is skipped unless listed); ``terms`` as in fourier_fractions:
 
     {layer: {"positions": [...], "lib"|"pca"|"random": [{"index", "frequencies" (best 3),
              "top_K": fraction for K in Ks, "variance_share"}, ...]}}
@@ -201,7 +202,7 @@ def fourier_table(model: nn.Module, result, p: int, layers: Sequence[str] | None
         candidates = {"lib": result.lib[layer].C[1:, 1:1 + n_top], "pca": result.pca[layer].C[1:, 1:1 + n_top],
                       "random": random_directions(act.shape[-1], n_random, seed)}
         for name, dirs in candidates.items():
-            fit = fourier_fractions(direction_values(act, dirs, pos), p)
+            fit = fourier_fractions(direction_values(act, dirs, pos), p, terms)
             share = variance_share(act, dirs, pos)
             rows = []
             for j in range(dirs.shape[1]):
