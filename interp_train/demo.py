@@ -124,10 +124,13 @@ def format_table(report: dict, metrics: Sequence[str] = TABLE_METRICS) -> str:
 
 def quiet_lightning() -> None:
     """Lightning's per-run banners and the few known-harmless warnings would bury the progress bars."""
+    import lightning.pytorch  # noqa: F401  (sets its loggers to INFO on import; lower them afterwards)
+
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*number of training batches.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
 
 
@@ -164,7 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", nargs="+", default=[t.name for t in DEMO_TASKS],
                         choices=[t.name for t in DEMO_TASKS])
     parser.add_argument("--max-samples", type=int, default=512, help="examples for LIB / alignment / robustness")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1: these models are too small to gain from more)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args, extra = parser.parse_known_args(argv)  # unknown arguments go to every `interp-train fit`
     import torch

@@ -1,0 +1,160 @@
+"""The study: every CPU recipe, baseline vs each regularizer family, >= 3 seeds, measured by
+``interp-eval compare`` (accuracy, LIB/PCA interaction sparsity, modularity, gradient
+alignment, off/on robustness ratio, LLC where cheap).
+
+    python study/run_study.py                       # everything (resumable)
+    python study/run_study.py --tasks manifold digits --seeds 0 1 2
+
+Runs go to ``<root>/<task>/<variant>/seed<k>/`` (default root checkpoints/study); a run whose
+``metrics.json`` exists is skipped, and compare re-uses its per-checkpoint cache, so re-running
+after an interruption only does the missing work. Reports: ``<out>/<task>/report.md|json`` and
+plots (default out study/results), and ``<out>/summary.md`` with one table per task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Manifold data for the headline alignment measurement: a strongly bent manifold (scale 10)
+# in d = 128, so that reading z linearly off the chart (z = Aᵀx, the easy solution) gives
+# input gradients that are far from the tangent spaces (DESIGN.md: nonlinear generator).
+MANIFOLD_DATA = ["--data.init_args.ambient_dim", "128", "--data.init_args.scale", "10.0",
+                 "--model.model.init_args.d_in", "128"]
+
+
+@dataclass
+class TaskPlan:
+    """One recipe folder: which variants to train and how to measure them."""
+
+    recipe: str
+    baseline: str
+    variants: list[str]
+    extra: list[str] = field(default_factory=list)  # CLI overrides applied to every run
+    llc: bool = False
+
+
+PLANS: dict[str, TaskPlan] = {
+    "digits": TaskPlan("recipes/digits", "baseline",
+                       ["baseline", "grad_norm", "off_manifold", "degeneracy", "interaction", "connection_cost"],
+                       llc=True),
+    "manifold": TaskPlan("recipes/manifold", "baseline",
+                         ["baseline", "grad_norm", "off_manifold_grad", "off_manifold_grad_strong",
+                          "off_manifold_noise", "adversarial", "degeneracy"],
+                         extra=MANIFOLD_DATA, llc=True),
+    "modular_addition": TaskPlan("recipes/modular_addition", "cpu",
+                                 ["cpu", "cpu_interaction_strong"],
+                                 extra=["--trainer.max_steps", "1000"]),
+    "text": TaskPlan("recipes/text", "baseline", ["baseline", "grad_norm", "degeneracy"],
+                     extra=["--trainer.max_steps", "300", "--trainer.val_check_interval", "300"]),
+}
+
+
+def run_dir(root: Path, task: str, variant: str, seed: int) -> Path:
+    return root / task / variant / f"seed{seed}"
+
+
+def fit_args(plan: TaskPlan, variant: str, seed: int, directory: Path, extra: list[str] = ()) -> list[str]:
+    """``interp-train fit`` arguments of one run (progress bar and model summary off)."""
+    return ["fit", "--config", str(ROOT / plan.recipe / f"{variant}.yaml"), "--seed_everything", str(seed),
+            "--run_dir", str(directory), *plan.extra, *extra,
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def train(plan: TaskPlan, task: str, seeds: list[int], root: Path, extra: list[str] = (), log=print) -> None:
+    """Trains every missing (variant, seed) in this process; a run counts as done when its
+    metrics.json exists (written atomically at the end of fit)."""
+    from interp_train.cli import InterpTrainCLI
+
+    jobs = [(v, s) for v in plan.variants for s in seeds]
+    for i, (variant, seed) in enumerate(jobs, 1):
+        directory = run_dir(root, task, variant, seed)
+        if (directory / "metrics.json").is_file():
+            log(f"[{task} {i}/{len(jobs)}] {variant} seed{seed}: done already")
+            continue
+        start = time.time()
+        InterpTrainCLI(args=fit_args(plan, variant, seed, directory, list(extra)))
+        log(f"[{task} {i}/{len(jobs)}] {variant} seed{seed}: trained in {time.time() - start:.0f} s")
+
+
+def compare(plan: TaskPlan, task: str, seeds: list[int], root: Path, out: Path, llc: bool | None = None,
+            max_samples: int = 512, progress: bool = True):
+    """``interp-eval compare`` on the planned runs (cached in out/<task>/cache)."""
+    from evaluation.compare import MeasureOptions, run_compare, runs_from_paths
+
+    variants = {v: runs_from_paths(v, [run_dir(root, task, v, s) for s in seeds]) for v in plan.variants}
+    options = MeasureOptions(max_samples=max_samples, llc=plan.llc if llc is None else llc)
+    return run_compare(variants, out / task, options, baseline=plan.baseline, progress=progress)
+
+
+def summary_table(report: dict, metrics: list[str] | None = None) -> str:
+    """Markdown table: per variant and metric "mean ± std", and for variants "Δ (p)" vs baseline."""
+    names = [m["name"] for m in report["metrics"] if metrics is None or m["name"] in metrics]
+    labels = {m["name"]: m["label"] + (" ↑" if m["higher_is_better"] else " ↓") for m in report["metrics"]}
+    fmt = lambda x, d=3: "–" if x is None else f"{x:.{d}g}"  # noqa: E731
+    lines = ["| variant | " + " | ".join(labels[n] for n in names) + " |", "|---|" + "---|" * len(names)]
+    for variant, row in report["variants"].items():
+        cells = []
+        for n in names:
+            s = row["metrics"][n]
+            cell = f"{fmt(s['mean'])} ± {fmt(s['std'], 2)}"
+            c = s.get("comparison")
+            if c is not None and c.get("diff") is not None:
+                p = "–" if c.get("p") is None else f"{c['p']:.2g}"
+                cell += f" (Δ {c['diff']:+.3g}, p={p}{' ' + c['verdict'] if c['verdict'] else ''})"
+            cells.append(cell)
+        lines.append(f"| `{variant}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", default=list(PLANS), choices=list(PLANS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--root", default="checkpoints/study", help="run directories go here")
+    parser.add_argument("--out", default="study/results", help="compare reports go here")
+    parser.add_argument("--figures", default="study/figures", help="copies of the key plots, <task>_<plot>.png")
+    parser.add_argument("--no-llc", dest="llc", action="store_false", default=None, help="skip the LLC everywhere")
+    parser.add_argument("--train-only", action="store_true")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the box is shared)")
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    root, out = Path(args.root), Path(args.out)
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    for task in args.tasks:
+        plan = PLANS[task]
+        start = time.time()
+        train(plan, task, args.seeds, root, log=log)
+        log(f"[{task}] training finished after {time.time() - start:.0f} s")
+        if args.train_only:
+            continue
+        start = time.time()
+        result = compare(plan, task, args.seeds, root, out, llc=args.llc, progress=False)
+        log(f"[{task}] compare finished after {time.time() - start:.0f} s: {out / task / 'report.md'}")
+        log(summary_table(result.report))
+        figures = Path(args.figures)
+        figures.mkdir(parents=True, exist_ok=True)
+        for name in result.files:
+            if name.endswith(".png"):
+                shutil.copyfile(out / task / name, figures / f"{task}_{name}")
+    reports = [(t, out / t / "report.json") for t in PLANS if (out / t / "report.json").is_file()]
+    if reports:
+        import json
+
+        text = ["# Study summary (generated by study/run_study.py)", ""]
+        for task, path in reports:
+            text += [f"## {task}", "", summary_table(json.loads(path.read_text())), ""]
+        (out / "summary.md").write_text("\n".join(text))
+        log(f"wrote {out / 'summary.md'}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
