@@ -2,7 +2,7 @@
 
     interp-eval lib CHECKPOINT [--config HT_CONFIG.json] [--layers L ...] [--data SPEC]
                     [--truncation T] [--integration RULE] [--n-intervals N] [--max-samples N]
-                    [--batch-size B] [--no-ablation] --out DIR
+                    [--batch-size B] [--no-ablation] [--nproc N] --out DIR
 
     interp-eval compare [ROOT] [--variant NAME RUN [RUN ...]]... [--baseline NAME] [--test welch|permutation]
                         [--alpha A] [--max-samples N] [--layers L ...] [--tangents KIND] [--eps E ...]
@@ -17,6 +17,12 @@ a TransformerBridge state dict, or an interp-train recipe's Lightning .ckpt (see
 evaluation.checkpoints). SPEC: ``modular-addition:p=113`` (all p² inputs ``a b =`` with
 target (a + b) mod p; ``=`` is token p) or a torch file holding ``{"inputs": X, "targets": y}``;
 a recipe's own data module is used when --data is omitted.
+
+lib --nproc N: fit on N processes of this machine; the command re-launches itself with
+``python -m torch.distributed.run --nproc_per_node N`` (equivalently, start it yourself:
+``torchrun --nproc_per_node N -m evaluation.cli lib ...``). Process r takes batches r, r + N, ...;
+the sums of the fit are all-reduced (evaluation.distributed); rank 0 alone runs the ablation
+curves and writes the report.
 """
 
 from __future__ import annotations
@@ -117,10 +123,12 @@ def _ablation_ks(n: int) -> list[int]:
 
 
 def run_lib(args) -> dict:
+    from evaluation.distributed import fit_lib_distributed, init_from_env, launched_by_torchrun
     from evaluation.lib import LIBConfig, fit_lib
     from evaluation.metrics import node_ablation_curve
 
     out_dir = check_out_dir(args.out)  # fail before the expensive fit
+    rank = init_from_env()[0] if launched_by_torchrun() else 0
     config = None
     if args.config is not None:
         try:
@@ -136,7 +144,12 @@ def run_lib(args) -> dict:
         batches = _recipe_batches(loaded.datamodule, args.max_samples)
     layers = args.layers or default_layers(model)
     lib_config = LIBConfig(truncation=args.truncation, integration=args.integration, n_intervals=args.n_intervals)
-    result = fit_lib(model, batches, layers, lib_config, progress=not args.quiet)
+    if launched_by_torchrun():
+        result = fit_lib_distributed(model, batches, layers, lib_config, progress=not args.quiet and rank == 0)
+        if rank != 0:  # every rank holds the same result; rank 0 writes it
+            return {}
+    else:
+        result = fit_lib(model, batches, layers, lib_config, progress=not args.quiet)
     ablation = {}
     has_targets = all(len(b) == 2 for b in batches)
     if args.ablation and has_targets:
@@ -221,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     lib.add_argument("--batch-size", type=int, default=512)
     lib.add_argument("--no-ablation", dest="ablation", action="store_false", help="skip node-ablation curves")
     lib.add_argument("--quiet", action="store_true", help="no progress bars")
+    lib.add_argument("--nproc", type=int, default=1,
+                     help="fit on N local processes (re-launches itself with torch.distributed.run)")
     lib.set_defaults(func=run_lib)
     _add_compare_parser(sub)
     return parser
@@ -233,12 +248,38 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--max-samples must be >= 1, got {args.max_samples}")
     if getattr(args, "batch_size", 1) < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if getattr(args, "nproc", 1) < 1:
+        parser.error(f"--nproc must be >= 1, got {args.nproc}")
     try:
+        if getattr(args, "nproc", 1) > 1 and not _in_torchrun():
+            check_out_dir(args.out)  # fail here rather than in every process
+            return _relaunch(args.nproc, sys.argv[1:] if argv is None else list(argv))
         args.func(args)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as err:
         print(f"interp-eval {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        _end_process_group()
     return 0
+
+
+def _in_torchrun() -> bool:
+    from evaluation.distributed import launched_by_torchrun
+
+    return launched_by_torchrun()
+
+
+def _relaunch(nproc: int, argv: list[str]) -> int:
+    from evaluation.distributed import relaunch_with_torchrun
+
+    return relaunch_with_torchrun(nproc, "evaluation.cli", argv)
+
+
+def _end_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

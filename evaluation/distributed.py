@@ -36,7 +36,11 @@ the sums over all data; only rank 0 writes outputs (``is_main_process``).
 from __future__ import annotations
 
 import warnings
-from typing import Iterable, Iterator, TypeVar
+import os
+import socket
+import subprocess
+import sys
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -48,7 +52,11 @@ __all__ = [
     "global_batch",
     "is_distributed",
     "is_main_process",
+    "fit_lib_distributed",
+    "init_from_env",
+    "launched_by_torchrun",
     "rank_and_world",
+    "relaunch_with_torchrun",
     "shard",
 ]
 
@@ -142,3 +150,64 @@ def shard(items: Iterable[T], rank: int | None = None, world: int | None = None)
     for index, item in enumerate(items):
         if index % world == rank:
             yield item
+
+
+# ---------------------------------------------------------------------------- LIB over processes
+
+def fit_lib_distributed(model, batches: Sequence, node_layers: list[str], config=None,
+                        input_fn: Callable | None = None, progress: bool = True):
+    """``fit_lib`` on all ``batches``, split over the processes of the current process group.
+
+    Process r fits on ``shard(batches)`` (batches r, r + N, ...) with ``reduce=all_reduce_sum``:
+    the Gram sums, Jacobian Grams M′, edge sums and row counts are summed over processes
+    before use, so every process returns the fit of all the batches (the same numbers as one
+    process, up to float64 rounding). Plain ``fit_lib`` without a process group.
+    """
+    from evaluation.lib import LIBConfig, fit_lib
+
+    config = LIBConfig() if config is None else config
+    batches = list(batches)
+    rank, world = rank_and_world()
+    if len(batches) < world:
+        # checked on every process alike, before any collective, so no process is left waiting
+        raise ValueError(f"{len(batches)} batches cannot be split over {world} processes; "
+                         "use a smaller --batch-size or fewer processes")
+    if world == 1:
+        return fit_lib(model, batches, node_layers, config, input_fn=input_fn, progress=progress)
+    return fit_lib(model, list(shard(batches, rank, world)), node_layers, config, input_fn=input_fn,
+                   progress=progress, reduce=all_reduce_sum)
+
+
+# ---------------------------------------------------------------------------- launching
+
+def launched_by_torchrun() -> bool:
+    """True inside a process started by torchrun / torch.distributed.run (WORLD_SIZE and RANK set)."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def init_from_env(backend: str | None = None) -> tuple[int, int]:
+    """Initialises the default process group from torchrun's environment (once); returns
+    (rank, world). backend: "gloo" on CPU, "nccl" when CUDA is available (default)."""
+    if not dist.is_initialized():
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend=backend)
+    return rank_and_world()
+
+
+def free_port() -> int:
+    """A local TCP port nobody listens on now (for the rendezvous of a one-machine launch)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def relaunch_with_torchrun(nproc: int, module: str, argv: Sequence[str], env: dict | None = None) -> int:
+    """Runs ``python -m torch.distributed.run --nproc_per_node nproc -m module *argv`` on this
+    machine and returns its exit status (the CLI's ``--nproc N``)."""
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise ValueError(f"the number of processes must be an integer >= 1, got {nproc!r}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", module, *argv]
+    return subprocess.run(cmd, env={**os.environ, **(env or {})}).returncode

@@ -154,6 +154,28 @@ class _Moments:
         return self.cov() + torch.outer(mu, mu)
 
 
+Reduce = Callable[[Tensor], Tensor]
+
+
+def _reduced_moments(name: str, moments: _Moments, reduce: Reduce) -> _Moments:
+    """The moments of the rows of every process: counts and sums added by ``reduce``.
+
+    Each process shifted by its own first row, so the sums are first re-centred on the global
+    mean μ = Σ x / n: with z = x − shift and δ = shift − μ,
+    Σ (x − μ)(x − μ)ᵀ = s2 + s1 δᵀ + δ s1ᵀ + n δ δᵀ.
+    """
+    if moments.shift is None:
+        raise ValueError(f"this process saw no rows of node layer {name!r}: give every process at least one batch")
+    n = reduce(torch.tensor(float(moments.n), dtype=torch.float64))
+    mean = reduce(moments.s1 + moments.n * moments.shift) / n
+    delta = moments.shift - mean
+    s2 = moments.s2 + torch.outer(moments.s1, delta) + torch.outer(delta, moments.s1) + moments.n * torch.outer(delta, delta)
+    out = _Moments()
+    out.n, out.shift, out.s1 = int(n.item()), mean, torch.zeros_like(mean)
+    out.s2, out.sq = reduce(s2), reduce(moments.sq.clone())
+    return out
+
+
 def _centering(mean: Tensor, center: bool) -> tuple[Tensor, Tensor]:
     """Y = [[1, −μ], [0, I]] and Y⁻¹ = [[1, μ], [0, I]] (identity when not centring)."""
     d = mean.shape[0]
@@ -263,12 +285,18 @@ def _gather_moments(model, data, node_layers, input_fn, progress) -> dict[str, _
 
 
 def fit_lib(model: nn.Module, data: Iterable, node_layers: list[str], config: LIBConfig = LIBConfig(),
-            input_fn: Callable | None = None, progress: bool = True) -> LIBResult:
+            input_fn: Callable | None = None, progress: bool = True, reduce: Reduce | None = None) -> LIBResult:
     """Fits LIB and PCA bases for ``node_layers`` (forward order; "output" = the logits) and edges.
 
     data: re-iterable batches (tensors, or tuples whose first element is the model input;
     ``input_fn(batch)`` overrides that). Passes: one for moments, one per section for M′
     (from the output backwards), one for the edges of every section in both bases.
+    reduce: for a fit split over processes (``evaluation.distributed.fit_lib_distributed``):
+    ``data`` is this process's shard, and ``reduce`` (e.g. an all-reduce sum) is applied, in the
+    same order on every process, to every accumulated float64 sum and row count before it is
+    used, so every process gets the bases and edges of all the data. None: one process.
+    With ``stochastic_sources`` every process draws its own probes (unbiased, not identical
+    to a single-process fit); the exact default is identical up to rounding.
     """
     if iter(data) is data:
         raise TypeError("data must be re-iterable (e.g. a DataLoader or a list of batches), not an iterator")
@@ -276,13 +304,15 @@ def fit_lib(model: nn.Module, data: Iterable, node_layers: list[str], config: LI
     was_training = model.training
     model.eval()
     try:
-        return _fit(model, data, list(node_layers), config, input_fn, progress)
+        return _fit(model, data, list(node_layers), config, input_fn, progress, reduce)
     finally:
         model.train(was_training)
 
 
-def _fit(model, data, node_layers, config, input_fn, progress) -> LIBResult:
+def _fit(model, data, node_layers, config, input_fn, progress, reduce=None) -> LIBResult:
     moments = _gather_moments(model, data, node_layers, input_fn, progress)
+    if reduce is not None:
+        moments = {name: _reduced_moments(name, moments[name], reduce) for name in node_layers}
     last = node_layers[-1]
     final = pca_basis(last, moments[last], config) if config.rotate_final else neuron_basis(last, moments[last])
     lib, pca = {last: final}, {last: final}
@@ -297,18 +327,22 @@ def _fit(model, data, node_layers, config, input_fn, progress) -> LIBResult:
                 probes = rademacher(config.stochastic_sources, out.shape[0], out.shape[1], generator)
             part = jacobian_gram_for_batch(sp, lib[l_out].C, config.chunk_elements, probes)
             M_dash = part if M_dash is None else M_dash + part
+        if reduce is not None:
+            M_dash = reduce(M_dash)
         lib[l_in] = lib_basis(l_in, moments[l_in], M_dash / moments[l_in].n, config)
         pca[l_in] = pca_basis(l_in, moments[l_in], config)
     lib_edges, pca_edges = compute_edges(model, data, node_layers, lib, pca, config, input_fn, progress,
-                                         {n: m.n for n, m in moments.items()})
+                                         {n: m.n for n, m in moments.items()}, reduce)
     return LIBResult(node_layers, {n: lib[n] for n in node_layers}, {n: pca[n] for n in node_layers},
                      lib_edges, pca_edges, config)
 
 
-def compute_edges(model, data, node_layers, lib, pca, config, input_fn=None, progress=False, rows=None):
+def compute_edges(model, data, node_layers, lib, pca, config, input_fn=None, progress=False, rows=None,
+                  reduce=None):
     """Edge pass: E (k_{l+1}, k_l) per section, in the LIB and the PCA bases (edges.edges_for_batch).
 
-    rows: N·P per node layer (the normaliser); counted from the data when None.
+    rows: N·P per node layer (the normaliser, over all processes); counted from the data when None.
+    reduce: applied to each section's edge sums and row count (see ``fit_lib``).
     """
     alphas, weights = integration_rule(config.integration, config.n_intervals)
     sections = list(zip(node_layers[:-1], node_layers[1:]))
@@ -325,6 +359,11 @@ def compute_edges(model, data, node_layers, lib, pca, config, input_fn=None, pro
                 config.chunk_elements)
             lib_e[l_in] = lib_e[l_in] + e_lib
             pca_e[l_in] = pca_e[l_in] + e_pca
+    if reduce is not None:
+        for l_in, _ in sections:
+            lib_e[l_in] = reduce(torch.as_tensor(lib_e[l_in], dtype=torch.float64))
+            pca_e[l_in] = reduce(torch.as_tensor(pca_e[l_in], dtype=torch.float64))
+            counted[l_in] = int(reduce(torch.tensor(float(counted[l_in]), dtype=torch.float64)).item())
     norm = rows if rows is not None else counted
     return ({k: v / norm[k] for k, v in lib_e.items()}, {k: v / norm[k] for k, v in pca_e.items()})
 

@@ -159,10 +159,16 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def ddp_results(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("ddp")
-    torchrun([str(Path(__file__).resolve()), "ddp", str(out)])
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+def two_process_run(tmp_path_factory) -> Path:
+    """One torchrun launch (the start-up dominates) running the DDP and the LIB workers."""
+    out = tmp_path_factory.mktemp("two_process")
+    torchrun([str(Path(__file__).resolve()), "ddp,lib", str(out)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def ddp_results(two_process_run) -> list[dict]:
+    return [json.loads((two_process_run / f"rank{r}.json").read_text()) for r in range(2)]
 
 
 def rank_mean(ranks: list[dict], config: str, step: int, key: str) -> float:
@@ -217,8 +223,92 @@ def test_single_process_helpers_are_identities():
         global_batch(GradientNorm())
 
 
+# ---------------------------------------------------------------------------- distributed LIB
+
+MLP_LAYERS = ["0", "1", "output"]
+TF_LAYERS = ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid", "blocks.0.hook_resid_post", "output"]
+
+
+def lib_cases():
+    """(name, model, batches, node layers, config): 5 uneven batches, so rank 0 gets 3 and rank 1 2."""
+    from evaluation.lib import LIBConfig
+    from transformer_lens import TransformerBridge, TransformerBridgeConfig
+
+    torch.manual_seed(1)
+    mlp = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4)).double()
+    x = torch.randn(26, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    tf = TransformerBridge.boot_native(TransformerBridgeConfig(
+        d_model=8, d_head=4, n_layers=1, n_ctx=4, n_heads=2, d_vocab=7, d_vocab_out=5, d_mlp=16, act_fn="relu",
+        normalization_type=None, seed=0)).double()
+    toks = torch.randint(0, 7, (26, 3), generator=torch.Generator().manual_seed(3))
+    return [("mlp", mlp, [x[i:i + 6] for i in range(0, 26, 6)], MLP_LAYERS,
+             LIBConfig(integration="trapezoid", n_intervals=2)),
+            ("transformer", tf, [(toks[i:i + 6],) for i in range(0, 26, 6)], TF_LAYERS, LIBConfig())]
+
+
+def lib_tensors(result) -> dict[str, torch.Tensor]:
+    out = {}
+    for side, bases, edges in (("lib", result.lib, result.lib_edges), ("pca", result.pca, result.pca_edges)):
+        for layer, basis in bases.items():
+            out[f"{side}/{layer}/C"], out[f"{side}/{layer}/Lambda"] = basis.C, basis.Lambda
+        out.update({f"{side}/{layer}/E": E for layer, E in edges.items()})
+    return out
+
+
+def lib_worker(out_dir: str) -> None:
+    """Run by each torchrun process: fit_lib_distributed on every case; every rank saves its result."""
+    from evaluation.distributed import fit_lib_distributed, init_from_env
+
+    torch.set_num_threads(1)
+    rank, _ = init_from_env("gloo")
+    results = {name: lib_tensors(fit_lib_distributed(model, batches, layers, config, progress=False))
+               for name, model, batches, layers, config in lib_cases()}
+    torch.save(results, Path(out_dir, f"lib_rank{rank}.pt"))
+
+
+def assert_same_up_to_column_signs(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    """C columns may differ in sign (eigenvector ambiguity); Lambda and E are sign invariant."""
+    assert got.keys() == want.keys()
+    for key, ref in want.items():
+        value = got[key]
+        if key.endswith("/C"):
+            value = value * torch.sign((value * ref).sum(dim=0)).where((value * ref).sum(dim=0) != 0, 1.0)
+        torch.testing.assert_close(value, ref, rtol=1e-8, atol=1e-8 * float(ref.abs().max()), msg=key)
+
+
+def test_distributed_lib_equals_single_process_fit(two_process_run):
+    from evaluation.lib import fit_lib
+
+    ranks = [torch.load(two_process_run / f"lib_rank{r}.pt") for r in range(2)]
+    for name, model, batches, layers, config in lib_cases():
+        want = lib_tensors(fit_lib(model, batches, layers, config, progress=False))
+        for rank in ranks:
+            assert_same_up_to_column_signs(rank[name], want)
+        assert want["lib/0/E" if name == "mlp" else "lib/blocks.0.hook_resid_pre/E"].abs().sum() > 0
+
+
+def test_fit_lib_distributed_needs_a_batch_per_process():
+    from evaluation.distributed import fit_lib_distributed
+    from evaluation.lib import fit_lib
+
+    name, model, batches, layers, config = lib_cases()[0]
+    single = fit_lib_distributed(model, batches, layers, config, progress=False)  # no process group: fit_lib
+    for key, value in lib_tensors(fit_lib(model, batches, layers, config, progress=False)).items():
+        torch.testing.assert_close(lib_tensors(single)[key], value, rtol=0, atol=0)
+    # two ranks with one batch: caught before any collective
+    import evaluation.distributed as distributed
+    original = distributed.rank_and_world
+    distributed.rank_and_world = lambda: (0, 2)
+    try:
+        with pytest.raises(ValueError, match="1 batches cannot be split over 2 processes"):
+            fit_lib_distributed(model, batches[:1], layers, config, progress=False)
+    finally:
+        distributed.rank_and_world = original
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "ddp":
-        ddp_worker(sys.argv[2])
-    else:
-        raise SystemExit(f"unknown worker {sys.argv[1]!r}; allowed: ddp")
+    workers = {"ddp": ddp_worker, "lib": lib_worker}
+    for worker in sys.argv[1].split(","):
+        if worker not in workers:
+            raise SystemExit(f"unknown worker {worker!r}; allowed: {', '.join(workers)}")
+        workers[worker](sys.argv[2])
