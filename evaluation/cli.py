@@ -272,7 +272,17 @@ def _in_torchrun() -> bool:
 def _relaunch(nproc: int, argv: list[str]) -> int:
     from evaluation.distributed import relaunch_with_torchrun
 
-    return relaunch_with_torchrun(nproc, "evaluation.cli", argv)
+    # torch.distributed.run would read "--nproc" as an abbreviation of its own options
+    child, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--nproc="):
+            skip = False
+            continue
+        if arg == "--nproc":
+            skip = True
+            continue
+        child.append(arg)
+    return relaunch_with_torchrun(nproc, "evaluation.cli", child)
 
 
 def _end_process_group() -> None:

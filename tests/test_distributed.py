@@ -306,6 +306,38 @@ def test_fit_lib_distributed_needs_a_batch_per_process():
         distributed.rank_and_world = original
 
 
+@pytest.mark.slow  # ~30 s: two CLI runs, one of them re-launched on 2 processes
+def test_interp_eval_lib_on_two_processes_writes_the_single_process_report(tmp_path):
+    """`interp-eval lib --nproc 2` (re-launched under torchrun) against the one-process command."""
+    from safetensors.torch import load_file
+
+    from evaluation.cli import main
+    from tests.test_checkpoints import random_ht_state_dict
+
+    cfg = dict(n_layers=1, d_model=8, n_heads=2, d_head=4, d_mlp=12, d_vocab=6, d_vocab_out=5, n_ctx=3,
+               act_fn="relu", normalization_type=None)
+    torch.save(random_ht_state_dict(cfg), tmp_path / "model.pt")
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    common = ["lib", str(tmp_path / "model.pt"), "--config", str(tmp_path / "config.json"),
+              "--data", "modular-addition:p=5", "--batch-size", "7", "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    assert main([*common, "--out", str(tmp_path / "two"), "--nproc", "2"]) == 0
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    for name in ("bases.safetensors", "edges.safetensors"):
+        got, want = load_file(str(tmp_path / "two" / name)), load_file(str(tmp_path / "one" / name))
+        assert_same_up_to_column_signs({k: v for k, v in got.items() if not k.endswith("C_pinv")},
+                                       {k: v for k, v in want.items() if not k.endswith("C_pinv")})
+    one, two = (json.loads((tmp_path / d / "lib.json").read_text()) for d in ("one", "two"))
+    assert two["metadata"]["n_samples"] == one["metadata"]["n_samples"] == 25
+    assert two["ablation"].keys() == one["ablation"].keys()
+    for layer, curves in one["ablation"].items():
+        assert two["ablation"][layer]["ks"] == curves["ks"]
+        for basis in ("lib", "pca"):
+            assert two["ablation"][layer][basis] == pytest.approx(curves[basis])
+    with pytest.raises(SystemExit):
+        main([*common, "--out", str(tmp_path / "three"), "--nproc", "0"])
+
+
 if __name__ == "__main__":
     workers = {"ddp": ddp_worker, "lib": lib_worker}
     for worker in sys.argv[1].split(","):
