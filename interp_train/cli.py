@@ -14,6 +14,7 @@ written atomically; includes the test split unless ``--test_after_fit false``).
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -122,8 +123,23 @@ class InterpTrainCLI(LightningCLI):
                 for result in trainer.test(self.model, datamodule=self.datamodule, verbose=False):
                     metrics.update(scalar_metrics(result))
         metrics.update(global_step=float(trainer.global_step), epoch=float(trainer.current_epoch))
+        self._save_final_checkpoint()
         if trainer.is_global_zero:
             write_json_atomic(self.run_directory / "metrics.json", metrics)
+
+
+    def _save_final_checkpoint(self) -> None:
+        """Overwrites ``last.ckpt`` with the final state: ModelCheckpoint only saves when validation
+        runs, so without this ``last.ckpt`` (what ``load_recipe`` reads) could predate the weights
+        that ``metrics.json`` describes."""
+        trainer = self.trainer
+        if trainer.fast_dev_run or trainer.checkpoint_callback is None:
+            return
+        final = self.run_directory / "checkpoints" / "last.ckpt"
+        tmp = final.with_name(".last.ckpt.tmp")
+        trainer.save_checkpoint(tmp)  # collective under DDP; rank 0 writes
+        if trainer.is_global_zero:
+            os.replace(tmp, final)
 
 
 def main(args: Optional[list[str]] = None) -> None:

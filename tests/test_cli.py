@@ -91,3 +91,14 @@ def test_metrics_json_is_written_atomically(tmp_path):
     write_json_atomic(target, {"a": 2.0})
     assert json.loads(target.read_text()) == {"a": 2.0}
     assert [p.name for p in target.parent.iterdir()] == ["metrics.json"]
+
+
+def test_last_checkpoint_holds_the_final_weights_that_metrics_describe(tmp_path):
+    # digits: 23 steps per epoch, validation once per epoch -> ModelCheckpoint last saves at step 23
+    cli = fit("digits/baseline.yaml", tmp_path, "--run_dir", str(tmp_path / "r"), "--trainer.max_steps", "30")
+    ckpt = torch.load(tmp_path / "r" / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert ckpt["global_step"] == metrics["global_step"] == 30
+    final = cli.model.state_dict()
+    assert all(torch.equal(ckpt["state_dict"][k], v) for k, v in final.items() if isinstance(v, torch.Tensor))
+    assert not list((tmp_path / "r" / "checkpoints").glob(".*.tmp"))
