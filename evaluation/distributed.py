@@ -84,7 +84,12 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Σ_ranks t (in place, returned); t itself without a process group. Not differentiable:
     for accumulated statistics (Gram sums, counts), not for training losses."""
     if is_distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        if t.device.type == "cpu" and dist.get_backend() == "nccl":  # NCCL reduces GPU tensors only
+            on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+            t.copy_(on_gpu)
+        else:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
