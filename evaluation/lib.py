@@ -21,11 +21,14 @@ For each node layer l (activation f, viewed as (B, P, d)) with augmented activat
 The final node layer is kept in the neuron basis (C = I, Lambda = E[a_k²]) unless
 ``rotate_final``, in which case LIB and PCA both use its PCA basis.
 
-Cost: per section, M′ needs T_out·(k_{l+1} − 1) vector-Jacobian products per example (S·(k − 1)
-with ``stochastic_sources=S``), and the edges as many again per integration point (LIB and PCA
-share them: at most T_out·d_{l+1}). Each is one backward pass of the section, so the time grows
-linearly with the samples and roughly with width³; memory is bounded by the batch size and
-``chunk_elements``.
+Cost: per section, M′ needs G·(k_{l+1} − 1) vector-Jacobian products per example, where G ≤ T_out
+is the number of groups of output positions with disjoint input supports (edges.position_groups:
+1 for a position-wise section such as an MLP or the unembedding, T_out for causal attention);
+with ``stochastic_sources=S`` it needs S·(k − 1) ("positions") or S ("positions_and_hidden").
+The edges need as many again per integration point (G, or S with ``edge_sources=S``; LIB and PCA
+share them: at most G·d_{l+1}). Each is one backward pass of the section (the forward stops at
+its output layer), so the time grows linearly with the samples and roughly with width³; memory
+is bounded by the batch size and ``chunk_elements``.
 """
 
 from __future__ import annotations
@@ -49,6 +52,10 @@ except ImportError:  # pragma: no cover
         return it
 
 
+STOCHASTIC_OVER = ("positions", "positions_and_hidden")
+EDGE_SEED_OFFSET = 0x5EED  # the edge probes get a stream of their own, independent of the M′ probes
+
+
 @dataclass(frozen=True)
 class LIBConfig:
     """Settings of a LIB fit (validated on construction).
@@ -61,9 +68,15 @@ class LIBConfig:
         the neuron basis. Earlier bases do not depend on this choice (up to truncation).
     integration: rule for the edge attribution: "gradient" (α = 1), "trapezoid", "gauss-legendre".
     n_intervals: trapezoid intervals / Gauss–Legendre points (must be 1 for "gradient").
-    stochastic_sources: number of Rademacher probes over output positions for the Jacobian Gram
-        (unbiased; exact with one output position); None computes it exactly. Edges are exact.
-    seed: seed of the Rademacher probes.
+    stochastic_sources: number S of Rademacher probes for the Jacobian Gram M′ (unbiased);
+        None computes it exactly. What they probe is set by ``stochastic_over``.
+    stochastic_over: "positions": r ∈ {±1}^T per example and LIB feature of the next layer,
+        S·k VJPs instead of T·k (exact with one output position); "positions_and_hidden":
+        r ∈ {±1}^{T×k} per example, S VJPs in all (noisier, never exact for k > 1).
+    edge_sources: number S of Rademacher probes over output positions for the edges: each E_ij
+        estimates ∑_t (…)² by (1/S) ∑_r (∑_t r_t …)², S·k VJPs instead of T·k (unbiased, exact
+        with one output position); None computes the edges exactly.
+    seed: seed of the Rademacher probes (the edge probes use their own stream).
     chunk_elements: bound on the elements of one batched vector-Jacobian product
         (cotangents × batch × positions × width); bounds memory, not the result.
     """
@@ -74,6 +87,8 @@ class LIBConfig:
     integration: str = "gradient"
     n_intervals: int = 1
     stochastic_sources: int | None = None
+    stochastic_over: str = "positions"
+    edge_sources: int | None = None
     seed: int = 0
     chunk_elements: int = 2 ** 22
 
@@ -86,6 +101,13 @@ class LIBConfig:
         if self.stochastic_sources is not None and (
                 not isinstance(self.stochastic_sources, int) or self.stochastic_sources < 1):
             raise ValueError(f"stochastic_sources must be None or an integer >= 1, got {self.stochastic_sources!r}")
+        if self.stochastic_over not in STOCHASTIC_OVER:
+            raise ValueError(f"unknown stochastic_over {self.stochastic_over!r}; use one of {STOCHASTIC_OVER}")
+        if self.edge_sources is not None and (
+                isinstance(self.edge_sources, bool) or not isinstance(self.edge_sources, int) or self.edge_sources < 1):
+            raise ValueError(f"edge_sources must be None or an integer >= 1, got {self.edge_sources!r}")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.chunk_elements, int) or self.chunk_elements < 1:
             raise ValueError(f"chunk_elements must be an integer >= 1, got {self.chunk_elements!r}")
 
@@ -295,8 +317,8 @@ def fit_lib(model: nn.Module, data: Iterable, node_layers: list[str], config: LI
     ``data`` is this process's shard, and ``reduce`` (e.g. an all-reduce sum) is applied, in the
     same order on every process, to every accumulated float64 sum and row count before it is
     used, so every process gets the bases and edges of all the data. None: one process.
-    With ``stochastic_sources`` every process draws its own probes (unbiased, not identical
-    to a single-process fit); the exact default is identical up to rounding.
+    With ``stochastic_sources`` or ``edge_sources`` every process draws its own probes (unbiased,
+    not identical to a single-process fit); the exact default is identical up to rounding.
     """
     if iter(data) is data:
         raise TypeError("data must be re-iterable (e.g. a DataLoader or a list of batches), not an iterator")
@@ -324,7 +346,8 @@ def _fit(model, data, node_layers, config, input_fn, progress, reduce=None) -> L
             probes = None
             if config.stochastic_sources is not None:
                 out = as_positions(sp.out)
-                probes = rademacher(config.stochastic_sources, out.shape[0], out.shape[1], generator)
+                hidden = lib[l_out].C.shape[1] - 1 if config.stochastic_over == "positions_and_hidden" else None
+                probes = rademacher(config.stochastic_sources, out.shape[0], out.shape[1], generator, hidden)
             part = jacobian_gram_for_batch(sp, lib[l_out].C, config.chunk_elements, probes)
             M_dash = part if M_dash is None else M_dash + part
         if reduce is not None:
@@ -345,6 +368,7 @@ def compute_edges(model, data, node_layers, lib, pca, config, input_fn=None, pro
     reduce: applied to each section's edge sums and row count (see ``fit_lib``).
     """
     alphas, weights = integration_rule(config.integration, config.n_intervals)
+    generator = torch.Generator().manual_seed(config.seed + EDGE_SEED_OFFSET)
     sections = list(zip(node_layers[:-1], node_layers[1:]))
     lib_e = {l_in: 0.0 for l_in, _ in sections}
     pca_e = {l_in: 0.0 for l_in, _ in sections}
@@ -354,9 +378,13 @@ def compute_edges(model, data, node_layers, lib, pca, config, input_fn=None, pro
         for l_in, l_out in sections:
             passes = [(w, section_forward(model, inputs, l_in, l_out, alpha)) for alpha, w in zip(alphas, weights)]
             counted[l_in] += passes[0][1].clean.shape[0] * passes[0][1].clean.shape[1]
+            probes = None
+            if config.edge_sources is not None:  # one draw shared by every integration point
+                out = as_positions(passes[0][1].out)
+                probes = rademacher(config.edge_sources, out.shape[0], out.shape[1], generator)
             e_lib, e_pca = edges_for_batch(
                 passes, [(lib[l_in].C, lib[l_in].C_pinv, lib[l_out].C), (pca[l_in].C, pca[l_in].C_pinv, pca[l_out].C)],
-                config.chunk_elements)
+                config.chunk_elements, probes)
             lib_e[l_in] = lib_e[l_in] + e_lib
             pca_e[l_in] = pca_e[l_in] + e_pca
     if reduce is not None:

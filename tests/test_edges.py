@@ -134,3 +134,138 @@ def test_shared_raw_gradients_equal_per_basis_cotangents():
     together, _ = edges_for_batch(passes, [lib, pca], chunk_elements=10 ** 6)  # shared raw gradients
     assert alone.abs().max() > 1e-6
     torch.testing.assert_close(alone, together, atol=1e-14, rtol=1e-10)
+
+
+# ---- stochastic sources over positions and hidden units; exact position grouping ----------------
+
+def transformer_section(l_in=TF_LAYERS[0], l_out=TF_LAYERS[1], n=8):
+    model = transformer()
+    toks = token_data(n=n, batch=n)[0][0]
+    res = fit_lib(model, [toks], TF_LAYERS, progress=False)
+    return model, toks, res, section_forward(model, toks, l_in, l_out)
+
+
+def z_scores(estimates, exact):
+    """|mean − exact| in standard errors of the mean, per entry."""
+    se = estimates.std(0) / math.sqrt(estimates.shape[0])
+    return (estimates.mean(0) - exact).abs() / (se + 1e-12 * exact.abs().max())
+
+
+def test_jacobian_gram_with_probes_over_positions_and_hidden_units_is_unbiased():
+    """r ∈ {±1}^{T×k}: one VJP per probe; mean of K estimates within 5 standard errors of the exact M′."""
+    _, _, res, sp = transformer_section()
+    C_next = res.lib[TF_LAYERS[1]].C
+    k = C_next.shape[1] - 1
+    exact = jacobian_gram_for_batch(sp, C_next, 2 ** 20)
+    g = torch.Generator().manual_seed(1)
+    K = 400
+    est = torch.stack([jacobian_gram_for_batch(sp, C_next, 2 ** 20, rademacher(1, 8, 3, g, hidden=k)) for _ in range(K)])
+    assert not torch.allclose(est[0], exact, rtol=1e-2)
+    assert z_scores(est, exact).max() < 5.0
+    # the sample mean does converge on the exact value (not merely a wide standard error)
+    torch.testing.assert_close(est.mean(0), exact, atol=0.3 * exact.abs().max(), rtol=0)
+
+
+def test_edges_with_probes_over_output_positions_are_unbiased():
+    """(1/S) ∑_r (∑_t r_t A_t)² over the attention section with a trapezoid rule (probes shared over α)."""
+    from evaluation.edges import edges_for_batch
+    model, toks, res, _ = transformer_section()
+    l_in, l_out = TF_LAYERS[0], TF_LAYERS[1]
+    passes = [(w, section_forward(model, toks, l_in, l_out, a)) for a, w in zip(*integration_rule("trapezoid", 2))]
+    bases = [(res.lib[l_in].C, res.lib[l_in].C_pinv, res.lib[l_out].C), (res.pca[l_in].C, res.pca[l_in].C_pinv, res.pca[l_out].C)]
+    exact = edges_for_batch(passes, bases, 2 ** 20)
+    g = torch.Generator().manual_seed(2)
+    K = 300
+    draws = [edges_for_batch(passes, bases, 2 ** 20, rademacher(1, 8, 3, g)) for _ in range(K)]
+    for b in range(2):
+        est = torch.stack([d[b] for d in draws])
+        assert exact[b].abs().max() > 1e-6
+        assert not torch.allclose(est[0], exact[b], rtol=1e-2)
+        assert z_scores(est, exact[b]).max() < 5.0
+
+
+def test_edge_probes_are_exact_with_one_output_position():
+    model, data = mlp(), mlp_data()
+    exact = fit_lib(model, data, MLP_LAYERS, LIBConfig(integration="trapezoid", n_intervals=2), progress=False)
+    probed = fit_lib(model, data, MLP_LAYERS, LIBConfig(integration="trapezoid", n_intervals=2, edge_sources=1, seed=7),
+                     progress=False)
+    for name in MLP_LAYERS[:-1]:
+        assert exact.lib_edges[name].abs().max() > 1e-6
+        torch.testing.assert_close(probed.lib_edges[name], exact.lib_edges[name], atol=1e-14, rtol=1e-10)
+        torch.testing.assert_close(probed.pca_edges[name], exact.pca_edges[name], atol=1e-14, rtol=1e-10)
+
+
+def test_probed_fit_of_a_transformer_is_close_but_not_identical():
+    model, data = transformer(), token_data()
+    exact = fit_lib(model, data, TF_LAYERS, progress=False)
+    probed = fit_lib(model, data, TF_LAYERS, LIBConfig(stochastic_sources=4, stochastic_over="positions_and_hidden",
+                                                       edge_sources=4), progress=False)
+    again = fit_lib(model, data, TF_LAYERS, LIBConfig(stochastic_sources=4, stochastic_over="positions_and_hidden",
+                                                      edge_sources=4), progress=False)
+    name = TF_LAYERS[0]
+    assert not torch.allclose(probed.lib_edges[name], exact.lib_edges[name], rtol=1e-3)
+    torch.testing.assert_close(again.lib_edges[name], probed.lib_edges[name], rtol=0, atol=0)  # seeded
+    # the last section is linear: ∑_i E_ij = Λ_j holds per probe draw in expectation only, so compare totals loosely
+    total, ref = probed.lib_edges[TF_LAYERS[-2]].sum(), exact.lib_edges[TF_LAYERS[-2]].sum()
+    assert abs(total / ref - 1) < 0.5
+
+
+def test_output_dependence_finds_causal_attention_and_position_wise_mlp():
+    from evaluation.edges import output_dependence
+    model, toks, _, attn = transformer_section()
+    mlp_sp = section_forward(model, toks, TF_LAYERS[1], TF_LAYERS[2])
+    causal = torch.tril(torch.ones(3, 3, dtype=torch.bool))
+    assert torch.equal(output_dependence(attn, 2 ** 20), causal)
+    assert torch.equal(output_dependence(mlp_sp, 100), torch.eye(3, dtype=torch.bool))  # chunked, one position a call
+
+
+def test_position_groups_share_cotangents_only_between_disjoint_supports():
+    from evaluation.edges import position_groups
+    assert position_groups(torch.eye(4, dtype=torch.bool)) == [[0, 1, 2, 3]]
+    assert position_groups(torch.tril(torch.ones(3, 3, dtype=torch.bool))) == [[0], [1], [2]]
+    dep = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 1, 1], [0, 1, 1, 0]], dtype=torch.bool)
+    assert position_groups(dep) == [[0, 2], [3]]  # position 1 depends on nothing: no VJP at all
+
+
+def test_grouped_exact_gram_equals_one_cotangent_per_position():
+    """The grouped M′ of the position-wise MLP section equals the ungrouped sum over (t, i) cotangents."""
+    from evaluation.edges import Cotangents, batched_vjp
+    _, _, res, _ = transformer_section()
+    model = transformer()
+    toks = token_data(n=8, batch=8)[0][0]
+    sp = section_forward(model, toks, TF_LAYERS[1], TF_LAYERS[2])
+    C_next = res.lib[TF_LAYERS[2]].C
+    ref = torch.zeros(8, 8, dtype=F64)
+    for _, g in batched_vjp(sp, Cotangents(C_next[1:, 1:], sp.out), 2 ** 20):  # T·k cotangents
+        rows = g.reshape(-1, 8)
+        ref += rows.T @ rows
+    torch.testing.assert_close(jacobian_gram_for_batch(sp, C_next, 2 ** 20), ref, atol=1e-13, rtol=1e-11)
+
+
+def test_section_forward_stops_after_the_output_layer():
+    from interp_train.sites import resolve_site, run_model
+    model, toks = transformer(), token_data(n=4, batch=4)[0][0]
+    calls = []
+    handle = resolve_site(model, "blocks.0.hook_resid_post").register_forward_hook(lambda *a: calls.append(1))
+    try:
+        sp = section_forward(model, toks, TF_LAYERS[0], TF_LAYERS[1])
+    finally:
+        handle.remove()
+    assert calls == []  # resid_post (after resid_mid) never ran
+    with torch.no_grad():
+        ref = run_model(model, toks, record=[TF_LAYERS[1]]).activations[TF_LAYERS[1]]
+    torch.testing.assert_close(sp.out.detach(), ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"node layer 'blocks.0.hook_resid_pre' does not depend on node layer "
+                                         r"'blocks.0.hook_resid_mid'; node_layers must be listed in forward order"):
+        section_forward(model, toks, TF_LAYERS[1], TF_LAYERS[0])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(stochastic_over="hidden"), r"unknown stochastic_over 'hidden'; use one of \('positions', 'positions_and_hidden'\)"),
+    (dict(edge_sources=0), r"edge_sources must be None or an integer >= 1, got 0"),
+    (dict(edge_sources=2.5), r"edge_sources must be None or an integer >= 1, got 2.5"),
+    (dict(seed="x"), r"seed must be an integer, got 'x'"),
+])
+def test_config_rejects_bad_stochastic_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LIBConfig(**kwargs)
