@@ -33,6 +33,7 @@ is bounded by the batch size and ``chunk_elements``.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -53,6 +54,7 @@ except ImportError:  # pragma: no cover
 
 
 STOCHASTIC_OVER = ("positions", "positions_and_hidden")
+JACOBIAN_DTYPES = (None, "float32", "float64")
 EDGE_SEED_OFFSET = 0x5EED  # the edge probes get a stream of their own, independent of the M′ probes
 
 
@@ -77,6 +79,10 @@ class LIBConfig:
         estimates ∑_t (…)² by (1/S) ∑_r (∑_t r_t …)², S·k VJPs instead of T·k (unbiased, exact
         with one output position); None computes the edges exactly.
     seed: seed of the Rademacher probes (the edge probes use their own stream).
+    jacobian_dtype: None computes the Jacobians (M′ and edge passes) in the model's own dtype;
+        "float32" or "float64" uses a copy of the model in that dtype (float32: about 2x faster
+        on CPU than a float64 model; sums, eigendecompositions and moments stay float64 on the
+        original model).
     chunk_elements: bound on the elements of one batched vector-Jacobian product
         (cotangents × batch × positions × width); bounds memory, not the result.
     """
@@ -90,6 +96,7 @@ class LIBConfig:
     stochastic_over: str = "positions"
     edge_sources: int | None = None
     seed: int = 0
+    jacobian_dtype: str | None = None
     chunk_elements: int = 2 ** 22
 
     def __post_init__(self):
@@ -106,6 +113,8 @@ class LIBConfig:
         if self.edge_sources is not None and (
                 isinstance(self.edge_sources, bool) or not isinstance(self.edge_sources, int) or self.edge_sources < 1):
             raise ValueError(f"edge_sources must be None or an integer >= 1, got {self.edge_sources!r}")
+        if self.jacobian_dtype not in JACOBIAN_DTYPES:
+            raise ValueError(f"unknown jacobian_dtype {self.jacobian_dtype!r}; use one of {JACOBIAN_DTYPES}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.chunk_elements, int) or self.chunk_elements < 1:
@@ -268,12 +277,27 @@ def lib_basis(name: str, moments: _Moments, M_dash: Tensor, config: LIBConfig) -
     return LayerBasis(name, C, C_pinv, torch.cat([lam0.reshape(1), Lam]), moments.mean())
 
 
-def _model_input(batch, input_fn: Callable | None):
+def _model_input(batch, input_fn: Callable | None, dtype: torch.dtype | None = None):
     if input_fn is not None:
-        return input_fn(batch)
-    if isinstance(batch, (tuple, list)):
-        return batch[0]
-    return batch
+        x = input_fn(batch)
+    elif isinstance(batch, (tuple, list)):
+        x = batch[0]
+    else:
+        x = batch
+    if dtype is not None and isinstance(x, Tensor) and torch.is_floating_point(x):
+        x = x.to(dtype)  # float inputs follow a section model of another dtype
+    return x
+
+
+def _section_model(model: nn.Module, jacobian_dtype: str | None) -> tuple[nn.Module, torch.dtype | None]:
+    """The model that runs the section passes: ``model`` itself, or an eval-mode copy in ``jacobian_dtype``."""
+    if jacobian_dtype is None:
+        return model, None
+    dtype = getattr(torch, jacobian_dtype)
+    params = [p for p in model.parameters() if torch.is_floating_point(p)]
+    if params and all(p.dtype == dtype for p in params):
+        return model, None
+    return copy.deepcopy(model).to(dtype).eval(), dtype
 
 
 def _check_layers(model: nn.Module, node_layers: list[str]) -> None:
@@ -339,10 +363,11 @@ def _fit(model, data, node_layers, config, input_fn, progress, reduce=None) -> L
     final = pca_basis(last, moments[last], config) if config.rotate_final else neuron_basis(last, moments[last])
     lib, pca = {last: final}, {last: final}
     generator = torch.Generator().manual_seed(config.seed)
+    section_model, dtype = _section_model(model, config.jacobian_dtype)
     for l_in, l_out in reversed(list(zip(node_layers[:-1], node_layers[1:]))):
         M_dash = None
         for batch in tqdm(data, desc=f"LIB Jacobian Gram {l_in}", disable=not progress):
-            sp = section_forward(model, _model_input(batch, input_fn), l_in, l_out)
+            sp = section_forward(section_model, _model_input(batch, input_fn, dtype), l_in, l_out)
             probes = None
             if config.stochastic_sources is not None:
                 out = as_positions(sp.out)
@@ -354,18 +379,20 @@ def _fit(model, data, node_layers, config, input_fn, progress, reduce=None) -> L
             M_dash = reduce(M_dash)
         lib[l_in] = lib_basis(l_in, moments[l_in], M_dash / moments[l_in].n, config)
         pca[l_in] = pca_basis(l_in, moments[l_in], config)
-    lib_edges, pca_edges = compute_edges(model, data, node_layers, lib, pca, config, input_fn, progress,
-                                         {n: m.n for n, m in moments.items()}, reduce)
+    lib_edges, pca_edges = compute_edges(section_model, data, node_layers, lib, pca, config, input_fn, progress,
+                                         {n: m.n for n, m in moments.items()}, reduce, dtype)
     return LIBResult(node_layers, {n: lib[n] for n in node_layers}, {n: pca[n] for n in node_layers},
                      lib_edges, pca_edges, config)
 
 
 def compute_edges(model, data, node_layers, lib, pca, config, input_fn=None, progress=False, rows=None,
-                  reduce=None):
+                  reduce=None, input_dtype=None):
     """Edge pass: E (k_{l+1}, k_l) per section, in the LIB and the PCA bases (edges.edges_for_batch).
 
     rows: N·P per node layer (the normaliser, over all processes); counted from the data when None.
     reduce: applied to each section's edge sums and row count (see ``fit_lib``).
+    input_dtype: floating-point inputs are cast to it (the dtype of ``model``, when it differs
+    from the data's).
     """
     alphas, weights = integration_rule(config.integration, config.n_intervals)
     generator = torch.Generator().manual_seed(config.seed + EDGE_SEED_OFFSET)
@@ -374,7 +401,7 @@ def compute_edges(model, data, node_layers, lib, pca, config, input_fn=None, pro
     pca_e = {l_in: 0.0 for l_in, _ in sections}
     counted = {l_in: 0 for l_in, _ in sections}
     for batch in tqdm(data, desc="LIB edges", disable=not progress):
-        inputs = _model_input(batch, input_fn)
+        inputs = _model_input(batch, input_fn, input_dtype)
         for l_in, l_out in sections:
             passes = [(w, section_forward(model, inputs, l_in, l_out, alpha)) for alpha, w in zip(alphas, weights)]
             counted[l_in] += passes[0][1].clean.shape[0] * passes[0][1].clean.shape[1]

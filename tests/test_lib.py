@@ -191,3 +191,28 @@ def test_constant_layer_is_a_clear_error():
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LIBConfig(**kwargs)
+
+
+def test_float32_jacobians_are_close_to_float64_and_leave_the_model_alone():
+    model, data = transformer(), token_data()
+    exact = fit_lib(model, data, TF_LAYERS, progress=False)
+    fast = fit_lib(model, data, TF_LAYERS, LIBConfig(jacobian_dtype="float32"), progress=False)
+    assert all(p.dtype == F64 for p in model.parameters())
+    # (the weights are float32 numbers, so the linear unembedding section is exact in float32 too)
+    for name in TF_LAYERS[:-1]:
+        got, want = fast.lib[name].Lambda, exact.lib[name].Lambda
+        assert got.shape == want.shape
+        assert name == TF_LAYERS[-2] or not torch.equal(got, want)   # float32 rounding is visible ...
+        torch.testing.assert_close(got, want, atol=1e-5 * want.max(), rtol=1e-4)  # ... but small
+        torch.testing.assert_close(fast.lib_edges[name], exact.lib_edges[name],
+                                   atol=1e-5 * exact.lib_edges[name].max(), rtol=1e-3)
+    # a float64 copy of a float32 model: float inputs are cast along
+    mlp32, x = mlp().float(), mlp_data()
+    res = fit_lib(mlp32, [b.float() for b in x], MLP_LAYERS, LIBConfig(jacobian_dtype="float64"), progress=False)
+    ref = naive_fit_lib(mlp32.double(), x, MLP_LAYERS, LIBConfig())
+    torch.testing.assert_close(res.lib["0"].Lambda, ref.lib["0"].Lambda, atol=1e-5, rtol=1e-5)
+
+
+def test_config_rejects_unknown_jacobian_dtype():
+    with pytest.raises(ValueError, match=r"unknown jacobian_dtype 'float16'; use one of \(None, 'float32', 'float64'\)"):
+        LIBConfig(jacobian_dtype="float16")
