@@ -108,12 +108,12 @@ def format_table(report: dict, metrics: Sequence[str] = TABLE_METRICS) -> str:
         cells = [variant]
         for n in names:
             s = row["metrics"][n]
-            cell = "–" if s["mean"] is None else f"{s['mean']:.3f}"
-            cell += "" if s["std"] is None else f" ± {s['std']:.3f}"
+            cell = "–" if s["mean"] is None else f"{s['mean']:#.3g}"  # significant digits: edge fractions are ~1e-3
+            cell += "" if s["std"] is None else f" ± {s['std']:#.2g}"
             c = s.get("comparison")
             if c is not None and c.get("diff") is not None:
                 p = "–" if c.get("p") is None else f"{c['p']:.2g}"
-                cell += f"  Δ{c['diff']:+.3f} p={p} {c['verdict']}".rstrip()
+                cell += f"  Δ{c['diff']:+#.2g} p={p} {c['verdict']}".rstrip()
             cells.append(cell)
         rows.append(cells)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -36,7 +36,7 @@ def test_demo_trains_compares_and_reuses(tmp_path):
     diff = report["variants"]["grad_norm"]["metrics"]["accuracy"]["comparison"]["diff"]
     assert diff == pytest.approx(report["variants"]["grad_norm"]["metrics"]["accuracy"]["mean"] - base["mean"])
     text = "\n".join(lines)
-    assert f"{base['mean']:.3f}" in text and "report.md" in text
+    assert f"{base['mean']:#.3g}" in text and "report.md" in text
     assert (tmp_path / "out/digits/report.md").is_file()
 
     # A second call trains nothing: every run directory already has metrics.json.
@@ -68,7 +68,7 @@ def test_format_table_cells():
     }
     lines = demo.format_table(report).splitlines()
     assert lines[0].split() == ["variant", "accuracy", "↑"]
-    assert lines[2].split() == ["baseline", "0.900", "±", "0.010"]
+    assert lines[2].split() == ["baseline", "0.900", "±", "0.010"]  # 3 and 2 significant digits
     assert lines[3].split() == ["reg", "0.850", "Δ-0.050", "p=0.012", "✗"]
 
 
