@@ -116,6 +116,8 @@ def main():
     ap.add_argument("--sweep", default="probes32", help="setting of the growth sweeps")
     ap.add_argument("--naive-samples", type=int, default=8)
     ap.add_argument("--quick", action="store_true", help="only the end-to-end fits")
+    ap.add_argument("--reference", help="saved exact fit (exact.pt of an earlier run) to compare against "
+                                        "instead of fitting it again")
     ap.add_argument("--child", nargs=6)
     args = ap.parse_args()
     if args.child:
@@ -124,12 +126,15 @@ def main():
         return
     print(f"load average {os.getloadavg()}, {args.threads} thread(s)", flush=True)
     tmp = tempfile.mkdtemp()
+    print(f"fits saved under {tmp}", flush=True)
     settings = args.settings.split(",")
+    if args.reference:
+        os.symlink(os.path.abspath(args.reference), os.path.join(tmp, "exact.pt"))
     for kind in settings:
         r = run(kind, args.samples, 128, args.batch, args.threads, os.path.join(tmp, f"{kind}.pt"))
         line = (f"{kind:8s} {args.samples} pairs: {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB "
                 f"(+{r['added_rss_mb']:.0f}), LIB dims {r['lib_dims']}, edges for 90 % {r['edges90']}")
-        if kind != "exact" and "exact" in settings:
+        if kind != "exact" and os.path.exists(os.path.join(tmp, "exact.pt")):
             line += "\n         " + deviation(os.path.join(tmp, f"{kind}.pt"), os.path.join(tmp, "exact.pt"))
         print(line, f"[load {os.getloadavg()[0]:.1f}]", flush=True)
     if args.quick:

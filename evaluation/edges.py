@@ -264,14 +264,17 @@ def edges_for_batch(passes: list[tuple[float, SectionPass]], bases: list[tuple[t
         sources = PositionSources.exact(sp, chunk_elements) if probes is None else PositionSources.probes(probes, P)
         for W, only in jobs:
             cot = Cotangents(W, sp.out, sources.patterns)
+            # per-example products in the section's dtype (float32 Jacobians stay float32), sums in float64
+            pinvs = [C_pinv[:, 1:].T.to(sp.out.dtype) for _, C_pinv, _ in bases]
+            f_hats_sp = [f.to(sp.out.dtype) for f in f_hats]
             for start, g in batched_vjp(sp, cot, chunk_elements):
-                g = weight * g.to(torch.float64)
+                g = weight * g
                 idx = torch.arange(start, start + g.shape[0])
                 q_of, unit = idx // cot.k, idx % cot.k
                 for b, (C_in, C_pinv, _) in enumerate(bases):
                     if only is not None and b != only:
                         continue
-                    h = (g @ C_pinv[:, 1:].T) * f_hats[b]                          # (n, B, P, k_in)
+                    h = ((g @ pinvs[b]) * f_hats_sp[b]).to(torch.float64)          # (n, B, P, k_in)
                     for q in q_of.unique().tolist():
                         sel = q_of == q
                         owner = sources.owner[q]
