@@ -52,7 +52,7 @@ PLANS: dict[str, TaskPlan] = {
                                  ["cpu", "cpu_interaction_strong"],
                                  extra=["--trainer.max_steps", "1000"]),
     "text": TaskPlan("recipes/text", "baseline", ["baseline", "grad_norm", "degeneracy"],
-                     extra=["--trainer.max_steps", "300", "--trainer.val_check_interval", "300"]),
+                     extra=["--trainer.max_steps", "300", "--trainer.val_check_interval", "100"]),
 }
 
 
@@ -99,7 +99,9 @@ def summary_table(report: dict, metrics: list[str] | None = None) -> str:
     labels = {m["name"]: m["label"] + (" ↑" if m["higher_is_better"] else " ↓") for m in report["metrics"]}
     fmt = lambda x, d=3: "–" if x is None else f"{x:.{d}g}"  # noqa: E731
     lines = ["| variant | " + " | ".join(labels[n] for n in names) + " |", "|---|" + "---|" * len(names)]
-    for variant, row in report["variants"].items():
+    order = [report["baseline"]] + [v for v in report["variants"] if v != report["baseline"]]
+    for variant in order:  # report.json is written with sorted keys: baseline first again
+        row = report["variants"][variant]
         cells = []
         for n in names:
             s = row["metrics"][n]
