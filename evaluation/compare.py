@@ -25,8 +25,17 @@ Metrics, with the direction counted as "more interpretable" (``higher_is_better`
 * llc — local learning coefficient (opt-in, SGLD via devinterp). Lower: a more degenerate,
   effectively simpler solution.
 
-Token models (integer inputs) get no alignment/robustness: those need tangents of the
-embedding (site "hook_embed"), which this command does not estimate; the report says so.
+Token models (integer inputs) are measured at the embedding (site "hook_embed"): the tangent
+spaces come from ``LocalPCATangents`` fitted on the flattened token embeddings (B, T·d_model) of
+the training inputs, its dimension k chosen by explained variance (``embedding_tangents``); k, d,
+the random baseline sqrt(k/d) and the embedding scale are recorded in details["tangents"]. On a
+discrete token set the "manifold" is a point cloud: the local tangent space of an input is the
+span of the (centred) embeddings of its nearest other inputs, which for modular addition (p²
+points (E_a, E_b, E_=) in 3·d_model dimensions) are mostly the inputs that differ in one token
+(a or b) by a token with a nearby embedding. Alignment then reads "the fraction of the embedding
+gradient along directions in which the embeddings of nearby valid inputs differ"; directions no
+input change can produce (the constant "=" slot, the part of R^{d_model} the embedding table does
+not use) count as off-manifold. See ``MeasureOptions`` for the neighbour count and variance.
 """
 
 from __future__ import annotations
@@ -82,6 +91,12 @@ class MeasureOptions:
     transformers). tangents: "auto" = exact where the data module has a generator, else local PCA.
     robustness_eps: radii; ratio_eps: the radius whose off/on ratio is the headline number.
     llc: opt-in (slow); llc_*: its chains, draws, step size and localization.
+    embed_*: token models only (see ``embedding_tangents``): the embedding reference set holds up
+    to ``embed_reference`` training inputs; local PCA over ``embed_n_neighbors`` nearest
+    neighbours, k = fewest directions explaining ``embed_explained_variance`` of the local
+    variance. 32 neighbours: enough for the modular-addition embedding cloud to show the
+    directions of both varying tokens (a neighbourhood is mostly one-token changes) while staying
+    local (p = 59 gives 2·58 one-token neighbours).
     """
 
     max_samples: int = 512
@@ -99,6 +114,9 @@ class MeasureOptions:
     llc_lr: float = 1e-4
     llc_localization: float = 100.0
     seed: int = 0
+    embed_reference: int = 4096
+    embed_n_neighbors: int = 32
+    embed_explained_variance: float = 0.9
 
     def __post_init__(self):
         if isinstance(self.max_samples, bool) or not isinstance(self.max_samples, int) or self.max_samples < 2:
@@ -107,6 +125,12 @@ class MeasureOptions:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if self.tangents not in TANGENT_CHOICES:
             raise ValueError(f"unknown tangents {self.tangents!r}; allowed: {', '.join(TANGENT_CHOICES)}")
+        for name in ("embed_reference", "embed_n_neighbors"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 3:
+                raise ValueError(f"{name} must be an integer >= 3, got {value!r}")
+        if not 0 < self.embed_explained_variance <= 1:
+            raise ValueError(f"embed_explained_variance must be in (0, 1], got {self.embed_explained_variance!r}")
         if self.ratio_eps not in self.robustness_eps:
             raise ValueError(f"ratio_eps {self.ratio_eps!r} must be one of robustness_eps {list(self.robustness_eps)}")
 
@@ -287,6 +311,73 @@ def tangent_provider(datamodule, kind: str):
     return fit_from_datamodule(kind, datamodule)
 
 
+EMBED_SITE = "hook_embed"
+
+
+def record_flat(module, inputs: torch.Tensor, site: str, batch_size: int) -> torch.Tensor:
+    """The activation at ``site`` for every row of ``inputs``, flattened per example: (N, d)."""
+    from interp_train.sites import run_model
+
+    rows = []
+    with torch.no_grad():
+        for start in range(0, inputs.shape[0], batch_size):
+            act = run_model(module, inputs[start:start + batch_size], record=[site]).activations[site]
+            rows.append(act.detach().reshape(act.shape[0], -1))
+    return torch.cat(rows)
+
+
+def embedding_tangents(module, train_inputs: torch.Tensor, options: MeasureOptions):
+    """(LocalPCATangents, info) on the flattened ``hook_embed`` activations of up to
+    ``options.embed_reference`` training inputs (seeded subset).
+
+    The provider's points are e_i = flatten(hook_embed(x_i)) ∈ R^{T·d_model}; U(e) spans the top
+    k principal directions of the ``embed_n_neighbors`` nearest reference embeddings of e, with k
+    the fewest directions explaining ``embed_explained_variance`` of the local variance averaged
+    over 256 probes (chosen once). info: site, n_reference, n_neighbors, explained_variance,
+    k, d, baseline = sqrt(k/d), the explained-variance curve up to k, the mean ||e|| and the
+    median distance of a reference embedding to its nearest other one (the scale that the
+    robustness radii ε compare with), and the fraction of pairs among each probe's neighbours
+    that differ from it in exactly one token position.
+    """
+    from interp_train.tangents import LocalPCATangents
+
+    reference = _subset((train_inputs,), options.embed_reference, options.seed)[0]
+    n = reference.shape[0]
+    if n < 4:
+        raise ValueError(f"embedding tangents need at least 4 training inputs, got {n}")
+    n_neighbors = min(options.embed_n_neighbors, n - 2)
+    points = record_flat(module, reference, EMBED_SITE, options.batch_size)
+    tangents = LocalPCATangents(points, n_neighbors=n_neighbors, explained_variance=options.embed_explained_variance,
+                                seed=options.seed)
+    probe = points[: min(256, n)]
+    dist = torch.cdist(probe, points)
+    dist[torch.arange(probe.shape[0]), torch.arange(probe.shape[0])] = math.inf  # not its own neighbour
+    near = dist.topk(n_neighbors, dim=1, largest=False).indices
+    tokens_differ = (reference[near] != reference[: probe.shape[0], None]).reshape(*near.shape, -1).sum(dim=-1)
+    k, d = tangents.dim, points.shape[1]
+    info = {"site": EMBED_SITE, "provider": repr(tangents), "n_reference": n, "n_neighbors": n_neighbors,
+            "explained_variance": options.embed_explained_variance, "k": k, "d": d, "baseline": math.sqrt(k / d),
+            "explained_variance_curve": [float(v) for v in tangents.explained_variance_curve[:k]],
+            "mean_embedding_norm": float(points.norm(dim=1, dtype=torch.float64).mean()),
+            "median_nearest_distance": float(dist.min(dim=1).values.median()),
+            "neighbours_one_token_change": float((tokens_differ == 1).to(torch.float64).mean())}
+    return tangents, info
+
+
+def _alignment_and_robustness(module, eval_set, tangents, site: str, options: MeasureOptions):
+    """(alignment mean, robustness ratio at ratio_eps, details) at ``site`` on ``eval_set``."""
+    from evaluation.alignment import gradient_alignment
+    from evaluation.robustness import manifold_robustness
+
+    eval_batches = _batches(eval_set, options.batch_size)
+    align = gradient_alignment(module, eval_batches, tangents, target="loss", site=site, progress=False)
+    rob = manifold_robustness(module, eval_batches, tangents, eps=list(options.robustness_eps),
+                              n_draws=options.n_draws, seed=options.seed, site=site, progress=False)
+    details = {"alignment": {**align.to_dict(), "fractions": [float(v) for v in align.fractions]},
+               "robustness": rob.to_dict()}
+    return align.mean, _finite_or_none(rob.ratio[rob.eps.index(options.ratio_eps)]), details
+
+
 def cumulative_curve(E, points: int = CURVE_POINTS) -> dict[str, list]:
     """c_n = (sum of the n largest non-constant edges)/(their total) at ≤ ``points`` log-spaced n."""
     from evaluation.plots import cumulative_edge_weight
@@ -320,7 +411,8 @@ def measure_run(run: Run, options: MeasureOptions, progress: bool = False) -> di
 
     LIB/PCA: ``fit_lib`` on ``max_samples`` training examples (seeded subset), summarised by
     ``metrics.summarize`` (see ``lib_metrics``). Accuracy: ``evaluate_accuracy`` on the whole
-    test split. Alignment and robustness: on ``max_samples`` test examples at site "input".
+    test split. Alignment and robustness: on ``max_samples`` test examples at site "input"
+    (tangents from ``tangent_provider``), or at "hook_embed" for token inputs (``embedding_tangents``).
     LLC: ``estimate_llc`` on the training split when ``options.llc``.
     """
     from evaluation.checkpoints import load_checkpoint
@@ -352,22 +444,19 @@ def measure_run(run: Run, options: MeasureOptions, progress: bool = False) -> di
         notes.append("modularity needs at least 3 node layers")
 
     eval_set = _subset(test, options.max_samples, options.seed)
-    if not torch.is_floating_point(eval_set[0]):
-        notes.append("token inputs: gradient alignment and robustness need embedding-space tangents "
-                     "(site hook_embed); not measured")
+    if options.alignment and not torch.is_floating_point(eval_set[0]):
+        tangents, details["tangents"] = embedding_tangents(module, train[0], options)
+        metrics["alignment"], metrics["robustness_ratio"], more = _alignment_and_robustness(
+            module, eval_set, tangents, EMBED_SITE, options)
+        details.update(more)
+        notes.append(f"token inputs: alignment and robustness at site {EMBED_SITE} with local-PCA tangents of the "
+                     f"training embeddings (k = {details['tangents']['k']} of d = {details['tangents']['d']}, "
+                     f"random baseline {details['tangents']['baseline']:.3g})")
     elif options.alignment:
-        from evaluation.alignment import gradient_alignment
-        from evaluation.robustness import manifold_robustness
-
         tangents = tangent_provider(dm, options.tangents)
-        eval_batches = _batches(eval_set, options.batch_size)
-        align = gradient_alignment(module, eval_batches, tangents, target="loss", site="input", progress=False)
-        metrics["alignment"] = align.mean
-        details["alignment"] = {**align.to_dict(), "fractions": [float(v) for v in align.fractions]}
-        rob = manifold_robustness(module, eval_batches, tangents, eps=list(options.robustness_eps),
-                                  n_draws=options.n_draws, seed=options.seed, site="input", progress=False)
-        metrics["robustness_ratio"] = _finite_or_none(rob.ratio[rob.eps.index(options.ratio_eps)])
-        details["robustness"] = rob.to_dict()
+        metrics["alignment"], metrics["robustness_ratio"], more = _alignment_and_robustness(
+            module, eval_set, tangents, "input", options)
+        details.update(more)
 
     if options.llc:
         from evaluation.llc import estimate_llc
@@ -385,6 +474,24 @@ def measure_run(run: Run, options: MeasureOptions, progress: bool = False) -> di
     return {"metrics": metrics, "details": details, "notes": notes}
 
 
+# Options added after the first cache version: they enter the cache key only when set away from
+# their defaults, so caches written before they existed stay valid for the unchanged measurements.
+_KEY_OPTIONAL = ("embed_reference", "embed_n_neighbors", "embed_explained_variance")
+
+
+def cache_options(options: MeasureOptions) -> dict:
+    """The options that form the cache key: all fields, less the ``_KEY_OPTIONAL`` ones at their default."""
+    defaults = MeasureOptions()
+    return {k: v for k, v in dataclasses.asdict(options).items()
+            if k not in _KEY_OPTIONAL or v != getattr(defaults, k)}
+
+
+def _unmeasured_token_entry(entry: Mapping[str, Any]) -> bool:
+    """A cache entry from before token models got embedding-level alignment (re-measured)."""
+    return (entry.get("metrics", {}).get("alignment") is None
+            and any("not measured" in n and n.startswith("token inputs") for n in entry.get("notes", [])))
+
+
 def measure_all(
     variants: Mapping[str, Sequence[Run]],
     out_dir: Path,
@@ -396,12 +503,15 @@ def measure_all(
     measured (``measure``, default ``measure_run``) and written there atomically."""
     measure = measure or measure_run
     opts = dataclasses.asdict(options)
+    key_opts = cache_options(options)
     runs = [r for rs in variants.values() for r in rs]
     out: dict[str, list[dict]] = {v: [] for v in variants}
     for run in tqdm(runs, desc="checkpoints", disable=not progress):
-        key = cache_mod.cache_key(run.checkpoint, run.config, opts)
+        key = cache_mod.cache_key(run.checkpoint, run.config, key_opts)
         path = cache_mod.cache_path(out_dir, run.variant, run.seed)
         entry = cache_mod.read_cached(path, key)
+        if entry is not None and options.alignment and _unmeasured_token_entry(entry):
+            entry = None
         if entry is None:
             entry = {"key": key, "variant": run.variant, "seed": run.seed, "run_dir": str(run.run_dir),
                      "checkpoint": str(run.checkpoint), "options": opts, **measure(run, options)}

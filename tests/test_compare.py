@@ -1,5 +1,6 @@
 """`interp-eval compare` on tiny real recipe runs (digits MLP, a few steps) trained in the test setup."""
 
+import dataclasses
 import json
 import math
 
@@ -259,7 +260,7 @@ def _train_yaml(tmp, text, name):
     return runs_from_paths("baseline", [tmp / name])[0]
 
 
-def test_manifold_run_uses_exact_tangents_and_token_run_skips_alignment(runs):
+def test_manifold_run_uses_exact_tangents(runs):
     from evaluation.alignment import gradient_alignment
     from evaluation.checkpoints import load_checkpoint
 
@@ -275,9 +276,98 @@ def test_manifold_run_uses_exact_tangents_and_token_run_skips_alignment(runs):
     assert entry["details"]["alignment"]["k"] == 2 and entry["details"]["alignment"]["d"] == 16
     assert entry["metrics"]["alignment"] == pytest.approx(want.mean, rel=1e-9)
 
-    token = compare.measure_run(_train_yaml(runs["tmp"], MODULAR, "modular"), OPTIONS)
-    assert token["details"]["node_layers"] == ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid",
+
+
+def _embeddings(model, tokens):
+    """hook_embed activations of a recipe module, read by a plain forward hook (not through interp_train.sites)."""
+    seen = []
+    handle = model.model.hook_dict["hook_embed"].register_forward_hook(lambda mod, inp, out: seen.append(out.detach()))
+    with torch.no_grad():
+        model(tokens)
+    handle.remove()
+    return seen[0].reshape(tokens.shape[0], -1)
+
+
+def test_token_run_measures_alignment_at_the_embedding(runs):
+    from evaluation.alignment import gradient_alignment
+    from evaluation.checkpoints import load_checkpoint
+    from evaluation.robustness import manifold_robustness
+    from interp_train.tangents import LocalPCATangents
+
+    run = _train_yaml(runs["tmp"], MODULAR, "modular")
+    entry = compare.measure_run(run, OPTIONS)
+    assert entry["details"]["node_layers"] == ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid",
                                                 "blocks.0.hook_resid_post", "output"]
-    assert token["metrics"]["alignment"] is None and token["metrics"]["robustness_ratio"] is None
-    assert token["metrics"]["lib_edge_fraction_90"] is not None
-    assert any("token inputs" in n for n in token["notes"])
+    assert entry["metrics"]["lib_edge_fraction_90"] is not None
+
+    # the same measurement by hand: local PCA over the embeddings of all 24 training pairs (p = 7,
+    # train fraction 0.5), 32 neighbours clamped to N − 2 = 22, then the evaluation API at hook_embed
+    loaded = load_checkpoint(run.checkpoint)
+    model, dm = loaded.model.eval(), loaded.datamodule
+    dm.setup("fit")
+    x_train = dm.splits["train"].tensors[0]
+    x_test, y_test = dm.splits["test"].tensors
+    embeds = _embeddings(model, x_train)
+    assert embeds.shape == (24, 3 * 8)
+    tangents = LocalPCATangents(embeds, n_neighbors=22, explained_variance=0.9, seed=0)
+    batch = [(x_test, y_test)]  # all 25 held-out pairs, in order (max_samples 64 > 25: no subset drawn)
+    want = gradient_alignment(model, batch, tangents, target="loss", site="hook_embed", progress=False)
+    rob = manifold_robustness(model, batch, tangents, eps=[0.03, 0.1, 0.3], n_draws=4, seed=0, site="hook_embed",
+                              progress=False)
+    assert entry["metrics"]["alignment"] == pytest.approx(want.mean, rel=1e-9)
+    assert entry["metrics"]["robustness_ratio"] == pytest.approx(rob.ratio[1], rel=1e-9)
+    info = entry["details"]["tangents"]
+    k = tangents.dim
+    assert (info["k"], info["d"], info["n_neighbors"], info["n_reference"]) == (k, 24, 22, 24)
+    assert 1 <= k < 22 and info["baseline"] == pytest.approx(math.sqrt(k / 24))
+    assert entry["details"]["alignment"]["site"] == "hook_embed" and entry["details"]["alignment"]["k"] == k
+    assert info["explained_variance_curve"][-1] >= 0.9 > (info["explained_variance_curve"][-2] if k > 1 else 0)
+    # the nearest other training embedding, by brute force
+    dist = torch.cdist(embeds.double(), embeds.double()) + torch.diag(torch.full((24,), math.inf))
+    assert info["median_nearest_distance"] == pytest.approx(float(dist.min(dim=1).values.median()), rel=1e-5)
+    # neighbours differing in one token: counted by explicit loops
+    near = dist.topk(22, dim=1, largest=False).indices
+    one = sum(int((x_train[j] != x_train[i]).sum() == 1) for i in range(24) for j in near[i].tolist())
+    assert info["neighbours_one_token_change"] == pytest.approx(one / (24 * 22))
+    assert any("hook_embed" in n and f"k = {k} of d = 24" in n for n in entry["notes"])
+
+
+TEXT = """
+seed_everything: 0
+trainer: {max_steps: 2, accelerator: cpu, devices: 1, enable_progress_bar: false, enable_model_summary: false}
+model:
+  model:
+    class_path: interp_train.models.transformer.Transformer
+    init_args: {d_vocab: 256, d_vocab_out: 256, n_ctx: 8, d_model: 8, n_heads: 2, d_head: 4, d_mlp: 16,
+      n_layers: 1, act_fn: gelu, normalization_type: LN}
+data:
+  class_path: interp_train.data.text.ByteTextDataModule
+  init_args: {source: pydoc, seq_len: 8, max_bytes: 2000, batch_size: 16}
+"""
+
+
+def test_byte_lm_alignment_at_the_embedding(runs):
+    run = _train_yaml(runs["tmp"], TEXT, "bytes")
+    options = MeasureOptions(max_samples=16, embed_reference=64, embed_n_neighbors=10, node_layers=(
+        "blocks.0.hook_resid_pre", "blocks.0.hook_resid_post", "output"))
+    entry = compare.measure_run(run, options)
+    info = entry["details"]["tangents"]
+    assert (info["d"], info["n_reference"], info["n_neighbors"]) == (8 * 8, 64, 10)
+    assert info["baseline"] == pytest.approx(math.sqrt(info["k"] / 64))
+    align = entry["details"]["alignment"]
+    assert align["n"] == 13 and align["site"] == "hook_embed"  # 249 windows of 8 bytes, 5 % test split: 13 < 16
+    assert 0 < entry["metrics"]["alignment"] <= 1 and entry["metrics"]["robustness_ratio"] > 0
+
+
+def test_cache_key_ignores_new_options_at_their_defaults():
+    old = {k: v for k, v in dataclasses.asdict(OPTIONS).items() if not k.startswith("embed_")}
+    assert compare.cache_options(OPTIONS) == old  # caches written before these options existed stay valid
+    assert compare.cache_options(MeasureOptions(max_samples=64, embed_n_neighbors=8))["embed_n_neighbors"] == 8
+    stale = {"metrics": {"alignment": None}, "notes": ["token inputs: gradient alignment and robustness need "
+                                                       "embedding-space tangents (site hook_embed); not measured"]}
+    assert compare._unmeasured_token_entry(stale)
+    assert not compare._unmeasured_token_entry({"metrics": {"alignment": 0.5}, "notes": []})
+    with pytest.raises(ValueError, match="embed_n_neighbors must be an integer >= 3, got 2"):
+        MeasureOptions(embed_n_neighbors=2)
+    with pytest.raises(ValueError, match=r"embed_explained_variance must be in \(0, 1\], got 1.5"):
+        MeasureOptions(embed_explained_variance=1.5)
