@@ -19,7 +19,6 @@ Chain health (a warning is issued for each unhealthy chain):
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -154,12 +153,14 @@ def estimate_llc(
 
     num_steps = num_burnin_steps + num_draws * num_steps_bw_draws
     traces: list[list[float]] = []
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*nbeta set to 1.*")
-        for chain in range(num_chains):
-            traces.append(_run_chain(model, loader, loss_fn, SGMCMC, lr, localization, nbeta, num_steps,
-                                     seed + chain, chain, progress))
-    model.train(was_training)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*nbeta set to 1.*")
+            for chain in range(num_chains):
+                traces.append(_run_chain(model, loader, loss_fn, SGMCMC, lr, localization, nbeta, num_steps,
+                                         seed + chain, chain, progress))
+    finally:
+        model.train(was_training)
 
     per_chain, health, messages = [], [], []
     for chain, trace in enumerate(traces):
@@ -191,22 +192,33 @@ def _forever(loader: Iterable):
 
 
 def _run_chain(model, loader, loss_fn, SGMCMC, lr, localization, nbeta, num_steps, seed, chain, progress) -> list[float]:
-    """One SGLD chain from a copy of the model; the minibatch loss before each step."""
-    sampled = copy.deepcopy(model)
-    sampled.eval()
-    params = [p for p in sampled.parameters() if p.requires_grad]
-    optimizer = SGMCMC.sgld(params, lr=lr, localization=localization, nbeta=nbeta)
-    noise = torch.Generator(device=params[0].device).manual_seed(seed)
-    trace: list[float] = []
-    batches = _forever(loader)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)  # shuffling loaders draw from the global generator
-        for _ in tqdm(range(num_steps), desc=f"LLC chain {chain}", disable=not progress, leave=False):
-            optimizer.zero_grad(set_to_none=True)
-            loss = _batch_loss(sampled, next(batches), loss_fn)
-            trace.append(float(loss.detach()))
-            if not math.isfinite(trace[-1]):
-                break
-            loss.backward()
-            optimizer.step(noise_generator=noise)
+    """One SGLD chain from w*; the minibatch loss before each step.
+
+    The chain moves the model's own parameters and restores w* (and the gradients) afterwards,
+    also on error. A deepcopy is not used: a TransformerBridge copy keeps forward hooks that
+    write activations into the original's attention modules (TransformerLens 4.3 captures the
+    pre-LN residual through a weakref to the original), after which the original cannot be copied.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    saved = [(p.detach().clone(), p.grad) for p in params]
+    try:
+        optimizer = SGMCMC.sgld(params, lr=lr, localization=localization, nbeta=nbeta)
+        noise = torch.Generator(device=params[0].device).manual_seed(seed)
+        trace: list[float] = []
+        batches = _forever(loader)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)  # shuffling loaders draw from the global generator
+            for _ in tqdm(range(num_steps), desc=f"LLC chain {chain}", disable=not progress, leave=False):
+                optimizer.zero_grad(set_to_none=True)
+                loss = _batch_loss(model, next(batches), loss_fn)
+                trace.append(float(loss.detach()))
+                if not math.isfinite(trace[-1]):
+                    break
+                loss.backward()
+                optimizer.step(noise_generator=noise)
+    finally:
+        with torch.no_grad():
+            for p, (value, grad) in zip(params, saved):
+                p.copy_(value)
+                p.grad = grad
     return trace

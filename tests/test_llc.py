@@ -84,3 +84,26 @@ def test_bad_arguments_raise():
         estimate_llc(model, batches, per_example_mse, nbeta=0.0, progress=False)
     with pytest.raises(ValueError, match="no batches"):
         estimate_llc(model, [], per_example_mse, nbeta=5.0, progress=False)
+
+
+def test_transformer_bridge_chains_leave_the_model_as_it_was():
+    # TransformerLens bridges cannot be deep-copied after a copy ran forward (its hooks write into
+    # the original); chains run in place and restore w*: a second chain, and a second call, work
+    from interp_train.models.transformer import Transformer
+    from interp_train.losses import per_example_cross_entropy
+
+    torch.manual_seed(0)
+    model = Transformer(d_vocab=6, d_vocab_out=5, n_ctx=3, d_model=8, n_heads=2, d_head=4, d_mlp=16, init_seed=0)
+    tokens = torch.randint(0, 5, (32, 3))
+    batches = [(tokens, torch.randint(0, 5, (32,)))]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        want_loss = float(per_example_cross_entropy(model(tokens), batches[0][1]).mean())
+    for _ in range(2):
+        res = estimate_llc(model, batches, per_example_cross_entropy, nbeta=10.0, num_chains=2, num_draws=5,
+                           progress=False)
+        assert len(res.loss_traces) == 2 and all(len(t) == 5 for t in res.loss_traces)
+    assert res.init_loss == pytest.approx(want_loss, rel=1e-6)
+    assert res.loss_traces[0][0] == pytest.approx(want_loss, rel=1e-6)  # each chain starts at w*
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters()) and model.training
