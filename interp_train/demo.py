@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ class DemoTask:
 
 DEMO_TASKS = (
     DemoTask("digits", ("baseline", "grad_norm", "connection_cost")),
-    DemoTask("manifold", ("baseline", "off_manifold_grad", "grad_norm"), overrides=MANIFOLD_DATA),
+    DemoTask("manifold", ("baseline", "off_manifold_noise", "off_manifold_grad"), overrides=MANIFOLD_DATA),
 )
 
 
@@ -65,25 +66,43 @@ def fit_arguments(task: DemoTask, variant: str, seed: int, directory: Path,
             "--trainer.enable_model_summary", "false"]
 
 
-def train_missing(task: DemoTask, seeds: Sequence[int], root: Path, extra: Sequence[str] = (),
-                  progress: bool = True, recipes: Path = RECIPES) -> dict[str, int]:
-    """Trains every (variant, seed) of ``task`` whose run directory has no metrics.json yet.
-    Returns {"trained": n, "reused": m}."""
-    from tqdm.auto import tqdm
+def _fit_one(args: list[str], threads: int) -> None:
+    """Worker: one ``interp-train fit`` in this process (torch threads set first)."""
+    import torch
 
     from interp_train.cli import InterpTrainCLI
 
+    torch.set_num_threads(threads)
+    quiet_lightning()
+    InterpTrainCLI(args=args)
+
+
+def train_missing(task: DemoTask, seeds: Sequence[int], root: Path, extra: Sequence[str] = (),
+                  progress: bool = True, recipes: Path = RECIPES, workers: int = 1,
+                  threads: int = 1) -> dict[str, int]:
+    """Trains every (variant, seed) of ``task`` whose run directory has no metrics.json yet, in
+    ``workers`` processes (each run single-process and seeded, so results do not depend on it).
+    Returns {"trained": n, "reused": m}."""
+    from tqdm.auto import tqdm
+
     jobs = [(v, s) for v in task.variants for s in seeds]
-    counts = {"trained": 0, "reused": 0}
-    bar = tqdm(jobs, desc=f"train {task.name}", unit="run", disable=not progress)
-    for variant, seed in bar:
-        bar.set_postfix_str(f"{variant} seed{seed}")
-        directory = run_directory(root, task.name, variant, seed)
-        if (directory / "metrics.json").is_file():
-            counts["reused"] += 1
-            continue
-        InterpTrainCLI(args=fit_arguments(task, variant, seed, directory, extra, recipes))
-        counts["trained"] += 1
+    todo = [fit_arguments(task, v, s, run_directory(root, task.name, v, s), extra, recipes)
+            for v, s in jobs if not (run_directory(root, task.name, v, s) / "metrics.json").is_file()]
+    counts = {"trained": len(todo), "reused": len(jobs) - len(todo)}
+    bar = tqdm(total=len(todo), desc=f"train {task.name}", unit="run", disable=not progress or not todo)
+    if workers <= 1:
+        for args in todo:
+            _fit_one(args, threads)
+            bar.update()
+    else:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+            for future in cf.as_completed([pool.submit(_fit_one, args, threads) for args in todo]):
+                future.result()  # re-raises a failed run's error
+                bar.update()
+    bar.close()
     return counts
 
 
@@ -136,13 +155,14 @@ def quiet_lightning() -> None:
 
 def run_demo(tasks: Sequence[DemoTask] = DEMO_TASKS, seeds: Sequence[int] = (0, 1, 2),
              root: str | Path = "checkpoints/demo", out: str | Path = "reports/demo", extra: Sequence[str] = (),
-             max_samples: int = 512, progress: bool = True, recipes: Path = RECIPES, echo=print) -> dict[str, dict]:
+             max_samples: int = 512, progress: bool = True, recipes: Path = RECIPES, echo=print,
+             workers: int = 1, threads: int = 1) -> dict[str, dict]:
     """Trains (what is missing), compares and prints; returns {task: report dict}."""
     root, out = Path(root), Path(out)
     reports = {}
     for task in tasks:
         start = time.time()
-        counts = train_missing(task, seeds, root, extra, progress, recipes)
+        counts = train_missing(task, seeds, root, extra, progress, recipes, workers, threads)
         trained = time.time() - start
         result = compare_task(task, seeds, root, out, max_samples, progress)
         echo(f"\n== {task.name}: {len(task.variants)} variants x {len(seeds)} seeds "
@@ -169,6 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-samples", type=int, default=512, help="examples for LIB / alignment / robustness")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1: these models are too small to gain from more)")
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                        help="training processes in parallel (default: up to 2 cores)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args, extra = parser.parse_known_args(argv)  # unknown arguments go to every `interp-train fit`
     import torch
@@ -177,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     quiet_lightning()
     start = time.time()
     run_demo([t for t in DEMO_TASKS if t.name in args.tasks], args.seeds, args.root, args.out, extra,
-             args.max_samples, progress=not args.quiet)
+             args.max_samples, progress=not args.quiet, workers=args.workers, threads=args.threads)
     print(f"total time {time.time() - start:.0f} s")
 
 

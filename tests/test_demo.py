@@ -27,7 +27,7 @@ def test_demo_trains_compares_and_reuses(tmp_path):
     extra = ["--trainer.max_epochs", "1"]
     lines: list[str] = []
     reports = demo.run_demo([task], seeds=(0, 1), root=tmp_path / "runs", out=tmp_path / "out", extra=extra,
-                            max_samples=32, progress=False, echo=lines.append)
+                            max_samples=32, progress=False, echo=lines.append, workers=2)
     report = reports["digits"]
     assert list(report["variants"]) == ["baseline", "grad_norm"]
     base = report["variants"]["baseline"]["metrics"]["accuracy"]
