@@ -90,7 +90,10 @@ class MeasureOptions:
     layers (None: input + hidden activations + output for MLPs, the residual stream for
     transformers). tangents: "auto" = exact where the data module has a generator, else local PCA.
     robustness_eps: radii; ratio_eps: the radius whose off/on ratio is the headline number.
-    llc: opt-in (slow); llc_*: its chains, draws, step size and localization.
+    llc: opt-in (slow); llc_*: its chains, draws, step size, localization and burn-in. These keep
+    the values the running study was measured with (lr 1e-4, no burn-in); estimate_llc's
+    calibrated defaults are lr 3e-4, γ = 100, 200 burn-in steps (see its docstring) — pass
+    llc_lr=3e-4, llc_burnin=200 for them.
     embed_*: token models only (see ``embedding_tangents``): the embedding reference set holds up
     to ``embed_reference`` training inputs; local PCA over ``embed_n_neighbors`` nearest
     neighbours, k = fewest directions explaining ``embed_explained_variance`` of the local
@@ -114,6 +117,7 @@ class MeasureOptions:
     llc_lr: float = 1e-4
     llc_localization: float = 100.0
     seed: int = 0
+    llc_burnin: int = 0
     embed_reference: int = 4096
     embed_n_neighbors: int = 32
     embed_explained_variance: float = 0.9
@@ -129,6 +133,8 @@ class MeasureOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 3:
                 raise ValueError(f"{name} must be an integer >= 3, got {value!r}")
+        if isinstance(self.llc_burnin, bool) or not isinstance(self.llc_burnin, int) or self.llc_burnin < 0:
+            raise ValueError(f"llc_burnin must be a non-negative integer, got {self.llc_burnin!r}")
         if not 0 < self.embed_explained_variance <= 1:
             raise ValueError(f"embed_explained_variance must be in (0, 1], got {self.embed_explained_variance!r}")
         if self.ratio_eps not in self.robustness_eps:
@@ -464,6 +470,7 @@ def measure_run(run: Run, options: MeasureOptions, progress: bool = False) -> di
 
         llc = estimate_llc(module, _batches(train, options.batch_size), per_example_cross_entropy,
                            lr=options.llc_lr, localization=options.llc_localization,
+                           num_burnin_steps=options.llc_burnin,
                            num_chains=options.llc_chains, num_draws=options.llc_draws, seed=options.seed,
                            progress=False)
         metrics["llc"] = _finite_or_none(llc.mean)
@@ -476,7 +483,7 @@ def measure_run(run: Run, options: MeasureOptions, progress: bool = False) -> di
 
 # Options added after the first cache version: they enter the cache key only when set away from
 # their defaults, so caches written before they existed stay valid for the unchanged measurements.
-_KEY_OPTIONAL = ("embed_reference", "embed_n_neighbors", "embed_explained_variance")
+_KEY_OPTIONAL = ("embed_reference", "embed_n_neighbors", "embed_explained_variance", "llc_burnin")
 
 
 def cache_options(options: MeasureOptions) -> dict:

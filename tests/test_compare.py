@@ -360,9 +360,10 @@ def test_byte_lm_alignment_at_the_embedding(runs):
 
 
 def test_cache_key_ignores_new_options_at_their_defaults():
-    old = {k: v for k, v in dataclasses.asdict(OPTIONS).items() if not k.startswith("embed_")}
+    old = {k: v for k, v in dataclasses.asdict(OPTIONS).items() if not k.startswith("embed_") and k != "llc_burnin"}
     assert compare.cache_options(OPTIONS) == old  # caches written before these options existed stay valid
     assert compare.cache_options(MeasureOptions(max_samples=64, embed_n_neighbors=8))["embed_n_neighbors"] == 8
+    assert compare.cache_options(MeasureOptions(max_samples=64, llc_burnin=200))["llc_burnin"] == 200
     stale = {"metrics": {"alignment": None}, "notes": ["token inputs: gradient alignment and robustness need "
                                                        "embedding-space tangents (site hook_embed); not measured"]}
     assert compare._unmeasured_token_entry(stale)

@@ -100,7 +100,7 @@ def test_transformer_bridge_chains_leave_the_model_as_it_was():
     with torch.no_grad():
         want_loss = float(per_example_cross_entropy(model(tokens), batches[0][1]).mean())
     for _ in range(2):
-        res = estimate_llc(model, batches, per_example_cross_entropy, nbeta=10.0, num_chains=2, num_draws=5,
+        res = estimate_llc(model, batches, per_example_cross_entropy, nbeta=10.0, num_chains=2, num_draws=5, num_burnin_steps=0,
                            progress=False)
         assert len(res.loss_traces) == 2 and all(len(t) == 5 for t in res.loss_traces)
     assert res.init_loss == pytest.approx(want_loss, rel=1e-6)
