@@ -1,4 +1,4 @@
-"""Per-checkpoint measurement cache and atomic file writes for ``interp-eval compare``.
+"""Per-checkpoint measurement cache for ``interp-eval compare`` (atomic writes: ``interp_train.io``).
 
 One JSON per checkpoint, ``<out>/cache/<variant>/<seed>.json``, holding the measurements and
 the key they were computed under. The key is sha256 over (the checkpoint's bytes, its
@@ -14,7 +14,9 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-MEASURE_VERSION = 1  # bump when a measurement's definition changes: old cache entries become stale
+# Bump when a measurement's definition changes: old cache entries become stale.
+# 2: token models measured at hook_embed; calibrated LLC settings.
+MEASURE_VERSION = 2
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:

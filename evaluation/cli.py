@@ -183,7 +183,8 @@ def run_compare_command(args):
                              node_layers=tuple(args.layers) if args.layers else None,
                              alignment=args.alignment, tangents=args.tangents, robustness_eps=eps,
                              ratio_eps=args.ratio_eps if args.ratio_eps is not None else eps[len(eps) // 2],
-                             llc=args.llc, llc_draws=args.llc_draws, llc_chains=args.llc_chains)
+                             llc=args.llc, **{k: v for k, v in (("llc_draws", args.llc_draws),
+                                                                ("llc_chains", args.llc_chains)) if v is not None})
     result = run_compare(variants, args.out, options, baseline=args.baseline, test=args.test, alpha=args.alpha,
                          progress=not args.quiet)
     if not args.quiet:
@@ -211,8 +212,8 @@ def _add_compare_parser(sub) -> None:
     cmp.add_argument("--no-alignment", dest="alignment", action="store_false",
                      help="skip gradient alignment and robustness")
     cmp.add_argument("--llc", action="store_true", help="also estimate the LLC (SGLD; slow)")
-    cmp.add_argument("--llc-draws", type=int, default=100)
-    cmp.add_argument("--llc-chains", type=int, default=2)
+    cmp.add_argument("--llc-draws", type=int, default=None, help="SGLD draws per chain (default: calibrated, 200)")
+    cmp.add_argument("--llc-chains", type=int, default=None, help="SGLD chains (default: 4)")
     cmp.add_argument("--quiet", action="store_true", help="no progress bars")
     cmp.set_defaults(func=run_compare_command)
 

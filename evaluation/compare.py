@@ -90,10 +90,9 @@ class MeasureOptions:
     layers (None: input + hidden activations + output for MLPs, the residual stream for
     transformers). tangents: "auto" = exact where the data module has a generator, else local PCA.
     robustness_eps: radii; ratio_eps: the radius whose off/on ratio is the headline number.
-    llc: opt-in (slow); llc_*: its chains, draws, step size, localization and burn-in. These keep
-    the values the running study was measured with (lr 1e-4, no burn-in); estimate_llc's
-    calibrated defaults are lr 3e-4, γ = 100, 200 burn-in steps (see its docstring) — pass
-    llc_lr=3e-4, llc_burnin=200 for them.
+    llc: opt-in (slow); llc_*: its chains, draws, step size, localization and burn-in, at
+    estimate_llc's calibrated values (lr 3e-4, γ = 100, 200 burn-in steps; see its docstring:
+    with lr 1e-4 and no burn-in the chains had not settled and λ̂ grew with the step size).
     embed_*: token models only (see ``embedding_tangents``): the embedding reference set holds up
     to ``embed_reference`` training inputs; local PCA over ``embed_n_neighbors`` nearest
     neighbours, k = fewest directions explaining ``embed_explained_variance`` of the local
@@ -112,12 +111,12 @@ class MeasureOptions:
     ratio_eps: float = 0.1
     n_draws: int = 4
     llc: bool = False
-    llc_chains: int = 2
-    llc_draws: int = 100
-    llc_lr: float = 1e-4
+    llc_chains: int = 4
+    llc_draws: int = 200
+    llc_lr: float = 3e-4
     llc_localization: float = 100.0
     seed: int = 0
-    llc_burnin: int = 0
+    llc_burnin: int = 200
     embed_reference: int = 4096
     embed_n_neighbors: int = 32
     embed_explained_variance: float = 0.9
@@ -481,24 +480,6 @@ def measure_run(run: Run, options: MeasureOptions, progress: bool = False) -> di
     return {"metrics": metrics, "details": details, "notes": notes}
 
 
-# Options added after the first cache version: they enter the cache key only when set away from
-# their defaults, so caches written before they existed stay valid for the unchanged measurements.
-_KEY_OPTIONAL = ("embed_reference", "embed_n_neighbors", "embed_explained_variance", "llc_burnin")
-
-
-def cache_options(options: MeasureOptions) -> dict:
-    """The options that form the cache key: all fields, less the ``_KEY_OPTIONAL`` ones at their default."""
-    defaults = MeasureOptions()
-    return {k: v for k, v in dataclasses.asdict(options).items()
-            if k not in _KEY_OPTIONAL or v != getattr(defaults, k)}
-
-
-def _unmeasured_token_entry(entry: Mapping[str, Any]) -> bool:
-    """A cache entry from before token models got embedding-level alignment (re-measured)."""
-    return (entry.get("metrics", {}).get("alignment") is None
-            and any("not measured" in n and n.startswith("token inputs") for n in entry.get("notes", [])))
-
-
 def measure_all(
     variants: Mapping[str, Sequence[Run]],
     out_dir: Path,
@@ -510,15 +491,12 @@ def measure_all(
     measured (``measure``, default ``measure_run``) and written there atomically."""
     measure = measure or measure_run
     opts = dataclasses.asdict(options)
-    key_opts = cache_options(options)
     runs = [r for rs in variants.values() for r in rs]
     out: dict[str, list[dict]] = {v: [] for v in variants}
     for run in tqdm(runs, desc="checkpoints", disable=not progress):
-        key = cache_mod.cache_key(run.checkpoint, run.config, key_opts)
+        key = cache_mod.cache_key(run.checkpoint, run.config, opts)
         path = cache_mod.cache_path(out_dir, run.variant, run.seed)
         entry = cache_mod.read_cached(path, key)
-        if entry is not None and options.alignment and _unmeasured_token_entry(entry):
-            entry = None
         if entry is None:
             entry = {"key": key, "variant": run.variant, "seed": run.seed, "run_dir": str(run.run_dir),
                      "checkpoint": str(run.checkpoint), "options": opts, **measure(run, options)}

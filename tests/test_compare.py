@@ -11,6 +11,7 @@ from scipy import stats as scipy_stats
 
 from evaluation import compare
 from evaluation.cli import main as eval_main
+from evaluation.cache import cache_key
 from evaluation.compare import MeasureOptions, build_report, discover_runs, run_compare, runs_from_paths
 from evaluation.stats import compare_groups
 
@@ -359,15 +360,14 @@ def test_byte_lm_alignment_at_the_embedding(runs):
     assert 0 < entry["metrics"]["alignment"] <= 1 and entry["metrics"]["robustness_ratio"] > 0
 
 
-def test_cache_key_ignores_new_options_at_their_defaults():
-    old = {k: v for k, v in dataclasses.asdict(OPTIONS).items() if not k.startswith("embed_") and k != "llc_burnin"}
-    assert compare.cache_options(OPTIONS) == old  # caches written before these options existed stay valid
-    assert compare.cache_options(MeasureOptions(max_samples=64, embed_n_neighbors=8))["embed_n_neighbors"] == 8
-    assert compare.cache_options(MeasureOptions(max_samples=64, llc_burnin=200))["llc_burnin"] == 200
-    stale = {"metrics": {"alignment": None}, "notes": ["token inputs: gradient alignment and robustness need "
-                                                       "embedding-space tangents (site hook_embed); not measured"]}
-    assert compare._unmeasured_token_entry(stale)
-    assert not compare._unmeasured_token_entry({"metrics": {"alignment": 0.5}, "notes": []})
+def test_every_option_is_part_of_the_cache_key(tmp_path):
+    ckpt, cfg = tmp_path / "last.ckpt", tmp_path / "config.yaml"
+    ckpt.write_bytes(b"weights"), cfg.write_text("model: {}")
+    base = dataclasses.asdict(OPTIONS)
+    keys = {cache_key(ckpt, cfg, base)}
+    for name, value in [("embed_n_neighbors", 8), ("llc_burnin", 0), ("llc_lr", 1e-4), ("max_samples", 7)]:
+        keys.add(cache_key(ckpt, cfg, {**base, name: value}))
+    assert len(keys) == 5
     with pytest.raises(ValueError, match="embed_n_neighbors must be an integer >= 3, got 2"):
         MeasureOptions(embed_n_neighbors=2)
     with pytest.raises(ValueError, match=r"embed_explained_variance must be in \(0, 1\], got 1.5"):
