@@ -51,7 +51,6 @@ def _train(tmp, root, variant, seed, lr=0.01, hidden="[12, 12]"):
 def runs(tmp_path_factory):
     """checkpoints/digits/{baseline, fast}/seed{0,1} plus, outside that tree, a 1-seed variant and a
     run with another architecture."""
-    pytest.importorskip("interp_train.recipes")
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("compare_runs")
     root = tmp / "checkpoints"
