@@ -7,6 +7,8 @@ import lightning as L
 from torch import nn
 from torch.nn import functional as F
 
+from interp_train import regularized_loss
+
 
 def tiny_mlp(d_in: int = 6, d_hidden: int = 8, d_out: int = 3) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, d_hidden), nn.Tanh(), nn.Linear(d_hidden, d_out))
@@ -45,3 +47,41 @@ def quiet_trainer(**kwargs) -> L.Trainer:
                     enable_model_summary=False, enable_checkpointing=False)
     defaults.update(kwargs)
     return L.Trainer(**defaults)
+
+
+def digits(n_train: int = 1024, n_test: int = 512):
+    """scikit-learn's 8x8 digits scaled to [0, 1]: (x, y) train and held-out splits."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(data.target)
+    return (x[:n_train], y[:n_train]), (x[n_train:n_train + n_test], y[n_train:n_train + n_test])
+
+
+def train_digits(regs, steps: int = 150, seed: int = 0) -> nn.Sequential:
+    """Adam on an MLP 64-32-32-10 (digits, batch 128) through ``regularized_loss``; returns the model."""
+    (x, y), _ = digits()
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (128,), generator=g)
+        opt.zero_grad()
+        regularized_loss(model, x[idx], y[idx], regs).total.backward()
+        opt.step()
+    return model
+
+
+class SideBranch(nn.Module):
+    """A module whose 'side' layer runs but does not reach the output (no gradient path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.main = nn.Linear(4, 3)
+        self.side = nn.Linear(4, 2)
+
+    def forward(self, x):
+        self.side(x)
+        return self.main(x)

@@ -9,7 +9,7 @@ from torch import nn
 from interp_train import attach_regularizers, regularized_loss
 from interp_train.callbacks import NeuronSwapCallback, swap_neurons
 from interp_train.regularizers.connection_cost import ConnectionCost, connection_cost, neuron_positions
-from tests.helpers import PlainClassifier, quiet_trainer, toy_loader
+from tests.helpers import PlainClassifier, quiet_trainer, toy_loader, train_digits
 
 
 def test_cost_equals_hand_computed_value_1d():
@@ -135,23 +135,10 @@ def test_lightning_callback_swaps_and_keeps_state():
 
 
 def test_penalty_lowers_connection_cost_in_training():
-    from sklearn.datasets import load_digits
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32)[:1024] / 16.0
-    y = torch.tensor(data.target)[:1024]
     layers = ["0", "2", "4"]
 
     def train(regs):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        g = torch.Generator().manual_seed(0)
-        for _ in range(150):
-            idx = torch.randint(0, len(x), (128,), generator=g)
-            opt.zero_grad()
-            regularized_loss(model, x[idx], y[idx], regs).total.backward()
-            opt.step()
-        return connection_cost(model, layers).item()
+        return connection_cost(train_digits(regs), layers).item()
 
     base = train([])
     regularized = train([ConnectionCost(1e-3, layers=layers)])

@@ -11,6 +11,7 @@ from interp_train import regularized_loss
 from interp_train.regularizers.degeneracy import (
     ActivationDegeneracy, FiringPatternDegeneracy, GradientDegeneracy, effective_rank,
 )
+from tests.helpers import SideBranch, digits, train_digits
 
 MEASURES = ["nuclear", "entropy", "participation"]
 
@@ -173,19 +174,6 @@ def test_transformer_hook_names_with_position_dimension(transformer):
     out.total.backward()
 
 
-class SideBranch(nn.Module):
-    """A module whose 'side' layer runs but does not reach the output."""
-
-    def __init__(self):
-        super().__init__()
-        self.main = nn.Linear(4, 3)
-        self.side = nn.Linear(4, 2)
-
-    def forward(self, x):
-        self.side(x)
-        return self.main(x)
-
-
 def test_bad_input_is_a_clear_error():
     x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
     with pytest.raises(KeyError, match=r"unknown layer 'blocks.3'.*one of"):
@@ -200,29 +188,6 @@ def test_bad_input_is_a_clear_error():
         ActivationDegeneracy(layers=[])
     with pytest.raises(ValueError, match=r"does not depend on layer 'side'"):
         regularized_loss(SideBranch(), torch.randn(4, 4), y, [GradientDegeneracy(layers="side")])
-
-
-def digits(n_train=1024):
-    from sklearn.datasets import load_digits
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target)
-    return (x[:n_train], y[:n_train]), (x[n_train:n_train + 512], y[n_train:n_train + 512])
-
-
-def train_digits(regs, steps=150, seed=0):
-    """Adam on an MLP 64-32-32-10 (digits, batch 128); returns the model."""
-    (x, y), _ = digits()
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (128,), generator=g)
-        opt.zero_grad()
-        regularized_loss(model, x[idx], y[idx], regs).total.backward()
-        opt.step()
-    return model
 
 
 def test_each_penalty_lowers_its_own_quantity_in_training():

@@ -7,6 +7,7 @@ from torch import nn
 from interp_train import regularized_loss
 from interp_train.regularizers.interaction import InteractionSparsity, jacobian_l1_estimate
 from interp_train.sites import run_model
+from tests.helpers import SideBranch, digits, train_digits
 
 
 def mlp(seed=0):
@@ -80,17 +81,6 @@ def test_transformer_hooks_with_positions_include_cross_position_terms():
     assert value == pytest.approx(total / 2, rel=1e-5)
 
 
-class SideBranch(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.main = nn.Linear(4, 3)
-        self.side = nn.Linear(4, 2)
-
-    def forward(self, x):
-        self.side(x)
-        return self.main(x)
-
-
 def test_bad_input_is_a_clear_error():
     x, y = torch.randn(3, 6), torch.randint(0, 5, (3,))
     for bad in (0, -2, 1.5):
@@ -107,22 +97,10 @@ def test_bad_input_is_a_clear_error():
 
 
 def test_penalty_lowers_jacobian_l1_in_training():
-    from sklearn.datasets import load_digits
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32)[:1024] / 16.0
-    y = torch.tensor(data.target)[:1024]
-    xt = torch.tensor(data.data, dtype=torch.float32)[1024:1280] / 16.0
+    _, (xt, _) = digits(n_test=256)
 
     def train(regs):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        g = torch.Generator().manual_seed(0)
-        for _ in range(150):
-            idx = torch.randint(0, len(x), (128,), generator=g)
-            opt.zero_grad()
-            regularized_loss(model, x[idx], y[idx], regs).total.backward()
-            opt.step()
+        model = train_digits(regs)
         h1 = torch.relu(model[0](xt)).detach()
         return exact_jacobian_l1(lambda h: torch.relu(model[2](h)), h1)
 
