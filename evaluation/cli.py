@@ -183,6 +183,8 @@ def run_compare_command(args):
                              node_layers=tuple(args.layers) if args.layers else None,
                              alignment=args.alignment, tangents=args.tangents, robustness_eps=eps,
                              ratio_eps=args.ratio_eps if args.ratio_eps is not None else eps[len(eps) // 2],
+                             lib_sources=args.lib_sources, lib_edge_sources=args.lib_edge_sources,
+                             lib_jacobian_dtype="float32" if args.lib_float32 else None,
                              llc=args.llc, **{k: v for k, v in (("llc_draws", args.llc_draws),
                                                                 ("llc_chains", args.llc_chains)) if v is not None})
     result = run_compare(variants, args.out, options, baseline=args.baseline, test=args.test, alpha=args.alpha,
@@ -211,6 +213,10 @@ def _add_compare_parser(sub) -> None:
     cmp.add_argument("--ratio-eps", type=float, help="radius of the reported off/on ratio (default: middle --eps)")
     cmp.add_argument("--no-alignment", dest="alignment", action="store_false",
                      help="skip gradient alignment and robustness")
+    cmp.add_argument("--lib-sources", type=int, default=None,
+                     help="Rademacher probes over positions and hidden units for LIB's Jacobian Gram (long sequences)")
+    cmp.add_argument("--lib-edge-sources", type=int, default=None, help="Rademacher probes over positions for the edges")
+    cmp.add_argument("--lib-float32", action="store_true", help="LIB Jacobian passes in float32 (sums stay float64)")
     cmp.add_argument("--llc", action="store_true", help="also estimate the LLC (SGLD; slow)")
     cmp.add_argument("--llc-draws", type=int, default=None, help="SGLD draws per chain (default: calibrated, 200)")
     cmp.add_argument("--llc-chains", type=int, default=None, help="SGLD chains (default: 4)")

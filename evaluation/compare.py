@@ -93,6 +93,10 @@ class MeasureOptions:
     llc: opt-in (slow); llc_*: its chains, draws, step size, localization and burn-in, at
     estimate_llc's calibrated values (lr 3e-4, γ = 100, 200 burn-in steps; see its docstring:
     with lr 1e-4 and no burn-in the chains had not settled and λ̂ grew with the step size).
+    lib_sources / lib_edge_sources / lib_jacobian_dtype: LIBConfig's Rademacher probes over
+    output positions and hidden units for M′ (None: exact), over output positions for the edges,
+    and the dtype of the Jacobian passes — for long sequences, where exact LIB costs T·k
+    vector-Jacobian products per section and example.
     embed_*: token models only (see ``embedding_tangents``): the embedding reference set holds up
     to ``embed_reference`` training inputs; local PCA over ``embed_n_neighbors`` nearest
     neighbours, k = fewest directions explaining ``embed_explained_variance`` of the local
@@ -117,6 +121,9 @@ class MeasureOptions:
     llc_localization: float = 100.0
     seed: int = 0
     llc_burnin: int = 200
+    lib_sources: int | None = None
+    lib_edge_sources: int | None = None
+    lib_jacobian_dtype: str | None = None
     embed_reference: int = 4096
     embed_n_neighbors: int = 32
     embed_explained_variance: float = 0.9
@@ -439,8 +446,10 @@ def measure_run(run: Run, options: MeasureOptions, progress: bool = False) -> di
 
     layers = list(options.node_layers) if options.node_layers else default_node_layers(module)
     lib_data = [b[:1] for b in _batches(_subset(train, options.max_samples, options.seed), options.batch_size)]
-    result = fit_lib(module, lib_data, layers, LIBConfig(truncation=options.truncation, seed=options.seed),
-                     progress=progress)
+    config = LIBConfig(truncation=options.truncation, seed=options.seed, stochastic_sources=options.lib_sources,
+                       stochastic_over="positions_and_hidden" if options.lib_sources else "positions",
+                       edge_sources=options.lib_edge_sources, jacobian_dtype=options.lib_jacobian_dtype)
+    result = fit_lib(module, lib_data, layers, config, progress=progress)
     summary = summarize(result, seed=options.seed)
     metrics.update(lib_metrics(summary, layers))
     details["node_layers"] = layers

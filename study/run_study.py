@@ -38,6 +38,7 @@ class TaskPlan:
     variants: list[str]
     extra: list[str] = field(default_factory=list)  # CLI overrides applied to every run
     llc: bool = False
+    measure: dict = field(default_factory=dict)  # MeasureOptions overrides for this task
 
 
 PLANS: dict[str, TaskPlan] = {
@@ -49,10 +50,13 @@ PLANS: dict[str, TaskPlan] = {
                           "off_manifold_noise", "adversarial", "degeneracy"],
                          extra=MANIFOLD_DATA, llc=True),
     "modular_addition": TaskPlan("recipes/modular_addition", "cpu",
-                                 ["cpu", "cpu_interaction_strong"],
+                                 ["cpu", "cpu_interaction_strong", "cpu_degeneracy"],
                                  extra=["--trainer.max_steps", "1000"]),
     "text": TaskPlan("recipes/text", "baseline", ["baseline", "grad_norm", "degeneracy"],
-                     extra=["--trainer.max_steps", "300", "--trainer.val_check_interval", "100"]),
+                     extra=["--trainer.max_steps", "300", "--trainer.val_check_interval", "100"],
+                     # 64 positions: exact LIB needs 64·k VJPs per attention section and window
+                     measure=dict(max_samples=64, lib_sources=8, lib_edge_sources=1,
+                                  lib_jacobian_dtype="float32")),
 }
 
 
@@ -89,7 +93,8 @@ def compare(plan: TaskPlan, task: str, seeds: list[int], root: Path, out: Path, 
     from evaluation.compare import MeasureOptions, run_compare, runs_from_paths
 
     variants = {v: runs_from_paths(v, [run_dir(root, task, v, s) for s in seeds]) for v in plan.variants}
-    options = MeasureOptions(max_samples=max_samples, llc=plan.llc if llc is None else llc)
+    options = MeasureOptions(**{"max_samples": max_samples, "llc": plan.llc if llc is None else llc,
+                                **plan.measure})
     return run_compare(variants, out / task, options, baseline=plan.baseline, progress=progress)
 
 

@@ -371,3 +371,24 @@ def test_every_option_is_part_of_the_cache_key(tmp_path):
         MeasureOptions(embed_n_neighbors=2)
     with pytest.raises(ValueError, match=r"embed_explained_variance must be in \(0, 1\], got 1.5"):
         MeasureOptions(embed_explained_variance=1.5)
+
+
+def test_lib_probe_options_reach_fit_lib(monkeypatch, runs):
+    from evaluation import lib as lib_mod
+
+    seen = []
+    real = lib_mod.fit_lib
+
+    def spy(model, data, layers, config, **kw):
+        seen.append(config)
+        return real(model, data, layers, config, **kw)
+
+    monkeypatch.setattr(lib_mod, "fit_lib", spy)
+    run = discover_runs(runs["task_dir"])["baseline"][0]
+    options = MeasureOptions(max_samples=16, alignment=False, lib_sources=3, lib_edge_sources=2,
+                             lib_jacobian_dtype="float32")
+    entry = compare.measure_run(run, options)
+    (config,) = seen
+    assert (config.stochastic_sources, config.stochastic_over, config.edge_sources, config.jacobian_dtype) == (
+        3, "positions_and_hidden", 2, "float32")
+    assert entry["metrics"]["lib_edge_fraction_90"] > 0
