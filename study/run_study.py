@@ -51,7 +51,7 @@ PLANS: dict[str, TaskPlan] = {
                          extra=MANIFOLD_DATA, llc=True),
     "modular_addition": TaskPlan("recipes/modular_addition", "cpu",
                                  ["cpu", "cpu_interaction_strong", "cpu_degeneracy"],
-                                 extra=["--trainer.max_steps", "1000"]),
+                                 extra=["--trainer.max_steps", "1000"], llc=True),
     "text": TaskPlan("recipes/text", "baseline", ["baseline", "grad_norm", "degeneracy"],
                      extra=["--trainer.max_steps", "300", "--trainer.val_check_interval", "100"],
                      # 64 positions: exact LIB needs 64·k VJPs per attention section and window
