@@ -534,6 +534,14 @@ def verdict(comparison: Mapping[str, Any]) -> str:
     return "✓" if comparison.get("improved") else "✗"
 
 
+def _check_baseline_and_test(variants: Mapping[str, Any], baseline: str, test: str) -> None:
+    if baseline not in variants:
+        raise ValueError(f"no baseline variant {baseline!r}; variants found: {', '.join(sorted(variants))} "
+                         "(choose one with --baseline)")
+    if test not in TESTS:
+        raise ValueError(f"unknown test {test!r}; allowed: {', '.join(TESTS)}")
+
+
 def build_report(
     measurements: Mapping[str, Sequence[Mapping[str, Any]]],
     baseline: str = BASELINE,
@@ -546,11 +554,7 @@ def build_report(
     non-baseline variants, ``compare_groups(baseline values, variant values, higher_is_better)``
     plus ``arrow`` and ``verdict``. Metrics nobody measured are dropped; runs missing a value
     (None) are left out of that metric's statistics."""
-    if baseline not in measurements:
-        raise ValueError(f"no baseline variant {baseline!r}; variants found: {', '.join(sorted(measurements))} "
-                         "(choose one with --baseline)")
-    if test not in TESTS:
-        raise ValueError(f"unknown test {test!r}; allowed: {', '.join(TESTS)}")
+    _check_baseline_and_test(measurements, baseline, test)
     messages = list(messages)
     order = [baseline] + sorted(v for v in measurements if v != baseline)
     used = [m for m in METRICS if any(e["metrics"].get(m.name) is not None
@@ -658,11 +662,7 @@ def run_compare(
     ``report.md`` and the plots into ``out_dir`` (each file atomically; a re-run replaces them)."""
     from evaluation import compare_plots
 
-    if baseline not in variants:
-        raise ValueError(f"no baseline variant {baseline!r}; variants found: {', '.join(sorted(variants))} "
-                         "(choose one with --baseline)")
-    if test not in TESTS:
-        raise ValueError(f"unknown test {test!r}; allowed: {', '.join(TESTS)}")
+    _check_baseline_and_test(variants, baseline, test)  # before any (slow) measurement
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"--out {str(out_dir)!r} exists and is not a directory")

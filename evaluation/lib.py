@@ -216,18 +216,23 @@ def _centering(mean: Tensor, center: bool) -> tuple[Tensor, Tensor]:
     return Y, Y_inv
 
 
+def _eigh_kept(matrix: Tensor, truncation: float, empty_error: str) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (descending) and eigenvectors of a symmetric matrix, keeping those above
+    truncation × the largest; ValueError(empty_error) when the largest is not positive."""
+    vals, vecs = torch.linalg.eigh(matrix)
+    vals, vecs = vals.flip(0), vecs.flip(1)
+    if not vals.numel() or vals[0] <= 0:
+        raise ValueError(empty_error)
+    keep = vals > truncation * vals[0]
+    return vals[keep], vecs[:, keep]
+
+
 def _pca_frame(name: str, moments: _Moments, config: LIBConfig):
     """(Y, Y⁻¹, U_full, D_full) of step 2; raises for a layer without variation."""
     G = moments.cov() if config.center else moments.second_moment()
-    D, U = torch.linalg.eigh(G)
-    D, U = D.flip(0), U.flip(1)
-    if not D.numel() or D[0] <= 0:
-        raise ValueError(
-            f"node layer {name!r} is constant over the data (every variance is 0), so it has no "
-            "directions to fit; drop it from node_layers or use data on which it varies"
-        )
-    keep = D > config.truncation * D[0]
-    D, U = D[keep], U[:, keep]
+    D, U = _eigh_kept(G, config.truncation,
+                      f"node layer {name!r} is constant over the data (every variance is 0), so it has no "
+                      "directions to fit; drop it from node_layers or use data on which it varies")
     d, k = U.shape
     U_full = torch.zeros(d + 1, k + 1, dtype=torch.float64)
     U_full[0, 0] = 1.0
@@ -261,15 +266,9 @@ def lib_basis(name: str, moments: _Moments, M_dash: Tensor, config: LIBConfig) -
     M_full[1:, 1:] = M_dash
     M = R_pinv @ M_full @ R_pinv.T
     M = (M + M.T) / 2
-    Lam, V = torch.linalg.eigh(M[1:, 1:])
-    Lam, V = Lam.flip(0), V.flip(1)
-    if not Lam.numel() or Lam[0] <= 0:
-        raise ValueError(
-            f"node layer {name!r} has no influence on the next node layer (its Jacobian Gram is 0); "
-            "LIB cannot rank its directions"
-        )
-    keep = Lam > config.truncation * Lam[0]
-    Lam, V = Lam[keep], V[:, keep]
+    Lam, V = _eigh_kept(M[1:, 1:], config.truncation,
+                        f"node layer {name!r} has no influence on the next node layer (its Jacobian Gram "
+                        "is 0); LIB cannot rank its directions")
     lam0 = M[0, 0]
     scale0 = lam0.sqrt() if lam0 > config.truncation * Lam[0] else torch.ones((), dtype=torch.float64)
     C = torch.cat([R[:, :1] * scale0, R[:, 1:] @ V * Lam.sqrt()], dim=1)
