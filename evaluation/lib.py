@@ -34,7 +34,8 @@ is bounded by the batch size and ``chunk_elements``.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
@@ -45,6 +46,7 @@ from evaluation.edges import (
     INTEGRATION_RULES, OUTPUT, as_positions, edges_for_batch, integration_rule, jacobian_gram_for_batch,
     rademacher, section_forward,
 )
+from evaluation.structured import check_edges, check_section, find_section, structured_edges
 
 try:  # progress bars are optional
     from tqdm.auto import tqdm
@@ -55,6 +57,7 @@ except ImportError:  # pragma: no cover
 
 STOCHASTIC_OVER = ("positions", "positions_and_hidden")
 JACOBIAN_DTYPES = (None, "float32", "float64")
+JACOBIANS = ("auto", "structured", "autograd")
 EDGE_SEED_OFFSET = 0x5EED  # the edge probes get a stream of their own, independent of the M′ probes
 
 
@@ -85,6 +88,14 @@ class LIBConfig:
         original model).
     chunk_elements: bound on the elements of one batched vector-Jacobian product
         (cotangents × batch × positions × width); bounds memory, not the result.
+    jacobians: how section Jacobians are computed. "auto": in closed form for the sections
+        evaluation.structured recognises (TransformerLens attention and MLP blocks without
+        LayerNorm, the unembedding, Linear/activation chains in an nn.Sequential), each checked
+        against autograd on the first batch, and by autograd (backward passes) elsewhere;
+        "structured": closed form or an error; "autograd": backward passes everywhere. The closed
+        form is exact (float64, or ``jacobian_dtype`` float32 for the per-example edge products), so
+        ``stochastic_sources`` and ``edge_sources`` only apply to the sections computed by autograd.
+        LIBResult.methods records what each section used.
     """
 
     truncation: float = 1e-12
@@ -98,6 +109,7 @@ class LIBConfig:
     seed: int = 0
     jacobian_dtype: str | None = None
     chunk_elements: int = 2 ** 22
+    jacobians: str = "auto"
 
     def __post_init__(self):
         if not (isinstance(self.truncation, (int, float)) and 0 <= self.truncation < 1):
@@ -119,6 +131,8 @@ class LIBConfig:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.chunk_elements, int) or self.chunk_elements < 1:
             raise ValueError(f"chunk_elements must be an integer >= 1, got {self.chunk_elements!r}")
+        if self.jacobians not in JACOBIANS:
+            raise ValueError(f"unknown jacobians {self.jacobians!r}; use one of {JACOBIANS}")
 
 
 @dataclass
@@ -151,6 +165,7 @@ class LIBResult:
     lib_edges: dict[str, Tensor]   # E (k_{l+1}, k_l) float64
     pca_edges: dict[str, Tensor]
     config: LIBConfig
+    methods: dict[str, str] = field(default_factory=dict)  # per section (input layer): closed form used, or "autograd (…)"
 
 
 class _Moments:
@@ -363,10 +378,22 @@ def _fit(model, data, node_layers, config, input_fn, progress, reduce=None) -> L
     lib, pca = {last: final}, {last: final}
     generator = torch.Generator().manual_seed(config.seed)
     section_model, dtype = _section_model(model, config.jacobian_dtype)
+    closed, methods = _closed_forms(model, node_layers, config)
     for l_in, l_out in reversed(list(zip(node_layers[:-1], node_layers[1:]))):
         M_dash = None
-        for batch in tqdm(data, desc=f"LIB Jacobian Gram {l_in}", disable=not progress):
-            sp = section_forward(section_model, _model_input(batch, input_fn, dtype), l_in, l_out)
+        for index, batch in enumerate(tqdm(data, desc=f"LIB Jacobian Gram {l_in}", disable=not progress)):
+            inputs = _model_input(batch, input_fn, dtype)
+            if closed.get(l_in) is not None and index == 0:
+                problem = check_section(closed[l_in], section_model, inputs, l_in, l_out, lib[l_out].C,
+                                        config.chunk_elements)
+                if problem:
+                    _give_up_closed_form(closed, methods, l_in, l_out, problem, config)
+            if closed.get(l_in) is not None:
+                clean = _clean_activations(section_model, inputs, [l_in])[l_in]
+                part = closed[l_in].gram(clean, lib[l_out].C[1:, 1:])
+                M_dash = part if M_dash is None else M_dash + part
+                continue
+            sp = section_forward(section_model, inputs, l_in, l_out)
             probes = None
             if config.stochastic_sources is not None:
                 out = as_positions(sp.out)
@@ -379,38 +406,88 @@ def _fit(model, data, node_layers, config, input_fn, progress, reduce=None) -> L
         lib[l_in] = lib_basis(l_in, moments[l_in], M_dash / moments[l_in].n, config)
         pca[l_in] = pca_basis(l_in, moments[l_in], config)
     lib_edges, pca_edges = compute_edges(section_model, data, node_layers, lib, pca, config, input_fn, progress,
-                                         {n: m.n for n, m in moments.items()}, reduce, dtype)
+                                         {n: m.n for n, m in moments.items()}, reduce, dtype, closed, methods)
     return LIBResult(node_layers, {n: lib[n] for n in node_layers}, {n: pca[n] for n in node_layers},
-                     lib_edges, pca_edges, config)
+                     lib_edges, pca_edges, config, methods)
+
+
+def _clean_activations(model, inputs, names) -> dict[str, Tensor]:
+    """Activations (B, P, d) float64 at ``names`` from one forward pass without gradients."""
+    with torch.no_grad():
+        acts = run_model(model, inputs, record=names).activations
+    return {name: as_positions(acts[name]).to(torch.float64) for name in names}
+
+
+def _closed_forms(model, node_layers, config):
+    """({section input: closed-form section or None}, {section input: method}) per config.jacobians."""
+    closed, methods = {}, {}
+    for l_in, l_out in zip(node_layers[:-1], node_layers[1:]):
+        section, why = (None, "jacobians='autograd'") if config.jacobians == "autograd" else find_section(model, l_in, l_out)
+        if section is None and config.jacobians == "structured":
+            raise ValueError(f"no closed-form Jacobian for the section {l_in} -> {l_out} ({why}); "
+                             "use jacobians='auto' or 'autograd'")
+        closed[l_in] = section
+        methods[l_in] = f"closed form: {why}" if section is not None else f"autograd ({why})"
+    return closed, methods
+
+
+def _give_up_closed_form(closed, methods, l_in, l_out, problem, config):
+    if config.jacobians == "structured":
+        raise ValueError(f"the closed-form Jacobian of {l_in} -> {l_out} failed its check against autograd: {problem}")
+    warnings.warn(f"LIB section {l_in} -> {l_out}: {problem}; using autograd for it", RuntimeWarning, stacklevel=3)
+    closed[l_in] = None
+    methods[l_in] = f"autograd ({problem})"
 
 
 def compute_edges(model, data, node_layers, lib, pca, config, input_fn=None, progress=False, rows=None,
-                  reduce=None, input_dtype=None):
+                  reduce=None, input_dtype=None, closed=None, methods=None):
     """Edge pass: E (k_{l+1}, k_l) per section, in the LIB and the PCA bases (edges.edges_for_batch).
 
     rows: N·P per node layer (the normaliser, over all processes); counted from the data when None.
     reduce: applied to each section's edge sums and row count (see ``fit_lib``).
     input_dtype: floating-point inputs are cast to it (the dtype of ``model``, when it differs
     from the data's).
+    closed: {section input: closed-form section} (evaluation.structured) for the sections whose
+    edges are computed in closed form, checked against autograd on the first batch; methods is
+    updated when a check fails.
     """
+    closed = dict(closed or {})
+    methods = methods if methods is not None else {}
+    closed_dtype = torch.float32 if config.jacobian_dtype == "float32" else torch.float64
     alphas, weights = integration_rule(config.integration, config.n_intervals)
     generator = torch.Generator().manual_seed(config.seed + EDGE_SEED_OFFSET)
     sections = list(zip(node_layers[:-1], node_layers[1:]))
     lib_e = {l_in: 0.0 for l_in, _ in sections}
     pca_e = {l_in: 0.0 for l_in, _ in sections}
     counted = {l_in: 0 for l_in, _ in sections}
-    for batch in tqdm(data, desc="LIB edges", disable=not progress):
+    for index, batch in enumerate(tqdm(data, desc="LIB edges", disable=not progress)):
         inputs = _model_input(batch, input_fn, input_dtype)
+        if index == 0:
+            for l_in, l_out in sections:
+                if closed.get(l_in) is not None:
+                    bases = [(lib[l_in].C, lib[l_in].C_pinv, lib[l_out].C), (pca[l_in].C, pca[l_in].C_pinv, pca[l_out].C)]
+                    problem = check_edges(closed[l_in], model, inputs, l_in, l_out, (alphas, weights), bases,
+                                          config.chunk_elements, closed_dtype)
+                    if problem:
+                        _give_up_closed_form(closed, methods, l_in, l_out, problem, config)
+        clean = _clean_activations(model, inputs, [l_in for l_in, _ in sections if closed.get(l_in) is not None])
         for l_in, l_out in sections:
+            bases = [(lib[l_in].C, lib[l_in].C_pinv, lib[l_out].C), (pca[l_in].C, pca[l_in].C_pinv, pca[l_out].C)]
+            if closed.get(l_in) is not None:
+                x = clean[l_in]
+                counted[l_in] += x.shape[0] * x.shape[1]
+                e_lib, e_pca = structured_edges(closed[l_in], x, (alphas, weights), bases, config.chunk_elements,
+                                                closed_dtype)
+                lib_e[l_in] = lib_e[l_in] + e_lib
+                pca_e[l_in] = pca_e[l_in] + e_pca
+                continue
             passes = [(w, section_forward(model, inputs, l_in, l_out, alpha)) for alpha, w in zip(alphas, weights)]
             counted[l_in] += passes[0][1].clean.shape[0] * passes[0][1].clean.shape[1]
             probes = None
             if config.edge_sources is not None:  # one draw shared by every integration point
                 out = as_positions(passes[0][1].out)
                 probes = rademacher(config.edge_sources, out.shape[0], out.shape[1], generator)
-            e_lib, e_pca = edges_for_batch(
-                passes, [(lib[l_in].C, lib[l_in].C_pinv, lib[l_out].C), (pca[l_in].C, pca[l_in].C_pinv, pca[l_out].C)],
-                config.chunk_elements, probes)
+            e_lib, e_pca = edges_for_batch(passes, bases, config.chunk_elements, probes)
             lib_e[l_in] = lib_e[l_in] + e_lib
             pca_e[l_in] = pca_e[l_in] + e_pca
     if reduce is not None:

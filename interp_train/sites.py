@@ -116,6 +116,44 @@ def check_float_input(inputs: torch.Tensor, what: str) -> None:
         )
 
 
+RESID_MID = "hook_resid_mid"
+
+
+def _resid_mid_neighbours(model: nn.Module, name: str):
+    """(resid_pre hook, attn_out hook) of the TransformerLens block whose resid_mid is ``name``, or None."""
+    stem = name[: -len(RESID_MID)]
+    try:
+        pre_hook, attn_out_hook = resolve_site(model, stem + "hook_resid_pre"), resolve_site(model, stem + "hook_attn_out")
+    except KeyError:
+        return None
+    if pre_hook is None or attn_out_hook is None:
+        return None
+    return pre_hook, attn_out_hook
+
+
+def _edit_resid_mid_through_attention(pre_hook: nn.Module, attn_out_hook: nn.Module, fn: Edit):
+    """Hooks that edit a TransformerLens bridge's resid_mid on the residual stream itself.
+
+    The bridge aliases ``hook_resid_mid`` to the LayerNorm/MLP input (``ln2.hook_in``): an edit
+    there changes what the MLP reads but not the residual that is added to the MLP's output, so
+    resid_post would not depend on the edited value through the skip connection. Editing the
+    attention output instead, attn_out -> fn(resid_pre + attn_out) − resid_pre, makes the sum that
+    both paths read equal to the edited resid_mid (resid_pre as edited by any earlier hook).
+    """
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep_pre(_mod, _inp, out):
+        seen["pre"] = _first_tensor(out)
+
+    def edit_sum(_mod, _inp, out):
+        if "pre" not in seen:
+            return out
+        pre = seen.pop("pre")
+        return _replace_first(out, fn(pre + _first_tensor(out)) - pre)
+
+    return [pre_hook.register_forward_hook(keep_pre), attn_out_hook.register_forward_hook(edit_sum)]
+
+
 def run_model(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -145,6 +183,8 @@ def run_model(
 
     handles = []
     with contextlib.ExitStack() as stack:
+        rerouted = {n: (edit.pop(n), sites) for n in list(edit) if n.endswith(RESID_MID)
+                    for sites in [_resid_mid_neighbours(model, n)] if sites is not None}
         for name in dict.fromkeys([*record, *edit]):
             module = resolve_site(model, name)
             if module is None:
@@ -160,6 +200,8 @@ def run_model(
                 return out
 
             handles.append(module.register_forward_hook(hook))
+        for name, (fn, sites) in rerouted.items():  # after the hooks above, so that they see the edited resid_pre
+            handles.extend(_edit_resid_mid_through_attention(*sites, fn))
         stack.callback(lambda: [h.remove() for h in handles])
         output = model_output(model(x))
     missing = [n for n in record if n not in activations]

@@ -97,7 +97,7 @@ def test_block_diagonal_linear_network_gives_block_diagonal_edges():
 def test_stochastic_sources_exact_with_one_output_position():
     model, data = mlp(), mlp_data()
     exact = fit_lib(model, data, MLP_LAYERS, progress=False)
-    probed = fit_lib(model, data, MLP_LAYERS, LIBConfig(stochastic_sources=1, seed=3), progress=False)
+    probed = fit_lib(model, data, MLP_LAYERS, LIBConfig(stochastic_sources=1, seed=3, jacobians="autograd"), progress=False)
     for name in MLP_LAYERS:
         torch.testing.assert_close(probed.lib[name].Lambda, exact.lib[name].Lambda, atol=1e-13, rtol=1e-10)
 
@@ -187,7 +187,7 @@ def test_edges_with_probes_over_output_positions_are_unbiased():
 def test_edge_probes_are_exact_with_one_output_position():
     model, data = mlp(), mlp_data()
     exact = fit_lib(model, data, MLP_LAYERS, LIBConfig(integration="trapezoid", n_intervals=2), progress=False)
-    probed = fit_lib(model, data, MLP_LAYERS, LIBConfig(integration="trapezoid", n_intervals=2, edge_sources=1, seed=7),
+    probed = fit_lib(model, data, MLP_LAYERS, LIBConfig(integration="trapezoid", n_intervals=2, edge_sources=1, seed=7, jacobians="autograd"),
                      progress=False)
     for name in MLP_LAYERS[:-1]:
         assert exact.lib_edges[name].abs().max() > 1e-6
@@ -199,9 +199,9 @@ def test_probed_fit_of_a_transformer_is_close_but_not_identical():
     model, data = transformer(), token_data()
     exact = fit_lib(model, data, TF_LAYERS, progress=False)
     probed = fit_lib(model, data, TF_LAYERS, LIBConfig(stochastic_sources=4, stochastic_over="positions_and_hidden",
-                                                       edge_sources=4), progress=False)
+                                                       edge_sources=4, jacobians="autograd"), progress=False)
     again = fit_lib(model, data, TF_LAYERS, LIBConfig(stochastic_sources=4, stochastic_over="positions_and_hidden",
-                                                      edge_sources=4), progress=False)
+                                                      edge_sources=4, jacobians="autograd"), progress=False)
     name = TF_LAYERS[0]
     assert not torch.allclose(probed.lib_edges[name], exact.lib_edges[name], rtol=1e-3)
     torch.testing.assert_close(again.lib_edges[name], probed.lib_edges[name], rtol=0, atol=0)  # seeded

@@ -1,0 +1,127 @@
+"""Position-wise sections in closed form: out_t = x_t S + σ(x_t W_in + b_in) W_out + b (row vectors).
+
+Covers a linear map (no hidden layer: S = W), a TransformerLens MLP block with its residual
+(S = I), and chains of nn.Linear / element-wise activations in an nn.Sequential. With
+d = σ'(x W_in + b_in) per row, the Jacobian of one row is J = S + W_in diag(d) W_out (d_in × d_out).
+
+* Jacobian Gram, A = W Wᵀ (W the next layer's LIB directions), over rows r:
+  ∑_r J A Jᵀ = R·S A Sᵀ + W_in diag(∑d) W_out A Sᵀ + (…)ᵀ + W_in (K ⊙ ∑ d dᵀ) W_inᵀ, K = W_out A W_outᵀ.
+* Edges, C̃ = C⁺[:, 1:], d̄ = ∑_α w_α σ'(α x W_in + b_in):
+  M_r = (Wᵀ Sᵀ C̃ᵀ + P diag(d̄_r) Q) diag(f̂_r), P = Wᵀ W_outᵀ, Q = W_inᵀ C̃ᵀ;  E += ∑_r M_r².
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+F64 = torch.float64
+
+
+def activation_derivative(act: Callable[[Tensor], Tensor], pre: Tensor) -> Tensor:
+    """σ'(pre) of an element-wise activation, by autograd (so relu'(0) = 0, as in autograd passes)."""
+    with torch.enable_grad():
+        z = pre.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(act(z).sum(), z)
+    return g
+
+
+class PositionWiseSection:
+    """out = x S + σ(x W_in + b_in) W_out + b, per position; ``act`` None means no hidden layer."""
+
+    kind = "position-wise"
+
+    def __init__(self, S: Tensor | None, bias: Tensor | None, W_in: Tensor | None = None, b_in: Tensor | None = None,
+                 act: Callable[[Tensor], Tensor] | None = None, W_out: Tensor | None = None, name: str = "linear"):
+        if S is None and act is None:
+            raise ValueError("a position-wise section needs a linear part S or a hidden layer")
+        self.S = None if S is None else S.detach().to(F64)
+        self.bias = None if bias is None else bias.detach().to(F64)
+        self.act = act
+        if act is not None:
+            self.W_in, self.W_out = W_in.detach().to(F64), W_out.detach().to(F64)
+            self.b_in = torch.zeros(self.W_in.shape[1], dtype=F64) if b_in is None else b_in.detach().to(F64)
+        self.kind = name
+        self.d_in = (self.S if S is not None else self.W_in).shape[0]
+        self.d_out = (self.S if S is not None else self.W_out).shape[1]
+
+    def _derivative(self, x: Tensor, alpha: float = 1.0) -> Tensor:
+        return activation_derivative(self.act, alpha * x @ self.W_in + self.b_in)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (B, T, d_in) float64 -> (B, T, d_out)."""
+        out = torch.zeros(*x.shape[:-1], self.d_out, dtype=F64)
+        if self.S is not None:
+            out = out + x @ self.S
+        if self.act is not None:
+            out = out + self.act(x @ self.W_in + self.b_in) @ self.W_out
+        return out if self.bias is None else out + self.bias
+
+    def gram(self, x: Tensor, W: Tensor) -> Tensor:
+        """∑_rows J A Jᵀ (d_in × d_in) for A = W Wᵀ."""
+        rows, counts = unique_rows(x)
+        A = W @ W.T
+        M = torch.zeros(self.d_in, self.d_in, dtype=F64)
+        if self.S is not None:
+            M += counts.sum() * (self.S @ A @ self.S.T)
+        if self.act is not None:
+            d = self._derivative(rows)
+            if self.S is not None:
+                cross = self.W_in @ ((counts @ d)[:, None] * (self.W_out @ A @ self.S.T))
+                M += cross + cross.T
+            K = self.W_out @ A @ self.W_out.T
+            M += self.W_in @ (K * ((d * counts[:, None]).T @ d)) @ self.W_in.T
+        return M
+
+    def edges(self, x: Tensor, rule: tuple[list[float], list[float]], bases: list[tuple[Tensor, Tensor, Tensor]],
+              chunk_elements: int, dtype: torch.dtype = F64) -> list[Tensor]:
+        """∑_rows M_r² per basis, (k_out − 1, k_in); bases are (f̂ (B, T, k_in), C̃ (k_in, d_in), W (d_out, k_out − 1)).
+
+        With F = Wᵀ Sᵀ C̃ᵀ and G_r = P diag(d̄_r) Q: ∑_r f̂_r² (F + G_r)² = F² ∑f̂² + 2 F ⊙ P (Q ⊙ d̄ᵀ f̂²)
+        + ∑_r (f̂_r G_r)², the last one product per row (in ``dtype``); repeated rows are counted once.
+        """
+        rows, counts, first = unique_rows(x, with_index=True)
+        d_bar = None
+        if self.act is not None:
+            alphas, weights = rule
+            d_bar = sum(w * self._derivative(rows, a) for a, w in zip(alphas, weights))
+        out = []
+        for f_hat, C_t, W in bases:
+            f = f_hat.reshape(-1, f_hat.shape[-1])[first]
+            f2 = f.pow(2) * counts[:, None]
+            fixed = W.T @ self.S.T @ C_t.T if self.S is not None else torch.zeros(W.shape[1], C_t.shape[0], dtype=F64)
+            E = fixed.pow(2) * f2.sum(0)
+            if d_bar is None:  # a linear section
+                out.append(E)
+                continue
+            P, Q = W.T @ self.W_out.T, self.W_in.T @ C_t.T
+            E += 2 * fixed * (P @ (Q * (d_bar.T @ f2)))
+            scaled = (f * counts.sqrt()[:, None]).to(dtype)
+            P_d, Q_d = P.to(dtype), Q.to(dtype)
+            k_out, hidden = P.shape
+            size = max(1, min(chunk_elements, 2 ** 19) // max(1, k_out * hidden))  # small chunks stay in cache
+            E_G = torch.zeros(k_out, Q.shape[1], dtype=F64)
+            for start in range(0, rows.shape[0], size):
+                dd, ff = d_bar[start:start + size].to(dtype), scaled[start:start + size]
+                G = ((P_d[None] * dd[:, None, :]).reshape(-1, hidden) @ Q_d).reshape(dd.shape[0], k_out, -1)
+                E_G += G.mul_(ff[:, None, :]).square_().sum(0).to(F64)
+            out.append(E + E_G)
+        return out
+
+
+def unique_rows(x: Tensor, with_index: bool = False):
+    """Distinct rows of x viewed as (rows, d), their counts (float64) and, optionally, where each first occurs.
+
+    A position-wise section gives equal rows equal Jacobians and features, so each is computed once
+    (in token models, e.g., every row at position 0 is a function of the first token alone).
+    """
+    flat = x.reshape(-1, x.shape[-1])
+    rows, inverse, counts = torch.unique(flat, dim=0, return_inverse=True, return_counts=True)
+    counts = counts.to(F64)
+    if not with_index:
+        return rows, counts
+    first = torch.full((rows.shape[0],), flat.shape[0], dtype=torch.long).scatter_reduce(
+        0, inverse, torch.arange(flat.shape[0]), reduce="amin")
+    return rows, counts, first
