@@ -16,7 +16,8 @@ from typing import Any, Mapping
 
 # Bump when a measurement's definition changes: old cache entries become stale.
 # 2: token models measured at hook_embed; calibrated LLC settings.
-MEASURE_VERSION = 2
+# 3: LIB on TransformerLens models includes the skip connection of resid_mid -> resid_post.
+MEASURE_VERSION = 3
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:

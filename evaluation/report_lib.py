@@ -81,7 +81,8 @@ def _write_all(result, tmp: Path, metadata: Mapping[str, Any], ablation: Mapping
                             tmp / name, layer, metric)
         files.append(name)
     config = dataclasses.asdict(result.config) if dataclasses.is_dataclass(result.config) else result.config
-    report = {"metadata": dict(metadata), "config": config, "summary": summary,
+    report = {"metadata": dict(metadata), "config": config, "methods": dict(getattr(result, "methods", {})),
+              "summary": summary,
               "ablation": dict(ablation or {}), "files": files}
     (tmp / "lib.json").write_text(json.dumps(json_safe(report), indent=2, allow_nan=False))
     return report

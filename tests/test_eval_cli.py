@@ -48,6 +48,7 @@ def test_lib_command_writes_report_matching_the_api(checkpoint):
             "spectra.png", "edge_curves.png", "graph_lib.png", "graph_pca.png"} <= names
     assert sorted(p.name for p in tmp.iterdir()) == ["config.json", "model.pt", "report"]  # no temp dir left
     report = json.loads((out / "lib.json").read_text())
+    assert list(report["methods"].values()) == ["closed form: attention", "closed form: mlp", "closed form: unembed"]
 
     # the same fit through the Python API
     model = load_hooked_transformer_state_dict(sd, CFG)
