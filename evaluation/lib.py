@@ -462,24 +462,24 @@ def compute_edges(model, data, node_layers, lib, pca, config, input_fn=None, pro
     lib_e = {l_in: 0.0 for l_in, _ in sections}
     pca_e = {l_in: 0.0 for l_in, _ in sections}
     counted = {l_in: 0 for l_in, _ in sections}
+    bases = {l_in: [(lib[l_in].C, lib[l_in].C_pinv, lib[l_out].C), (pca[l_in].C, pca[l_in].C_pinv, pca[l_out].C)]
+             for l_in, l_out in sections}
     for index, batch in enumerate(tqdm(data, desc="LIB edges", disable=not progress)):
         inputs = _model_input(batch, input_fn, input_dtype)
         if index == 0:
             for l_in, l_out in sections:
                 if closed.get(l_in) is not None:
-                    bases = [(lib[l_in].C, lib[l_in].C_pinv, lib[l_out].C), (pca[l_in].C, pca[l_in].C_pinv, pca[l_out].C)]
-                    problem = check_edges(closed[l_in], model, inputs, l_in, l_out, (alphas, weights), bases,
+                    problem = check_edges(closed[l_in], model, inputs, l_in, l_out, (alphas, weights), bases[l_in],
                                           config.chunk_elements, closed_dtype)
                     if problem:
                         _give_up_closed_form(closed, methods, l_in, l_out, problem, config)
         clean = _clean_activations(model, inputs, [l_in for l_in, _ in sections if closed.get(l_in) is not None])
         for l_in, l_out in sections:
-            bases = [(lib[l_in].C, lib[l_in].C_pinv, lib[l_out].C), (pca[l_in].C, pca[l_in].C_pinv, pca[l_out].C)]
             if closed.get(l_in) is not None:
                 x = clean[l_in]
                 counted[l_in] += x.shape[0] * x.shape[1]
-                e_lib, e_pca = structured_edges(closed[l_in], x, (alphas, weights), bases, config.chunk_elements,
-                                                closed_dtype)
+                e_lib, e_pca = structured_edges(closed[l_in], x, (alphas, weights), bases[l_in],
+                                                config.chunk_elements, closed_dtype)
                 lib_e[l_in] = lib_e[l_in] + e_lib
                 pca_e[l_in] = pca_e[l_in] + e_pca
                 continue
@@ -489,7 +489,7 @@ def compute_edges(model, data, node_layers, lib, pca, config, input_fn=None, pro
             if config.edge_sources is not None:  # one draw shared by every integration point
                 out = as_positions(passes[0][1].out)
                 probes = rademacher(config.edge_sources, out.shape[0], out.shape[1], generator)
-            e_lib, e_pca = edges_for_batch(passes, bases, config.chunk_elements, probes)
+            e_lib, e_pca = edges_for_batch(passes, bases[l_in], config.chunk_elements, probes)
             lib_e[l_in] = lib_e[l_in] + e_lib
             pca_e[l_in] = pca_e[l_in] + e_pca
     if reduce is not None:

@@ -75,15 +75,14 @@ def _transformer_lens_section(model: nn.Module, l_in: str, l_out: str):
         if type(mlp).__name__ != "NativeMLP" or getattr(mlp, "ln", None) is not None or act_fn.startswith("solu"):
             return None, f"MLP {type(mlp).__name__} ({act_fn}) is not an element-wise MLP"
         eye = torch.eye(block.mlp.W_in.shape[0], dtype=F64)
-        return PositionWiseSection(eye, block.mlp.b_out, block.mlp.W_in, block.mlp.b_in, mlp.act, block.mlp.W_out,
-                                   name="mlp"), "mlp"
+        return PositionWiseSection(eye, block.mlp.b_out, block.mlp.W_in, block.mlp.b_in, mlp.act, block.mlp.W_out), "mlp"
     if kind == "post" and target == (i + 1, "pre"):
         d = bridge.cfg.d_model
-        return PositionWiseSection(torch.eye(d, dtype=F64), None, name="identity"), "identity"
+        return PositionWiseSection(torch.eye(d, dtype=F64), None), "identity"
     if kind == "post" and l_out == OUTPUT and i == n_layers - 1:
         if not isinstance(_inner(bridge.ln_final), nn.Identity):
             return None, "unembedding behind a LayerNorm"
-        return PositionWiseSection(bridge.unembed.W_U, bridge.unembed.b_U, name="unembed"), "unembed"
+        return PositionWiseSection(bridge.unembed.W_U, bridge.unembed.b_U), "unembed"
     return None, f"no closed form for {l_in} -> {l_out}"
 
 
@@ -114,37 +113,18 @@ def _sequential_section(model: nn.Module, l_in: str, l_out: str):
     lin = [m for m in chain if isinstance(m, nn.Linear)]
     act = next((m for m in chain if isinstance(m, ELEMENTWISE)), None)
     if kinds == "L":
-        return PositionWiseSection(lin[0].weight.T, lin[0].bias, name="linear"), "linear"
-    d_in = lin[0].in_features if kinds[0] == "L" else (lin[0].out_features if lin else None)
-    if d_in is None:  # a lone activation: its width is known only from the data
-        return _ActivationOnly(act), "activation"
+        return PositionWiseSection(lin[0].weight.T, lin[0].bias), "linear"
+    if kinds == "a":  # a lone activation: its width from the nearest Linear before or after it
+        before = [m for m in list(seq)[:start] if isinstance(m, nn.Linear)]
+        after = [m for m in list(seq)[stop:] if isinstance(m, nn.Linear)]
+        if not before and not after:
+            return None, "an activation whose width no neighbouring nn.Linear gives"
+        eye = torch.eye(before[-1].out_features if before else after[0].in_features, dtype=F64)
+        return PositionWiseSection(None, None, eye, None, act, eye), "activation"
+    d_in = lin[0].in_features if kinds[0] == "L" else lin[0].out_features
     W_in, b_in = (lin[0].weight.T, lin[0].bias) if kinds[0] == "L" else (torch.eye(d_in, dtype=F64), None)
     W_out, b_out = (lin[-1].weight.T, lin[-1].bias) if kinds[-1] == "L" else (torch.eye(W_in.shape[1], dtype=F64), None)
-    return PositionWiseSection(None, b_out, W_in, b_in, act, W_out, name="mlp"), "mlp"
-
-
-class _ActivationOnly:
-    """An element-wise activation alone (out = σ(x)); built on the first batch, when the width is known."""
-
-    kind = "activation"
-
-    def __init__(self, act):
-        self.act, self._section = act, None
-
-    def _get(self, d: int) -> PositionWiseSection:
-        if self._section is None or self._section.d_in != d:
-            eye = torch.eye(d, dtype=F64)
-            self._section = PositionWiseSection(None, None, eye, None, self.act, eye, name="activation")
-        return self._section
-
-    def forward(self, x):
-        return self._get(x.shape[-1]).forward(x)
-
-    def gram(self, x, W):
-        return self._get(x.shape[-1]).gram(x, W)
-
-    def edges(self, x, rule, bases, chunk_elements, dtype=F64):
-        return self._get(x.shape[-1]).edges(x, rule, bases, chunk_elements, dtype)
+    return PositionWiseSection(None, b_out, W_in, b_in, act, W_out), "mlp"
 
 
 def find_section(model: nn.Module, l_in: str, l_out: str):

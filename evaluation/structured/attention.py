@@ -29,8 +29,6 @@ F64 = torch.float64
 class AttentionSection:
     """out = x + attention(x); weights in TransformerLens layout W_Q/W_K/W_V (H, d_in, d_h), W_O (H, d_h, d_out)."""
 
-    kind = "attention"
-
     def __init__(self, W_Q, b_Q, W_K, b_K, W_V, b_V, W_O, b_O, scale: float, causal: bool = True):
         cast = lambda t: t.detach().to(F64)  # noqa: E731
         self.W_Q, self.W_K, self.W_V, self.W_O = cast(W_Q), cast(W_K), cast(W_V), cast(W_O)

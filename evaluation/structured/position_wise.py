@@ -31,10 +31,8 @@ def activation_derivative(act: Callable[[Tensor], Tensor], pre: Tensor) -> Tenso
 class PositionWiseSection:
     """out = x S + σ(x W_in + b_in) W_out + b, per position; ``act`` None means no hidden layer."""
 
-    kind = "position-wise"
-
     def __init__(self, S: Tensor | None, bias: Tensor | None, W_in: Tensor | None = None, b_in: Tensor | None = None,
-                 act: Callable[[Tensor], Tensor] | None = None, W_out: Tensor | None = None, name: str = "linear"):
+                 act: Callable[[Tensor], Tensor] | None = None, W_out: Tensor | None = None):
         if S is None and act is None:
             raise ValueError("a position-wise section needs a linear part S or a hidden layer")
         self.S = None if S is None else S.detach().to(F64)
@@ -43,7 +41,6 @@ class PositionWiseSection:
         if act is not None:
             self.W_in, self.W_out = W_in.detach().to(F64), W_out.detach().to(F64)
             self.b_in = torch.zeros(self.W_in.shape[1], dtype=F64) if b_in is None else b_in.detach().to(F64)
-        self.kind = name
         self.d_in = (self.S if S is not None else self.W_in).shape[0]
         self.d_out = (self.S if S is not None else self.W_out).shape[1]
 
