@@ -33,7 +33,7 @@ def child(samples: int, batch: int, threads: int, out: str) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    from evaluation.distributed import all_reduce_sum, fit_lib_distributed, init_from_env, launched_by_torchrun
+    from evaluation.lib.distributed import all_reduce_sum, fit_lib_distributed, init_from_env, launched_by_torchrun
 
     rank = init_from_env("gloo")[0] if launched_by_torchrun() else 0
     model = build(128)
@@ -51,7 +51,7 @@ def child(samples: int, batch: int, threads: int, out: str) -> None:
 
 
 def run_case(nproc: int, threads: int, samples: int, batch: int, out: str) -> dict:
-    from evaluation.distributed import free_port
+    from evaluation.lib.distributed import free_port
 
     args = [__file__, "--child", str(samples), str(batch), str(threads), out]
     if nproc == 1:

@@ -1,18 +1,18 @@
 """DESIGN.md §4 reference figures on a trained modular-addition transformer, LIB next to PCA, and
-the Fourier content of the top directions (issue 5; evaluation.fourier).
+the Fourier content of the top directions (issue 5; evaluation.metrics.fourier).
 
     python benchmarks/lib_modular_reference.py [--run-dir RUN | --variant cpu|baseline [--max-steps N]]
         [--stop-at ACC] [--threads 1] [--batch-size 1024] [--out results.json]
 
 Loads a trained recipe run (``--run-dir``, via interp_train.recipes.load_recipe) or trains the
 recipe ``recipes/modular_addition/<variant>.yaml`` through the ``interp-train fit`` path into
-``--root`` (default: a temporary folder). Then fits LIB + PCA (evaluation.lib.fit_lib, default
+``--root`` (default: a temporary folder). Then fits LIB + PCA (evaluation.lib.fit.fit_lib, default
 LIBConfig) on ALL p² inputs with node layers resid_pre, resid_mid, resid_post, logits, and prints
 
 * per node layer: directions for 99 % of ∑Λ (LIB) / of the variance (PCA), constant excluded;
 * per section: edges for 90 % of the total edge weight (LIB / PCA), constant node excluded;
 * per node layer: Fourier fraction (best 1, 2 and 3 frequencies over cos/sin of k·a, k·b, k·(a+b))
-  of the top LIB and PCA directions and of random directions (evaluation.fourier.fourier_table).
+  of the top LIB and PCA directions and of random directions (evaluation.metrics.fourier.fourier_table).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def train_recipe(variant: str, root: str, max_steps: int | None, stop_at: float 
 
 def fit_reference(model, p: int, batch_size: int = 1024, progress: bool = False):
     """LIB + PCA (default LIBConfig) on all p² inputs; node layers LAYERS."""
-    from evaluation.lib import LIBConfig, fit_lib
+    from evaluation.lib.fit import LIBConfig, fit_lib
     from interp_train.data.modular import modular_addition_table
 
     tokens, targets = modular_addition_table(p)
@@ -88,7 +88,7 @@ def fit_reference(model, p: int, batch_size: int = 1024, progress: bool = False)
 
 def reference_figures(result) -> dict:
     """{"directions_99": {layer: {"lib", "pca"}}, "edges_90": {layer: {"lib", "pca"}}} (constant excluded)."""
-    from evaluation.metrics import edges_for_fraction, feature_count
+    from evaluation.metrics.lib_summary import edges_for_fraction, feature_count
 
     dirs = {SHORT[l]: {"lib": feature_count(result.lib[l].Lambda, 0.99), "pca": feature_count(result.pca[l].Lambda, 0.99),
                        "kept_lib": int(result.lib[l].Lambda.numel() - 1), "kept_pca": int(result.pca[l].Lambda.numel() - 1)}
@@ -136,7 +136,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from evaluation.fourier import fourier_table
+    from evaluation.metrics.fourier import fourier_table
     from interp_train.recipes import load_recipe
 
     with tempfile.TemporaryDirectory() as tmp:

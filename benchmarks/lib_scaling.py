@@ -8,7 +8,7 @@ per-example edge products; "autograd": backward passes; "probes"/"probes32": Rad
 its deviation from the exact fit (relative error of Λ per layer and of the edge total per section,
 and the number of LIB edges holding 90 % of each section's edge weight); growth with the number of
 samples (x1, x2, x4) and with d_model (64, 128, 256) for one setting; and the ratio against the
-naive dense reference (evaluation/naive.py) on a small subset. Each measurement runs in a fresh
+naive dense reference (evaluation/lib/naive.py) on a small subset. Each measurement runs in a fresh
 subprocess so that its peak resident memory (ru_maxrss) is its own. The load average is printed:
 the machine may be shared.
 
@@ -30,7 +30,7 @@ import time
 P = 113
 LAYERS = ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid", "blocks.0.hook_resid_post", "output"]
 SETTINGS = {  # LIBConfig keyword arguments per named setting
-    "exact": {},  # closed-form section Jacobians (evaluation.structured), float64
+    "exact": {},  # closed-form section Jacobians (evaluation.lib.sections), float64
     "autograd": {"jacobians": "autograd"},  # the same fit from backward passes
     "float32": {"jacobian_dtype": "float32"},  # closed form with float32 per-example edge products
     "probes": {"jacobians": "autograd", "stochastic_sources": 8, "stochastic_over": "positions_and_hidden", "edge_sources": 1},
@@ -67,8 +67,8 @@ def edges_for_fraction(E, fraction: float = 0.9) -> int:
 def measure(kind: str, n: int, d_model: int, batch: int, threads: int, save: str | None) -> dict:
     import torch
     torch.set_num_threads(threads)
-    from evaluation.lib import LIBConfig, fit_lib
-    from evaluation.naive import naive_fit_lib
+    from evaluation.lib.fit import LIBConfig, fit_lib
+    from evaluation.lib.naive import naive_fit_lib
     model = build(d_model)
     toks = pairs(n)
     data = [toks[i:i + batch] for i in range(0, n, batch)]

@@ -1,4 +1,4 @@
-"""Calibrates evaluation.llc.estimate_llc's SGLD settings on two recipes (issue 6).
+"""Calibrates evaluation.metrics.llc.estimate_llc's SGLD settings on two recipes (issue 6).
 
     python benchmarks/llc_calibration.py [--tasks digits modular] [--lrs 1e-5 3e-5 1e-4 3e-4]
         [--localizations 1 10 100] [--chains 4] [--draws 200] [--burnin 0] [--batch-size 256] [--threads 1]
@@ -11,7 +11,7 @@ The estimator sees exactly what ``interp-eval compare`` gives it: the training s
 batches of ``--batch-size``, per-example cross-entropy, nβ = B / log B.
 
 For every (lr, γ) of the grid, and for lr/2 at the same γ (the stability check), it prints λ̂
-(mean over chains), its std over chains, the chain health (devinterp SGLD; evaluation.llc's
+(mean over chains), its std over chains, the chain health (devinterp SGLD; evaluation.metrics.llc's
 checks: non-finite, negative, diverging) and the relative change of λ̂ when lr halves:
     stable = |λ̂(lr/2) − λ̂(lr)| / |λ̂(lr)|.
 A setting is usable when both runs are healthy, λ̂ > 0 and the change is small (< 0.2); the
@@ -39,7 +39,7 @@ STABLE_REL = 0.2
 
 def load_or_train(task: str, train_steps: int, tmp: str):
     """(model in eval mode, datamodule) from the study run if present, else trained briefly."""
-    from evaluation.checkpoints import load_checkpoint
+    from evaluation.io.checkpoints import load_checkpoint
 
     ckpt = RUNS[task] / "checkpoints" / "last.ckpt"
     if not ckpt.is_file():
@@ -56,13 +56,13 @@ def load_or_train(task: str, train_steps: int, tmp: str):
 
 
 def train_batches(datamodule, batch_size: int):
-    from evaluation.compare import _batches, _split_tensors
+    from evaluation.compare.core import _batches, _split_tensors
 
     return _batches(_split_tensors(datamodule, "train"), batch_size)
 
 
 def run_one(model, batches, lr: float, localization: float, chains: int, draws: int, burnin: int) -> dict:
-    from evaluation.llc import estimate_llc
+    from evaluation.metrics.llc import estimate_llc
     from interp_train.losses import per_example_cross_entropy
 
     start = time.process_time()

@@ -8,20 +8,20 @@
                         [--alpha A] [--max-samples N] [--layers L ...] [--tangents KIND] [--eps E ...]
                         [--ratio-eps E] [--no-alignment] [--llc] --out DIR
 
-compare: ROOT is a task directory of recipe runs ``<variant>/seed<k>/`` (evaluation.compare);
+compare: ROOT is a task directory of recipe runs ``<variant>/seed<k>/`` (evaluation.compare.core);
 --variant adds or names runs explicitly. DIR keeps a per-checkpoint cache, so a re-run only
 measures new or changed checkpoints; report.md/report.json/plots are replaced.
 
 CHECKPOINT: a HookedTransformer-format state dict (with --config, or with a stored config),
 a TransformerBridge state dict, or an interp-train recipe's Lightning .ckpt (see
-evaluation.checkpoints). SPEC: ``modular-addition:p=113`` (all p² inputs ``a b =`` with
+evaluation.io.checkpoints). SPEC: ``modular-addition:p=113`` (all p² inputs ``a b =`` with
 target (a + b) mod p; ``=`` is token p) or a torch file holding ``{"inputs": X, "targets": y}``;
 a recipe's own data module is used when --data is omitted.
 
 lib --nproc N: fit on N processes of this machine; the command re-launches itself with
 ``python -m torch.distributed.run --nproc_per_node N`` (equivalently, start it yourself:
 ``torchrun --nproc_per_node N -m evaluation.cli lib ...``). Process r takes batches r, r + N, ...;
-the sums of the fit are all-reduced (evaluation.distributed); rank 0 alone runs the ablation
+the sums of the fit are all-reduced (evaluation.lib.distributed); rank 0 alone runs the ablation
 curves and writes the report.
 """
 
@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from evaluation.checkpoints import load_checkpoint
-from evaluation.report_lib import check_out_dir, write_lib_report
+from evaluation.io.checkpoints import load_checkpoint
+from evaluation.lib.report import check_out_dir, write_lib_report
 
 
 def modular_addition_data(p: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,9 +123,9 @@ def _ablation_ks(n: int) -> list[int]:
 
 
 def run_lib(args) -> dict:
-    from evaluation.distributed import fit_lib_distributed, init_from_env, launched_by_torchrun
-    from evaluation.lib import LIBConfig, fit_lib
-    from evaluation.metrics import node_ablation_curve
+    from evaluation.lib.distributed import fit_lib_distributed, init_from_env, launched_by_torchrun
+    from evaluation.lib.fit import LIBConfig, fit_lib
+    from evaluation.metrics.lib_summary import node_ablation_curve
 
     out_dir = check_out_dir(args.out)  # fail before the expensive fit
     rank = init_from_env()[0] if launched_by_torchrun() else 0
@@ -169,7 +169,7 @@ def run_lib(args) -> dict:
 
 
 def run_compare_command(args):
-    from evaluation.compare import MeasureOptions, discover_runs, run_compare, runs_from_paths
+    from evaluation.compare.core import MeasureOptions, discover_runs, run_compare, runs_from_paths
 
     if args.root is None and not args.variant:
         raise ValueError("give a task directory of runs (ROOT) or at least one --variant NAME RUN [RUN ...]")
@@ -271,13 +271,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _in_torchrun() -> bool:
-    from evaluation.distributed import launched_by_torchrun
+    from evaluation.lib.distributed import launched_by_torchrun
 
     return launched_by_torchrun()
 
 
 def _relaunch(nproc: int, argv: list[str]) -> int:
-    from evaluation.distributed import relaunch_with_torchrun
+    from evaluation.lib.distributed import relaunch_with_torchrun
 
     # torch.distributed.run would read "--nproc" as an abbreviation of its own options
     child, skip = [], False

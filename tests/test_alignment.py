@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from evaluation.alignment import gradient_alignment
+from evaluation.metrics.alignment import gradient_alignment
 from interp_train.losses import per_example_cross_entropy
 from tests.helpers import tiny_mlp
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from evaluation.checkpoints import (
+from evaluation.io.checkpoints import (
     bridge_to_hooked_transformer_state_dict, load_checkpoint, load_hooked_transformer_state_dict,
 )
 
@@ -66,7 +66,7 @@ def test_loaded_bridge_matches_hand_written_forward():
 
 
 def test_round_trip_native_to_ht_to_native():
-    from evaluation.checkpoints import _native_model
+    from evaluation.io.checkpoints import _native_model
 
     native = _native_model(CONFIG)
     with torch.no_grad():  # non-zero biases so that bias conversions are exercised too

@@ -9,11 +9,11 @@ import pytest
 import torch
 from scipy import stats as scipy_stats
 
-from evaluation import compare
+from evaluation.compare import core as compare
 from evaluation.cli import main as eval_main
-from evaluation.cache import cache_key
-from evaluation.compare import MeasureOptions, build_report, discover_runs, run_compare, runs_from_paths
-from evaluation.stats import compare_groups
+from evaluation.compare.cache import cache_key
+from evaluation.compare.core import MeasureOptions, build_report, discover_runs, run_compare, runs_from_paths
+from evaluation.compare.stats import compare_groups
 
 OPTIONS = MeasureOptions(max_samples=64)
 
@@ -79,11 +79,11 @@ def test_discovery_and_empty_dir(runs, tmp_path):
 
 
 def test_report_matches_the_underlying_api(runs, tmp_path):
-    from evaluation.alignment import gradient_alignment
-    from evaluation.checkpoints import load_checkpoint
-    from evaluation.lib import LIBConfig, fit_lib
-    from evaluation.metrics import summarize
-    from evaluation.robustness import evaluate_accuracy, manifold_robustness
+    from evaluation.metrics.alignment import gradient_alignment
+    from evaluation.io.checkpoints import load_checkpoint
+    from evaluation.lib.fit import LIBConfig, fit_lib
+    from evaluation.metrics.lib_summary import summarize
+    from evaluation.metrics.robustness import evaluate_accuracy, manifold_robustness
     from interp_train.tangents import LocalPCATangents
 
     result = run_compare(discover_runs(runs["task_dir"]), tmp_path / "out", OPTIONS, progress=False)
@@ -261,8 +261,8 @@ def _train_yaml(tmp, text, name):
 
 
 def test_manifold_run_uses_exact_tangents(runs):
-    from evaluation.alignment import gradient_alignment
-    from evaluation.checkpoints import load_checkpoint
+    from evaluation.metrics.alignment import gradient_alignment
+    from evaluation.io.checkpoints import load_checkpoint
 
     run = _train_yaml(runs["tmp"], MANIFOLD, "manifold")
     entry = compare.measure_run(run, OPTIONS)
@@ -289,9 +289,9 @@ def _embeddings(model, tokens):
 
 
 def test_token_run_measures_alignment_at_the_embedding(runs):
-    from evaluation.alignment import gradient_alignment
-    from evaluation.checkpoints import load_checkpoint
-    from evaluation.robustness import manifold_robustness
+    from evaluation.metrics.alignment import gradient_alignment
+    from evaluation.io.checkpoints import load_checkpoint
+    from evaluation.metrics.robustness import manifold_robustness
     from interp_train.tangents import LocalPCATangents
 
     run = _train_yaml(runs["tmp"], MODULAR, "modular")
@@ -374,7 +374,7 @@ def test_every_option_is_part_of_the_cache_key(tmp_path):
 
 
 def test_lib_probe_options_reach_fit_lib(monkeypatch, runs):
-    from evaluation import lib as lib_mod
+    from evaluation.lib import fit as lib_mod
 
     seen = []
     real = lib_mod.fit_lib

@@ -26,7 +26,7 @@ if str(REPO) not in sys.path:  # when run as a script by torchrun
 
 import lightning as L  # noqa: E402
 
-from evaluation.distributed import gather_rows, global_batch  # noqa: E402
+from evaluation.lib.distributed import gather_rows, global_batch  # noqa: E402
 from interp_train.lightning import attach_regularizers  # noqa: E402
 from interp_train.regularizers import (  # noqa: E402
     ActivationDegeneracy,
@@ -231,7 +231,7 @@ TF_LAYERS = ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid", "blocks.0.hoo
 
 def lib_cases():
     """(name, model, batches, node layers, config): 5 uneven batches, so rank 0 gets 3 and rank 1 2."""
-    from evaluation.lib import LIBConfig
+    from evaluation.lib.fit import LIBConfig
     from transformer_lens import TransformerBridge, TransformerBridgeConfig
 
     torch.manual_seed(1)
@@ -257,7 +257,7 @@ def lib_tensors(result) -> dict[str, torch.Tensor]:
 
 def lib_worker(out_dir: str) -> None:
     """Run by each torchrun process: fit_lib_distributed on every case; every rank saves its result."""
-    from evaluation.distributed import fit_lib_distributed, init_from_env
+    from evaluation.lib.distributed import fit_lib_distributed, init_from_env
 
     torch.set_num_threads(1)
     rank, _ = init_from_env("gloo")
@@ -277,7 +277,7 @@ def assert_same_up_to_column_signs(got: dict[str, torch.Tensor], want: dict[str,
 
 
 def test_distributed_lib_equals_single_process_fit(two_process_run):
-    from evaluation.lib import fit_lib
+    from evaluation.lib.fit import fit_lib
 
     ranks = [torch.load(two_process_run / f"lib_rank{r}.pt") for r in range(2)]
     for name, model, batches, layers, config in lib_cases():
@@ -288,15 +288,15 @@ def test_distributed_lib_equals_single_process_fit(two_process_run):
 
 
 def test_fit_lib_distributed_needs_a_batch_per_process():
-    from evaluation.distributed import fit_lib_distributed
-    from evaluation.lib import fit_lib
+    from evaluation.lib.distributed import fit_lib_distributed
+    from evaluation.lib.fit import fit_lib
 
     name, model, batches, layers, config = lib_cases()[0]
     single = fit_lib_distributed(model, batches, layers, config, progress=False)  # no process group: fit_lib
     for key, value in lib_tensors(fit_lib(model, batches, layers, config, progress=False)).items():
         torch.testing.assert_close(lib_tensors(single)[key], value, rtol=0, atol=0)
     # two ranks with one batch: caught before any collective
-    import evaluation.distributed as distributed
+    import evaluation.lib.distributed as distributed
     original = distributed.rank_and_world
     distributed.rank_and_world = lambda: (0, 2)
     try:

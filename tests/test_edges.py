@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from evaluation.edges import integration_rule, jacobian_gram_for_batch, rademacher, section_forward
-from evaluation.lib import LIBConfig, fit_lib
+from evaluation.lib.edges import integration_rule, jacobian_gram_for_batch, rademacher, section_forward
+from evaluation.lib.fit import LIBConfig, fit_lib
 from tests.test_lib import MLP_LAYERS, TF_LAYERS, mlp, mlp_data, token_data, transformer
 
 F64 = torch.float64
@@ -121,7 +121,7 @@ def test_stochastic_jacobian_gram_is_unbiased_over_positions():
 
 def test_shared_raw_gradients_equal_per_basis_cotangents():
     """edges_for_batch projects raw output-unit gradients when the bases are wide; same numbers."""
-    from evaluation.edges import edges_for_batch
+    from evaluation.lib.edges import edges_for_batch
     model = transformer()
     data = token_data(n=8, batch=8)
     res = fit_lib(model, data, TF_LAYERS, progress=False)
@@ -168,7 +168,7 @@ def test_jacobian_gram_with_probes_over_positions_and_hidden_units_is_unbiased()
 
 def test_edges_with_probes_over_output_positions_are_unbiased():
     """(1/S) ∑_r (∑_t r_t A_t)² over the attention section with a trapezoid rule (probes shared over α)."""
-    from evaluation.edges import edges_for_batch
+    from evaluation.lib.edges import edges_for_batch
     model, toks, res, _ = transformer_section()
     l_in, l_out = TF_LAYERS[0], TF_LAYERS[1]
     passes = [(w, section_forward(model, toks, l_in, l_out, a)) for a, w in zip(*integration_rule("trapezoid", 2))]
@@ -211,7 +211,7 @@ def test_probed_fit_of_a_transformer_is_close_but_not_identical():
 
 
 def test_output_dependence_finds_causal_attention_and_position_wise_mlp():
-    from evaluation.edges import output_dependence
+    from evaluation.lib.edges import output_dependence
     model, toks, _, attn = transformer_section()
     mlp_sp = section_forward(model, toks, TF_LAYERS[1], TF_LAYERS[2])
     causal = torch.tril(torch.ones(3, 3, dtype=torch.bool))
@@ -220,7 +220,7 @@ def test_output_dependence_finds_causal_attention_and_position_wise_mlp():
 
 
 def test_position_groups_share_cotangents_only_between_disjoint_supports():
-    from evaluation.edges import position_groups
+    from evaluation.lib.edges import position_groups
     assert position_groups(torch.eye(4, dtype=torch.bool)) == [[0, 1, 2, 3]]
     assert position_groups(torch.tril(torch.ones(3, 3, dtype=torch.bool))) == [[0], [1], [2]]
     dep = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 1, 1], [0, 1, 1, 0]], dtype=torch.bool)
@@ -229,7 +229,7 @@ def test_position_groups_share_cotangents_only_between_disjoint_supports():
 
 def test_grouped_exact_gram_equals_one_cotangent_per_position():
     """The grouped M′ of the position-wise MLP section equals the ungrouped sum over (t, i) cotangents."""
-    from evaluation.edges import Cotangents, batched_vjp
+    from evaluation.lib.edges import Cotangents, batched_vjp
     _, _, res, _ = transformer_section()
     model = transformer()
     toks = token_data(n=8, batch=8)[0][0]

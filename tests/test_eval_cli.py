@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from evaluation.checkpoints import load_hooked_transformer_state_dict
+from evaluation.io.checkpoints import load_hooked_transformer_state_dict
 from evaluation.cli import main, modular_addition_data, parse_data
-from evaluation.lib import LIBConfig, fit_lib
-from evaluation.metrics import summarize
+from evaluation.lib.fit import LIBConfig, fit_lib
+from evaluation.metrics.lib_summary import summarize
 from tests.test_checkpoints import random_ht_state_dict
 
 P = 5
@@ -96,7 +96,7 @@ def test_lib_command_errors_write_nothing(checkpoint, capsys):
 
 
 def test_report_writer_leaves_nothing_on_error(tmp_path, monkeypatch):
-    from evaluation import plots, report_lib
+    from evaluation.lib import plots, report as report_lib
     from tests.test_metrics import E3, Basis, FakeResult
 
     lam = torch.tensor([1.0, 3.0, 2.0], dtype=torch.float64)

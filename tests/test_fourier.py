@@ -1,4 +1,4 @@
-"""Fourier content of modular-addition features (evaluation.fourier; issue 5).
+"""Fourier content of modular-addition features (evaluation.metrics.fourier; issue 5).
 
 Fast tests check the measurement on synthetic features with known Fourier content against
 exact fractions and a naive least-squares fit. The slow test trains the recipe's CPU variant
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation.fourier import (
+from evaluation.metrics.fourier import (
     default_positions, direction_values, fourier_design, fourier_fractions, fourier_table, random_directions,
     variance_share,
 )
@@ -187,8 +187,8 @@ def test_top_lib_directions_of_trained_modular_addition_are_fourier(trained_modu
     resid_post 0.91–0.93. Trained on to 3000 steps (98.4 %): resid_mid best-2 0.96–0.98, resid_post
     best-3 0.77–0.93 (random 0.65–0.95).
     """
-    from evaluation.lib import LIBConfig, fit_lib
-    from evaluation.metrics import feature_count
+    from evaluation.lib.fit import LIBConfig, fit_lib
+    from evaluation.metrics.lib_summary import feature_count
     from interp_train.data.modular import modular_addition_table
 
     module, datamodule, info = trained_modular

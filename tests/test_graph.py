@@ -8,7 +8,7 @@ import pytest
 import torch
 from networkx.algorithms.community import modularity as nx_modularity
 
-from evaluation.graph import edge_threshold, interaction_graph, modularity, set_communities, write_graphml
+from evaluation.metrics.graph import edge_threshold, interaction_graph, modularity, set_communities, write_graphml
 
 E3 = torch.tensor([[9.0, 9.0, 9.0], [9.0, 4.0, 1.0], [9.0, 3.0, 2.0]], dtype=torch.float64)
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from evaluation.lib import LIBConfig, fit_lib
-from evaluation.naive import naive_fit_lib
+from evaluation.lib.fit import LIBConfig, fit_lib
+from evaluation.lib.naive import naive_fit_lib
 from interp_train.sites import run_model
 
 F64 = torch.float64

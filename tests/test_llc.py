@@ -7,7 +7,7 @@ from torch import nn
 
 pytest.importorskip("devinterp")
 
-from evaluation.llc import chain_problems, estimate_llc  # noqa: E402
+from evaluation.metrics.llc import chain_problems, estimate_llc  # noqa: E402
 from interp_train.losses import per_example_mse  # noqa: E402
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from evaluation.metrics import (
+from evaluation.metrics.lib_summary import (
     edges_for_fraction, feature_count, gini, node_ablation_curve, project_top_k, summarize,
 )
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from evaluation.robustness import evaluate_accuracy, manifold_robustness
+from evaluation.metrics.robustness import evaluate_accuracy, manifold_robustness
 from interp_train.tangents import GlobalPCATangents
 from tests.helpers import tiny_mlp
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from evaluation.stats import compare_groups, permutation_test, welch_t_test
+from evaluation.compare.stats import compare_groups, permutation_test, welch_t_test
 
 
 @pytest.mark.parametrize("na,nb,shift,scale", [(3, 3, 1.0, 1.0), (5, 8, 0.3, 3.0), (2, 6, -2.0, 0.1)])

@@ -1,12 +1,12 @@
-"""Closed-form section Jacobians (evaluation.structured) against the naive jacrev reference and autograd."""
+"""Closed-form section Jacobians (evaluation.lib.sections) against the naive jacrev reference and autograd."""
 
 import pytest
 import torch
 from torch import nn
 
-from evaluation.lib import LIBConfig, fit_lib
-from evaluation.naive import naive_fit_lib
-from evaluation.structured import find_section
+from evaluation.lib.fit import LIBConfig, fit_lib
+from evaluation.lib.naive import naive_fit_lib
+from evaluation.lib.sections import find_section
 from interp_train.sites import run_model
 from tests.test_lib import assert_same_fit
 
@@ -90,7 +90,7 @@ def test_repeated_rows_are_counted_once_but_weighted():
 ])
 def test_a_section_failing_its_check_falls_back_to_autograd(monkeypatch, break_it, message):
     """A wrong closed form (a mis-read attention scale, a wrong Gram) is caught on the first batch."""
-    import evaluation.lib as lib
+    import evaluation.lib.fit as lib
     model, data, layers = bridge(n_layers=1), tokens(), resid_layers(1)
 
     def wrong(model, l_in, l_out):

@@ -25,10 +25,10 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import save_file
 
-from evaluation import plots
+from evaluation.lib import plots
 from interp_train.io import json_safe
-from evaluation.graph import interaction_graph, modularity, set_communities, write_graphml
-from evaluation.metrics import summarize
+from evaluation.metrics.graph import interaction_graph, modularity, set_communities, write_graphml
+from evaluation.metrics.lib_summary import summarize
 
 
 def check_out_dir(out_dir) -> Path:

@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from evaluation.graph import interaction_graph, modularity
+from evaluation.metrics.graph import interaction_graph, modularity
 
 FRACTIONS = (0.9, 0.99)
 RESOLUTIONS = (0.5, 1.0)

@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from evaluation.alignment import eval_mode, iterate_batches, tangent_basis
+from evaluation.metrics.alignment import eval_mode, iterate_batches, tangent_basis
 from interp_train.losses import per_example_cross_entropy
 from interp_train.sites import INPUT, check_float_input, run_model
 from interp_train.tangents import project_off

@@ -21,7 +21,7 @@ For each node layer l (activation f, viewed as (B, P, d)) with augmented activat
 The final node layer is kept in the neuron basis (C = I, Lambda = E[a_k²]) unless
 ``rotate_final``, in which case LIB and PCA both use its PCA basis.
 
-Cost: sections that evaluation.structured recognises (``jacobians="auto"``, the default) are
+Cost: sections that evaluation.lib.sections recognises (``jacobians="auto"``, the default) are
 computed in closed form, checked against autograd on the first batch (about 9 s for the p = 113
 modular-addition transformer on 2 CPU cores). By autograd, per section, M′ needs G·(k_{l+1} − 1) vector-Jacobian products per example, where G ≤ T_out
 is the number of groups of output positions with disjoint input supports (edges.position_groups:
@@ -44,11 +44,11 @@ import torch
 from torch import Tensor, nn
 
 from interp_train.sites import resolve_site, run_model
-from evaluation.edges import (
+from evaluation.lib.edges import (
     INTEGRATION_RULES, OUTPUT, as_positions, edges_for_batch, integration_rule, jacobian_gram_for_batch,
     rademacher, section_forward,
 )
-from evaluation.structured import check_edges, check_section, find_section, structured_edges
+from evaluation.lib.sections import check_edges, check_section, find_section, structured_edges
 
 try:  # progress bars are optional
     from tqdm.auto import tqdm
@@ -91,7 +91,7 @@ class LIBConfig:
     chunk_elements: bound on the elements of one batched vector-Jacobian product
         (cotangents × batch × positions × width); bounds memory, not the result.
     jacobians: how section Jacobians are computed. "auto": in closed form for the sections
-        evaluation.structured recognises (TransformerLens attention and MLP blocks without
+        evaluation.lib.sections recognises (TransformerLens attention and MLP blocks without
         LayerNorm, the unembedding, Linear/activation chains in an nn.Sequential), each checked
         against autograd on the first batch, and by autograd (backward passes) elsewhere;
         "structured": closed form or an error; "autograd": backward passes everywhere. The closed
@@ -353,7 +353,7 @@ def fit_lib(model: nn.Module, data: Iterable, node_layers: list[str], config: LI
     data: re-iterable batches (tensors, or tuples whose first element is the model input;
     ``input_fn(batch)`` overrides that). Passes: one for moments, one per section for M′
     (from the output backwards), one for the edges of every section in both bases.
-    reduce: for a fit split over processes (``evaluation.distributed.fit_lib_distributed``):
+    reduce: for a fit split over processes (``evaluation.lib.distributed.fit_lib_distributed``):
     ``data`` is this process's shard, and ``reduce`` (e.g. an all-reduce sum) is applied, in the
     same order on every process, to every accumulated float64 sum and row count before it is
     used, so every process gets the bases and edges of all the data. None: one process.
@@ -449,7 +449,7 @@ def compute_edges(model, data, node_layers, lib, pca, config, input_fn=None, pro
     reduce: applied to each section's edge sums and row count (see ``fit_lib``).
     input_dtype: floating-point inputs are cast to it (the dtype of ``model``, when it differs
     from the data's).
-    closed: {section input: closed-form section} (evaluation.structured) for the sections whose
+    closed: {section input: closed-form section} (evaluation.lib.sections) for the sections whose
     edges are computed in closed form, checked against autograd on the first batch; methods is
     updated when a check fails.
     """

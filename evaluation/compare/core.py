@@ -3,9 +3,9 @@ at what accuracy cost, and is the difference real? (DESIGN.md section 5.)
 
 Runs are recipe run directories ``<root>/<variant>/seed<k>/`` (``config.yaml``,
 ``checkpoints/last.ckpt``) as written by ``interp-train fit``. Each run is measured once
-(``measure_run``; cached per checkpoint, see evaluation.cache), then every metric is summarised
+(``measure_run``; cached per checkpoint, see evaluation.compare.cache), then every metric is summarised
 per variant over seeds (mean ± std, ddof = 1) and compared with the baseline by
-``evaluation.stats.compare_groups`` (Welch t or exact permutation test).
+``evaluation.compare.stats.compare_groups`` (Welch t or exact permutation test).
 
 Metrics, with the direction counted as "more interpretable" (``higher_is_better``):
 
@@ -19,7 +19,7 @@ Metrics, with the direction counted as "more interpretable" (``higher_is_better`
   splits into more separate modules.
 * alignment — mean of ||UUᵀg|| / ||g|| for input gradients g of the per-example loss (U the
   tangent space of the data). Higher: the model's sensitivity lies along the data manifold.
-* robustness_ratio — Δ_off(ε)/Δ_on(ε) at one radius ε (evaluation.robustness). Lower: the
+* robustness_ratio — Δ_off(ε)/Δ_on(ε) at one radius ε (evaluation.metrics.robustness). Lower: the
   model ignores off-manifold perturbations relative to on-manifold ones, which is the
   behaviour that aligned gradients imply.
 * llc — local learning coefficient (opt-in, SGLD via devinterp). Lower: a more degenerate,
@@ -51,9 +51,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from evaluation import cache as cache_mod
+from evaluation.compare import cache as cache_mod
 from interp_train.io import json_safe, write_atomic, write_json_atomic
-from evaluation.stats import TESTS, compare_groups
+from evaluation.compare.stats import TESTS, compare_groups
 
 BASELINE = "baseline"
 CURVE_POINTS = 200  # cumulative edge-weight curves are stored at this many log-spaced ranks
@@ -378,8 +378,8 @@ def embedding_tangents(module, train_inputs: torch.Tensor, options: MeasureOptio
 
 def _alignment_and_robustness(module, eval_set, tangents, site: str, options: MeasureOptions):
     """(alignment mean, robustness ratio at ratio_eps, details) at ``site`` on ``eval_set``."""
-    from evaluation.alignment import gradient_alignment
-    from evaluation.robustness import manifold_robustness
+    from evaluation.metrics.alignment import gradient_alignment
+    from evaluation.metrics.robustness import manifold_robustness
 
     eval_batches = _batches(eval_set, options.batch_size)
     align = gradient_alignment(module, eval_batches, tangents, target="loss", site=site, progress=False)
@@ -392,7 +392,7 @@ def _alignment_and_robustness(module, eval_set, tangents, site: str, options: Me
 
 def cumulative_curve(E, points: int = CURVE_POINTS) -> dict[str, list]:
     """c_n = (sum of the n largest non-constant edges)/(their total) at ≤ ``points`` log-spaced n."""
-    from evaluation.plots import cumulative_edge_weight
+    from evaluation.lib.plots import cumulative_edge_weight
 
     c = cumulative_edge_weight(E)
     if c.size == 0:
@@ -406,7 +406,7 @@ def _finite_or_none(x) -> float | None:
 
 
 def lib_metrics(summary: Mapping[str, Any], node_layers: Sequence[str]) -> dict[str, float | None]:
-    """The report's LIB scalars from ``evaluation.metrics.summarize`` output (see module docstring)."""
+    """The report's LIB scalars from ``evaluation.metrics.lib_summary.summarize`` output (see module docstring)."""
     out: dict[str, float | None] = {}
     for side in ("lib", "pca"):
         n90 = sum(e[side]["edges_90"] for e in summary["edges"].values())
@@ -427,10 +427,10 @@ def measure_run(run: Run, options: MeasureOptions, progress: bool = False) -> di
     (tangents from ``tangent_provider``), or at "hook_embed" for token inputs (``embedding_tangents``).
     LLC: ``estimate_llc`` on the training split when ``options.llc``.
     """
-    from evaluation.checkpoints import load_checkpoint
-    from evaluation.lib import LIBConfig, fit_lib
-    from evaluation.metrics import summarize
-    from evaluation.robustness import evaluate_accuracy
+    from evaluation.io.checkpoints import load_checkpoint
+    from evaluation.lib.fit import LIBConfig, fit_lib
+    from evaluation.metrics.lib_summary import summarize
+    from evaluation.metrics.robustness import evaluate_accuracy
 
     loaded = load_checkpoint(run.checkpoint)
     module, dm = loaded.model.eval(), loaded.datamodule
@@ -473,7 +473,7 @@ def measure_run(run: Run, options: MeasureOptions, progress: bool = False) -> di
         details.update(more)
 
     if options.llc:
-        from evaluation.llc import estimate_llc
+        from evaluation.metrics.llc import estimate_llc
         from interp_train.losses import per_example_cross_entropy
 
         llc = estimate_llc(module, _batches(train, options.batch_size), per_example_cross_entropy,
@@ -660,7 +660,7 @@ def run_compare(
 ) -> CompareResult:
     """Checks the runs, measures them (cached in ``out_dir/cache``), writes ``report.json``,
     ``report.md`` and the plots into ``out_dir`` (each file atomically; a re-run replaces them)."""
-    from evaluation import compare_plots
+    from evaluation.compare import plots as compare_plots
 
     _check_baseline_and_test(variants, baseline, test)  # before any (slow) measurement
     out_dir = Path(out_dir)

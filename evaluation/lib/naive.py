@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from interp_train.sites import run_model
-from evaluation.lib import LayerBasis, LIBConfig, LIBResult
+from evaluation.lib.fit import LayerBasis, LIBConfig, LIBResult
 
 F64 = torch.float64
 
@@ -76,7 +76,7 @@ def _rule(config: LIBConfig):
 
 
 def naive_fit_lib(model, data, node_layers, config: LIBConfig = LIBConfig(), input_fn=None) -> LIBResult:
-    """Dense reference of evaluation.lib.fit_lib (center=True, stochastic_sources=None only)."""
+    """Dense reference of evaluation.lib.fit.fit_lib (center=True, stochastic_sources=None only)."""
     if not config.center or config.stochastic_sources is not None:
         raise NotImplementedError("the naive reference covers center=True and exact Jacobians only")
     model.eval()

@@ -27,7 +27,7 @@ regularizer terms on its own per-rank batch and DDP averages the parameter gradi
   rank uses the same weight w(step).
 * Logged values (``reg/...``) are rank 0's local values unless the module logs with sync_dist.
 
-LIB fitting (``evaluation.lib.fit_lib(..., reduce=all_reduce_sum)``): each rank takes the
+LIB fitting (``evaluation.lib.fit.fit_lib(..., reduce=all_reduce_sum)``): each rank takes the
 batches ``shard(batches)`` (batch r, r + N, r + 2N, ...), accumulates its float64 sums and
 counts, and ``all_reduce_sum`` adds them over ranks before they are used, so every rank holds
 the sums over all data; only rank 0 writes outputs (``is_main_process``).
@@ -168,7 +168,7 @@ def fit_lib_distributed(model, batches: Sequence, node_layers: list[str], config
     before use, so every process returns the fit of all the batches (the same numbers as one
     process, up to float64 rounding). Plain ``fit_lib`` without a process group.
     """
-    from evaluation.lib import LIBConfig, fit_lib
+    from evaluation.lib.fit import LIBConfig, fit_lib
 
     config = LIBConfig() if config is None else config
     batches = list(batches)

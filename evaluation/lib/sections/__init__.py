@@ -1,6 +1,6 @@
 """Closed-form ("structured") section Jacobians for LIB: the layers whose Jacobian has a known form.
 
-The autograd path (evaluation.edges) needs T·k backward passes per example for a causal attention
+The autograd path (evaluation.lib.edges) needs T·k backward passes per example for a causal attention
 section (k LIB directions of the next layer, T positions), each a full pass through the layer's
 weights. The sections recognised here have Jacobians built from a few fixed weight products and
 small per-example factors (activation derivatives, attention patterns), so their Jacobian Gram
@@ -25,9 +25,9 @@ import re
 import torch
 from torch import Tensor, nn
 
-from evaluation.edges import OUTPUT, SectionPass, as_positions, edges_for_batch, jacobian_gram_for_batch, section_forward
-from evaluation.structured.attention import AttentionSection
-from evaluation.structured.position_wise import PositionWiseSection
+from evaluation.lib.edges import OUTPUT, SectionPass, as_positions, edges_for_batch, jacobian_gram_for_batch, section_forward
+from evaluation.lib.sections.attention import AttentionSection
+from evaluation.lib.sections.position_wise import PositionWiseSection
 
 F64 = torch.float64
 CHECK_EXAMPLES = 3

@@ -1,0 +1,1 @@
+"""Loading models for evaluation (checkpoints.py); outputs are written atomically through interp_train.io."""
