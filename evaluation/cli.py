@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="interp-eval", description="Evaluate trained checkpoints.")
     sub = parser.add_subparsers(dest="command", required=True)
     lib = sub.add_parser("lib", help="fit LIB and PCA bases, measure sparsity/modularity, write a report")
-    lib.add_argument("checkpoint", help="checkpoint file (.pt/.pth/.safetensors state dict or recipe .ckpt)")
+    lib.add_argument("checkpoint", help="checkpoint file (.pt/.pth/.safetensors state dict or recipe .ckpt) "
+                     "or a local Hugging Face model directory (config.json + weights)")
     lib.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     lib.add_argument("--config", help="JSON config of a HookedTransformer-format state dict")
     lib.add_argument("--layers", nargs="+", help="node layers in forward order; 'output' = the logits "

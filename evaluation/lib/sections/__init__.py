@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from evaluation.lib.edges import OUTPUT, SectionPass, as_positions, edges_for_batch, jacobian_gram_for_batch, section_forward
 from evaluation.lib.sections.attention import AttentionSection
+from evaluation.lib.sections.layernorm_recognizer import layernorm_section
 from evaluation.lib.sections.position_wise import PositionWiseSection
 
 F64 = torch.float64
@@ -127,15 +128,30 @@ def _sequential_section(model: nn.Module, l_in: str, l_out: str):
     return PositionWiseSection(None, b_out, W_in, b_in, act, W_out), "mlp"
 
 
+def _layernorm_section(model: nn.Module, l_in: str, l_out: str):
+    bridge = _bridge(model)
+    return (None, "not a TransformerLens bridge") if bridge is None else layernorm_section(bridge, l_in, l_out)
+
+
+# Tried in order; the first that returns a section wins (else the first one's reason is reported).
+# A new section kind adds its recogniser here: f(model, l_in, l_out) -> (section or None, description).
+RECOGNIZERS = [_transformer_lens_section, _layernorm_section]
+
+
 def find_section(model: nn.Module, l_in: str, l_out: str):
     """(section, description) for a recognised section, else (None, why not)."""
+    first_why = None
     try:
-        section, why = _transformer_lens_section(model, l_in, l_out)
-        if section is None and _bridge(model) is None:
-            section, why = _sequential_section(model, l_in, l_out)
+        for recognize in RECOGNIZERS:
+            section, why = recognize(model, l_in, l_out)
+            if section is not None:
+                return section, why
+            first_why = first_why or why
+        if _bridge(model) is None:
+            return _sequential_section(model, l_in, l_out)
     except (AttributeError, TypeError, IndexError, ValueError) as err:  # an unexpected layout: not recognised
         return None, f"not recognised ({type(err).__name__}: {err})"
-    return section, why
+    return None, first_why
 
 
 def _relative_error(got: Tensor, want: Tensor) -> float:
