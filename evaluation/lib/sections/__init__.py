@@ -32,6 +32,8 @@ from evaluation.lib.sections.position_wise import PositionWiseSection
 
 F64 = torch.float64
 CHECK_EXAMPLES = 3
+CHECK_DIRECTIONS = 8  # output directions (random mixtures of all) checked against autograd
+CHECK_POSITIONS = 16  # token positions of the checked sequences (TransformerLens bridges)
 ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.GELU, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Softplus)
 _RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|mid|post)$")
 
@@ -163,16 +165,43 @@ def _tolerance(sp: SectionPass) -> float:
     return 1e-7 if sp.out.dtype == F64 else 1e-3
 
 
-def _slice(inputs, n: int):
-    return inputs[:n] if isinstance(inputs, Tensor) else None
+def _slice(inputs, n: int, model: nn.Module | None = None):
+    """The first n examples; token sequences of a TransformerLens bridge also cut to CHECK_POSITIONS.
+
+    A bridge takes sequences of any length, and the check compares closed form and autograd on
+    the same (shorter) sequences, so it stays exact while its backward passes (one per output
+    position and direction) no longer grow with the context length.
+    """
+    if not isinstance(inputs, Tensor):
+        return None
+    few = inputs[:n]
+    if (model is not None and few.dim() == 2 and not few.is_floating_point() and few.shape[1] > CHECK_POSITIONS
+            and _bridge(model) is not None):
+        few = few[:, :CHECK_POSITIONS]
+    return few
+
+
+def _check_basis(C_out: Tensor) -> Tensor:
+    """C_out with its non-constant columns replaced by CHECK_DIRECTIONS fixed random mixtures of them.
+
+    The check compares the closed form with autograd for whatever output basis it is given; the
+    autograd side costs one backward pass per output direction (and output position group), so
+    checking a few mixtures of all directions instead of every direction keeps it cheap at any width.
+    """
+    k = C_out.shape[1] - 1
+    if k <= CHECK_DIRECTIONS:
+        return C_out
+    mix = torch.randn(k, CHECK_DIRECTIONS, dtype=F64, generator=torch.Generator().manual_seed(0)) / k ** 0.5
+    return torch.cat([C_out[:, :1], C_out[:, 1:] @ mix.to(C_out.device)], dim=1)
 
 
 def check_section(section, model: nn.Module, inputs, l_in: str, l_out: str, C_out: Tensor,
                   chunk_elements: int) -> str | None:
     """None when the section's output and Jacobian Gram on a few examples match autograd, else why not."""
-    few = _slice(inputs, CHECK_EXAMPLES)
+    few = _slice(inputs, CHECK_EXAMPLES, model)
     if few is None:
         return "inputs are not a tensor, so the closed form cannot be checked"
+    C_out = _check_basis(C_out)
     sp = section_forward(model, few, l_in, l_out)
     x, out = sp.clean.to(F64), as_positions(sp.out.detach()).to(F64)
     try:
@@ -204,9 +233,10 @@ def structured_edges(section, clean: Tensor, rule, bases, chunk_elements: int, d
 def check_edges(section, model: nn.Module, inputs, l_in: str, l_out: str, rule, bases, chunk_elements: int,
                 dtype=F64) -> str | None:
     """None when the closed-form edges of a few examples match the autograd edges, else why not."""
-    few = _slice(inputs, CHECK_EXAMPLES)
+    few = _slice(inputs, CHECK_EXAMPLES, model)
     if few is None:
         return "inputs are not a tensor, so the closed form cannot be checked"
+    bases = [(C_in, C_pinv, _check_basis(C_out)) for C_in, C_pinv, C_out in bases]
     passes = [(w, section_forward(model, few, l_in, l_out, a)) for a, w in zip(*rule)]
     want = edges_for_batch(passes, bases, chunk_elements)
     got = structured_edges(section, passes[0][1].clean, rule, bases, chunk_elements, dtype)
