@@ -1,7 +1,7 @@
 """Statistics for comparing a regularized variant with its baseline over seeds.
 
 Every comparison in the report is "several seeds per variant, mean ± std, a significance test,
-p-values corrected for the number of comparisons" (DESIGN.md section 5). Seeds are few
+p-values corrected for the number of comparisons" (docs/DESIGN.md §5.9). Seeds are few
 (typically 3-5), so the tests are Welch's t-test (unequal variances; ``scipy.stats.ttest_ind``)
 and an exact permutation test (``scipy.stats.permutation_test``); ``compare_groups`` packages
 either into one JSON-ready dict and says plainly when there are too few seeds to test at all.
