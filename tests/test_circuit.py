@@ -110,3 +110,16 @@ def test_a_group_that_does_not_fit_its_site_is_an_error():
     x, y = task(model)
     with pytest.raises(ValueError, match="site '1' has 12 channels, but the node group says 5 nodes x width 2"):
         prune_circuit(model, x, y, groups=[NodeGroup("1", 5, width=2)])
+
+
+def test_mlp_inside_a_module_uses_its_hidden_units_and_counts_edges():
+    from interp_train.models.mlp import MLP
+
+    torch.manual_seed(0)
+    wrapper = type("Wrap", (nn.Module,), {"forward": lambda self, x: self.model(x)})()  # like RecipeModule
+    wrapper.model = MLP(d_in=4, hidden=[6, 5], d_out=3)
+    x = torch.randn(64, 4)
+    y = wrapper(x).argmax(-1).detach()
+    result = prune_circuit(wrapper, x, y, CircuitConfig(steps=0, refine=False))
+    assert result.kept == {"model.layers.1": list(range(6)), "model.layers.3": list(range(5))}
+    assert result.edges == result.edges_total == 30

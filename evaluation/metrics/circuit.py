@@ -138,26 +138,36 @@ def transformer_node_groups(tl) -> list[NodeGroup]:
     return groups
 
 
-def sequential_node_groups(model: nn.Sequential) -> list[NodeGroup]:
+def _sequential(model: nn.Module) -> tuple[str, nn.Sequential] | None:
+    """(path, module) of the first nn.Sequential with at least two nn.Linear children (e.g. an MLP's layers)."""
+    for path, module in model.named_modules():
+        if isinstance(module, nn.Sequential) and sum(isinstance(m, nn.Linear) for m in module) >= 2:
+            return path, module
+    return None
+
+
+def _join(prefix: str, index: int) -> str:
+    return f"{prefix}.{index}" if prefix else str(index)
+
+
+def sequential_node_groups(seq: nn.Sequential, prefix: str = "") -> list[NodeGroup]:
     """The outputs of the modules that follow each hidden nn.Linear (its activation), one node per unit."""
-    linear = [i for i, m in enumerate(model) if isinstance(m, nn.Linear)]
-    groups = []
-    for i in linear[:-1]:
-        if i + 1 < len(model) and not isinstance(model[i + 1], nn.Linear):
-            groups.append(NodeGroup(str(i + 1), model[i].out_features))
-    return groups
+    linear = [i for i, m in enumerate(seq) if isinstance(m, nn.Linear)]
+    return [NodeGroup(_join(prefix, i + 1), seq[i].out_features) for i in linear[:-1]
+            if i + 1 < len(seq) and not isinstance(seq[i + 1], nn.Linear)]
 
 
 def default_node_groups(model: nn.Module) -> list[NodeGroup]:
+    """TransformerLens models: ``transformer_node_groups``; else the hidden units of the first
+    nn.Sequential with Linear layers (an MLP)."""
     found = _tl_model(model)
     if found is not None:
         return transformer_node_groups(found[1])
-    if isinstance(model, nn.Sequential):
-        groups = sequential_node_groups(model)
-        if groups:
-            return groups
+    seq = _sequential(model)
+    if seq is not None and sequential_node_groups(seq[1], seq[0]):
+        return sequential_node_groups(seq[1], seq[0])
     raise ValueError(f"cannot choose nodes for a {type(model).__name__} by itself (TransformerLens models and "
-                     "nn.Sequential MLPs are known); pass groups=[NodeGroup(site, n, width), ...]")
+                     "MLPs built from nn.Sequential are known); pass groups=[NodeGroup(site, n, width), ...]")
 
 
 # ----------------------------------------------------------------------------- edges
@@ -188,10 +198,12 @@ def _transformer_edges(tl, masks: dict[str, torch.Tensor]) -> int:
     return total
 
 
-def _sequential_edges(model: nn.Sequential, groups: Sequence[NodeGroup], masks: dict[str, torch.Tensor]) -> int:
+def _sequential_edges(seq: nn.Sequential, prefix: str, groups: Sequence[NodeGroup],
+                      masks: dict[str, torch.Tensor]) -> int:
+    index = {_join(prefix, i): i for i in range(len(seq))}
     total = 0
     for a, b in zip(groups, groups[1:]):
-        between = [m for m in list(model)[int(a.site) + 1:int(b.site)] if isinstance(m, nn.Linear)]
+        between = [m for m in list(seq)[index[a.site] + 1:index[b.site]] if isinstance(m, nn.Linear)]
         if len(between) != 1:
             raise ValueError(f"expected one nn.Linear between node groups {a.site!r} and {b.site!r}")
         total += _count(_nz(between[0].weight).T, masks[a.site], masks[b.site])
@@ -200,11 +212,14 @@ def _sequential_edges(model: nn.Sequential, groups: Sequence[NodeGroup], masks: 
 
 def count_edges(model: nn.Module, groups: Sequence[NodeGroup], masks: dict[str, torch.Tensor]) -> int | None:
     """Non-zero weights between kept nodes (module docstring), or None for an unknown layout."""
+    sites = [g.site for g in groups]
     found = _tl_model(model)
-    if found is not None and [g.site for g in groups] == [g.site for g in transformer_node_groups(found[1])]:
-        return _transformer_edges(found[1], masks)
-    if isinstance(model, nn.Sequential) and all(g.site.isdigit() for g in groups):
-        return _sequential_edges(model, groups, masks)
+    if found is not None:
+        return _transformer_edges(found[1], masks) if sites == [g.site for g in transformer_node_groups(found[1])] \
+            else None
+    seq = _sequential(model)
+    if seq is not None and sites == [g.site for g in sequential_node_groups(seq[1], seq[0])]:
+        return _sequential_edges(seq[1], seq[0], groups, masks)
     return None
 
 
