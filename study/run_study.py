@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Manifold data for the headline alignment measurement: a strongly bent manifold (scale 10)
 # in d = 128, so that reading z linearly off the chart (z = Aᵀx, the easy solution) gives
-# input gradients that are far from the tangent spaces (DESIGN.md: nonlinear generator).
+# input gradients that are far from the tangent spaces (docs/DESIGN.md §3.8: nonlinear generator).
 MANIFOLD_DATA = ["--data.init_args.ambient_dim", "128", "--data.init_args.scale", "10.0",
                  "--model.model.init_args.d_in", "128"]
 

@@ -1,5 +1,5 @@
 """``interp-eval compare``: is a regularized variant more interpretable than standard training,
-at what accuracy cost, and is the difference real? (DESIGN.md section 5.)
+at what accuracy cost, and is the difference real? (docs/DESIGN.md §5.8.)
 
 Runs are recipe run directories ``<root>/<variant>/seed<k>/`` (``config.yaml``,
 ``checkpoints/last.ckpt``) as written by ``interp-train fit``. Each run is measured once

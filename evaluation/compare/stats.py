@@ -1,7 +1,7 @@
 """Statistics for comparing a regularized variant with its baseline over seeds.
 
 Every comparison in the report is "several seeds per variant, mean ± std, a significance
-test" (DESIGN.md section 5). Seeds are few (typically 3-5), so the tests here are Welch's
+test" (docs/DESIGN.md §5.9). Seeds are few (typically 3-5), so the tests here are Welch's
 t-test (unequal variances) and an exact permutation test; ``compare_groups`` packages either
 into one JSON-ready dict and says plainly when there are too few seeds to test at all.
 """
