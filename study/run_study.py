@@ -90,7 +90,7 @@ def train(plan: TaskPlan, task: str, seeds: list[int], root: Path, extra: list[s
 def compare(plan: TaskPlan, task: str, seeds: list[int], root: Path, out: Path, llc: bool | None = None,
             max_samples: int = 512, progress: bool = True):
     """``interp-eval compare`` on the planned runs (cached in out/<task>/cache)."""
-    from evaluation.compare.core import MeasureOptions, run_compare, runs_from_paths
+    from evaluation.compare import MeasureOptions, run_compare, runs_from_paths
 
     variants = {v: runs_from_paths(v, [run_dir(root, task, v, s) for s in seeds]) for v in plan.variants}
     options = MeasureOptions(**{"max_samples": max_samples, "llc": plan.llc if llc is None else llc,
