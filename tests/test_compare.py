@@ -296,8 +296,9 @@ def test_token_run_measures_alignment_at_the_embedding(runs):
 
     run = _train_yaml(runs["tmp"], MODULAR, "modular")
     entry = compare.measure_run(run, OPTIONS)
-    assert entry["details"]["node_layers"] == ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid",
-                                                "blocks.0.hook_resid_post", "output"]
+    # modular addition reads only the last position: the paper's layout by default
+    assert entry["details"]["node_layers"] == ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid[-1]",
+                                                "blocks.0.hook_resid_post[-1]", "output[-1]"]
     assert entry["metrics"]["lib_edge_fraction_90"] is not None
 
     # the same measurement by hand: local PCA over the embeddings of all 24 training pairs (p = 7,

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 # Bump when a measurement's definition changes: old cache entries become stale.
 # 2: token models measured at hook_embed; calibrated LLC settings.
 # 3: LIB on TransformerLens models includes the skip connection of resid_mid -> resid_post.
-MEASURE_VERSION = 3
+MEASURE_VERSION = 4  # 4: default LIB node layers at the last position for one target per sequence
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:

@@ -127,6 +127,7 @@ class MeasureOptions:
     embed_reference: int = 4096
     embed_n_neighbors: int = 32
     embed_explained_variance: float = 0.9
+    device: str = "cpu"  # where the run is measured; not part of the cache key (results agree across devices)
 
     def __post_init__(self):
         if isinstance(self.max_samples, bool) or not isinstance(self.max_samples, int) or self.max_samples < 2:
@@ -292,11 +293,14 @@ def _batches(tensors: tuple[torch.Tensor, ...], batch_size: int) -> list[tuple[t
     return [tuple(t[i:i + batch_size] for t in tensors) for i in range(0, n, batch_size)]
 
 
-def default_node_layers(module) -> list[str]:
+def default_node_layers(module, last_position: bool = False) -> list[str]:
     """LIB node layers of a recipe module: MLP → "input", every hidden activation, "output";
-    TransformerLens model → resid_pre, resid_mid/resid_post of each block, "output"."""
+    TransformerLens model → resid_pre, resid_mid/resid_post of each block, "output", with the
+    layers after the last attention at position -1 when ``last_position`` (one target per
+    sequence, e.g. modular addition: evaluation.lib.positions.residual_layers)."""
     from torch import nn
 
+    from evaluation.lib.positions import residual_layers
     from interp_train.models.mlp import MLP
 
     for name, sub in module.named_modules():
@@ -305,10 +309,7 @@ def default_node_layers(module) -> list[str]:
             return ["input", *acts, "output"]
         n_layers = getattr(getattr(sub, "cfg", None), "n_layers", None)
         if isinstance(n_layers, int) and isinstance(getattr(sub, "hook_dict", None), dict):
-            layers = ["blocks.0.hook_resid_pre"]
-            for l in range(n_layers):
-                layers += [f"blocks.{l}.hook_resid_mid", f"blocks.{l}.hook_resid_post"]
-            return layers + ["output"]
+            return residual_layers(n_layers, last_position)
     raise ValueError(f"cannot choose LIB node layers for {type(module).__name__}; pass node_layers (--layers)")
 
 
@@ -432,19 +433,25 @@ def measure_run(run: Run, options: MeasureOptions, progress: bool = False) -> di
     from evaluation.metrics.lib_summary import summarize
     from evaluation.metrics.robustness import evaluate_accuracy
 
+    from evaluation.io.device import resolve_device
+    from evaluation.lib.positions import loss_reads_last_position
+
+    device = resolve_device(options.device)
     loaded = load_checkpoint(run.checkpoint)
-    module, dm = loaded.model.eval(), loaded.datamodule
+    module, dm = loaded.model.to(device).eval(), loaded.datamodule
     if dm is None:
         raise ValueError(f"{str(run.checkpoint)!r} carries no data module; compare needs recipe checkpoints")
     dm.setup("fit")
     train, test = _split_tensors(dm, "train"), _split_tensors(dm, "test")
+    train, test = tuple(t.to(device) for t in train), tuple(t.to(device) for t in test)
     metrics: dict[str, float | None] = {name: None for name in METRIC_NAMES}
     details: dict[str, Any] = {}
     notes: list[str] = []
 
     metrics["accuracy"] = evaluate_accuracy(module, _batches(test, options.batch_size), progress=False)["accuracy"]
 
-    layers = list(options.node_layers) if options.node_layers else default_node_layers(module)
+    layers = (list(options.node_layers) if options.node_layers
+              else default_node_layers(module, last_position=len(train) > 1 and loss_reads_last_position(train[1])))
     lib_data = [b[:1] for b in _batches(_subset(train, options.max_samples, options.seed), options.batch_size)]
     config = LIBConfig(truncation=options.truncation, seed=options.seed, stochastic_sources=options.lib_sources,
                        stochastic_over="positions_and_hidden" if options.lib_sources else "positions",
@@ -499,7 +506,7 @@ def measure_all(
     """{variant: [cache entry per run]}: read from ``out_dir/cache`` when the key matches, else
     measured (``measure``, default ``measure_run``) and written there atomically."""
     measure = measure or measure_run
-    opts = dataclasses.asdict(options)
+    opts = {k: v for k, v in dataclasses.asdict(options).items() if k != "device"}
     runs = [r for rs in variants.values() for r in rs]
     out: dict[str, list[dict]] = {v: [] for v in variants}
     for run in tqdm(runs, desc="checkpoints", disable=not progress):
