@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Manifold data for the headline alignment measurement: a strongly bent manifold (scale 10)
 # in d = 128, so that reading z linearly off the chart (z = Aᵀx, the easy solution) gives
-# input gradients that are far from the tangent spaces (DESIGN.md: nonlinear generator).
+# input gradients that are far from the tangent spaces (docs/DESIGN.md §3.8: nonlinear generator).
 MANIFOLD_DATA = ["--data.init_args.ambient_dim", "128", "--data.init_args.scale", "10.0",
                  "--model.model.init_args.d_in", "128"]
 
@@ -90,7 +90,7 @@ def train(plan: TaskPlan, task: str, seeds: list[int], root: Path, extra: list[s
 def compare(plan: TaskPlan, task: str, seeds: list[int], root: Path, out: Path, llc: bool | None = None,
             max_samples: int = 512, progress: bool = True):
     """``interp-eval compare`` on the planned runs (cached in out/<task>/cache)."""
-    from evaluation.compare.core import MeasureOptions, run_compare, runs_from_paths
+    from evaluation.compare import MeasureOptions, run_compare, runs_from_paths
 
     variants = {v: runs_from_paths(v, [run_dir(root, task, v, s) for s in seeds]) for v in plan.variants}
     options = MeasureOptions(**{"max_samples": max_samples, "llc": plan.llc if llc is None else llc,

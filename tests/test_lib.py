@@ -1,4 +1,4 @@
-"""LIB bases: DESIGN.md §4 properties, agreement with the naive dense reference, bad input."""
+"""LIB bases: docs/DESIGN.md §4.8 properties, agreement with the naive dense reference, bad input."""
 
 import pytest
 import torch

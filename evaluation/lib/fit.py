@@ -1,4 +1,4 @@
-"""Fit the Local Interaction Basis (LIB, "jacobian" variant) and a PCA baseline (DESIGN.md §4).
+"""Fit the Local Interaction Basis (LIB, "jacobian" variant) and a PCA baseline (docs/DESIGN.md §4).
 
 For each node layer l (activation f, viewed as (B, P, d)) with augmented activation a = [1, f]:
 

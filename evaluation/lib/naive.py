@@ -1,7 +1,7 @@
 """A naive dense LIB reference for tests: all data at once, one example at a time, explicit loops.
 
 It shares no code with lib.py/edges.py beyond ``run_model`` and the result dataclasses: every
-matrix of DESIGN.md §4 is built explicitly (Y, U, D, R, R⁺ = D^{1/2} Uᵀ Y⁻¹, M, V, Λ, C, C⁺) and
+matrix of docs/DESIGN.md §4.1 is built explicitly (Y, U, D, R, R⁺ = D^{1/2} Uᵀ Y⁻¹, M, V, Λ, C, C⁺) and
 every Jacobian is the full dense ``torch.func.jacrev`` of one example, contracted with loops over
 input positions s, output positions t and integration points α. Only center=True, exact
 (non-stochastic) fits. Slow by design: use on tiny models only. Node layers may carry a position
