@@ -410,7 +410,7 @@ def test_every_option_is_part_of_a_metric_key(tmp_path):
     base = dataclasses.asdict(OPTIONS)
     metrics = all_metrics()
     covered = {o for m in metrics for o in m.options} | {m.switch for m in metrics if m.switch}
-    assert covered == set(base)
+    assert covered == set(base) - {"device"}  # where a run is measured, not what: results agree across devices
     changed = {"embed_n_neighbors": 8, "llc_burnin": 0, "llc_lr": 1e-4, "max_samples": 7, "n_draws": 2}
     for name, value in changed.items():
         other = {**base, name: value}
