@@ -31,11 +31,15 @@ def test_paper_layout_matches_naive(jacobians, integration, n):
 
 @pytest.mark.parametrize("layers", [
     # one input position into one output position through attention (the others are held fixed)
-    ["blocks.0.hook_resid_pre[1]", "blocks.0.hook_resid_mid[3]", "blocks.0.hook_resid_post[3]", "output"],
+    # then one input position into every output position of the next attention
+    ["blocks.0.hook_resid_pre[1]", "blocks.0.hook_resid_mid[3]", "blocks.0.hook_resid_post[3]",
+     "blocks.1.hook_resid_mid", "blocks.1.hook_resid_post", "output"],
     # an earlier output position: attention rows t < T - 1 only
-    ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid[2]", "blocks.1.hook_resid_mid[-1]", "output[-1]"],
+    ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid[2]", "blocks.0.hook_resid_post[2]",
+     "blocks.1.hook_resid_mid[-1]", "blocks.1.hook_resid_post[-1]", "output[-1]"],
     # every position out of one: the MLP passes it to its own position only
-    ["blocks.0.hook_resid_mid[0]", "blocks.0.hook_resid_post", "blocks.1.hook_resid_mid", "output[-2]"],
+    ["blocks.0.hook_resid_mid[0]", "blocks.0.hook_resid_post", "blocks.1.hook_resid_mid", "blocks.1.hook_resid_post",
+     "output[-2]"],
 ])
 def test_mixed_positions_match_naive_in_closed_form_and_by_autograd(layers):
     model, data = bridge(n_layers=2), tokens()
