@@ -17,9 +17,7 @@ def circuit_result(ctx):
     if key not in cache:
         inputs, targets = ctx.eval_set[0], ctx.eval_set[1]
         cache[key] = prune_circuit(ctx.module, inputs, targets,
-                                   CircuitConfig(delta=opts.circuit_delta, ablation=opts.circuit_ablation),
-                                   seed=opts.seed)
+                                   CircuitConfig(delta=opts.circuit_delta, ablation=opts.circuit_ablation))
     result = cache[key]
-    summary = {k: v for k, v in result.to_dict().items()}
-    ctx._use("circuit", details={"circuit": summary})
+    ctx._use("circuit", details={"circuit": result.to_dict()})
     return result
