@@ -31,6 +31,8 @@ from tqdm.auto import tqdm
 from interp_train.lightning import default_batch_fn
 from interp_train.sites import model_output
 
+EQUILIBRATION_MAX_FRACTION = 0.5  # at most this share of the draws is discarded as transient
+
 
 def _devinterp():
     try:
@@ -58,6 +60,7 @@ class LLCResult:
     chain_health: list[str]  # "ok", or the reasons joined by ", "
     warnings: list[str] = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    equilibrated_at: int = 0  # draws before this index (the detected transient) are not averaged
 
     def to_dict(self, include_traces: bool = True) -> dict:
         out = dict(self.__dict__)
@@ -98,6 +101,41 @@ def chain_problems(draw_losses: list[float], init_loss: float, nbeta: float) -> 
     return problems
 
 
+def statistical_inefficiency(trace: torch.Tensor, window: float = 5.0) -> float:
+    """g = 1 + 2 Σ_{t ≤ M} ρ_t, the integrated autocorrelation time, with Sokal's automatic window.
+
+    M is the smallest lag with M ≥ window·g(M) (Sokal 1997; emcee's estimator): long enough to
+    hold the correlation, short enough to leave out the noise of the far lags. T/g is the
+    effective number of independent draws in a trace of T; g = 1 for a constant or iid trace.
+    """
+    x = trace.double() - trace.double().mean()
+    T = x.numel()
+    if T < 2 or float(x.pow(2).sum()) == 0.0:
+        return 1.0
+    spectrum = torch.fft.rfft(x, n=2 * T)
+    acov = torch.fft.irfft(spectrum * spectrum.conj(), n=2 * T)[:T]
+    taus = 2.0 * torch.cumsum(acov / acov[0], 0) - 1.0  # taus[M] = 1 + 2 Σ_{1 ≤ t ≤ M} ρ_t
+    inside = torch.nonzero(torch.arange(T, dtype=torch.float64) >= window * taus)
+    M = int(inside[0]) if inside.numel() else T - 1
+    return max(1.0, float(taus[M]))
+
+
+def equilibration_start(trace: torch.Tensor, max_fraction: float = 0.5) -> int:
+    """t0 maximising the effective sample size (T − t0)/g(trace[t0:]), searched over t0 ≤ max_fraction·T.
+
+    Chodera's (2016) automatic equilibration detection: discarding the initial transient trades
+    bias for draws, and the t0 that keeps the most effective draws removes the transient.
+    """
+    T = trace.numel()
+    step = max(1, T // 100)
+    best, best_ess = 0, -1.0
+    for t0 in range(0, int(max_fraction * T) + 1, step):
+        ess = (T - t0) / statistical_inefficiency(trace[t0:])
+        if ess > best_ess:
+            best, best_ess = t0, ess
+    return best
+
+
 def estimate_llc(
     model: nn.Module,
     loader: Iterable,
@@ -113,6 +151,7 @@ def estimate_llc(
     init_loss_batches: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    detect_equilibration: bool = True,
 ) -> LLCResult:
     """λ̂ = nβ (mean over draws of L_batch(w_t) − L(w*)) per chain, over ``num_chains`` SGLD chains.
 
@@ -169,9 +208,20 @@ def estimate_llc(
     finally:
         model.train(was_training)
 
-    per_chain, health, messages = [], [], []
+    all_draws = [trace[num_burnin_steps::num_steps_bw_draws] for trace in traces]
+    complete = [d for t, d in zip(traces, all_draws) if len(t) == num_steps and all(map(math.isfinite, d))]
+    start, messages = 0, []
+    if detect_equilibration and complete and num_draws >= 20:
+        # one t0 for all chains, from their mean trace (the transient is common, the noise averages)
+        start = equilibration_start(torch.tensor(complete, dtype=torch.float64).mean(0), EQUILIBRATION_MAX_FRACTION)
+        if start >= EQUILIBRATION_MAX_FRACTION * num_draws - max(1, num_draws // 100):
+            msg = (f"LLC chains not equilibrated: the loss trace still drifts after {start} of {num_draws} draws; "
+                   f"add burn-in (now {num_burnin_steps}) or draws, or raise lr (now {lr:g})")
+            messages.append(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    per_chain, health = [], []
     for chain, trace in enumerate(traces):
-        draws = trace[num_burnin_steps::num_steps_bw_draws]
+        draws = all_draws[chain][start:]
         finite = len(trace) == num_steps and all(math.isfinite(v) for v in draws)
         per_chain.append(nbeta * (sum(draws) / len(draws) - init_loss) if finite else math.nan)
         problems = chain_problems(draws, init_loss, nbeta) if len(trace) == num_steps else ["non-finite loss"]
@@ -186,10 +236,10 @@ def estimate_llc(
     std = float(good.std()) if good.numel() > 1 else math.nan
     config = dict(lr=lr, localization=localization, nbeta=nbeta, num_chains=num_chains, num_draws=num_draws,
                   num_burnin_steps=num_burnin_steps, num_steps_bw_draws=num_steps_bw_draws, seed=seed,
-                  sampler="devinterp SGMCMC.sgld")
+                  detect_equilibration=detect_equilibration, sampler="devinterp SGMCMC.sgld")
     return LLCResult(mean=mean, std=std, per_chain=per_chain, loss_traces=traces, init_loss=init_loss,
                      nbeta=float(nbeta), num_burnin_steps=num_burnin_steps, healthy=not messages,
-                     chain_health=health, warnings=messages, config=config)
+                     chain_health=health, warnings=messages, config=config, equilibrated_at=start)
 
 
 def _forever(loader: Iterable):
