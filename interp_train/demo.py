@@ -109,7 +109,7 @@ def train_missing(task: DemoTask, seeds: Sequence[int], root: Path, extra: Seque
 def compare_task(task: DemoTask, seeds: Sequence[int], root: Path, out: Path, max_samples: int = 512,
                  progress: bool = True):
     """``interp-eval compare`` on the task's runs into ``out/<task>/`` (its cache/ is reused)."""
-    from evaluation.compare.core import MeasureOptions, run_compare, runs_from_paths
+    from evaluation.compare import MeasureOptions, run_compare, runs_from_paths
 
     variants = {v: runs_from_paths(v, [run_directory(root, task.name, v, s) for s in seeds])
                 for v in task.variants}
@@ -119,7 +119,8 @@ def compare_task(task: DemoTask, seeds: Sequence[int], root: Path, out: Path, ma
 
 def format_table(report: dict, metrics: Sequence[str] = TABLE_METRICS) -> str:
     """Plain-text table: per variant "mean ± std" of each metric; variant rows add
-    "Δ <diff> p=<p>" against the baseline (Welch t-test) and ✓/✗ when significant."""
+    "Δ <diff> p=<p>" against the baseline (Welch t-test; p adjusted for the report's number of
+    comparisons, Holm, when the report has it) and ✓/✗ when significant after that correction."""
     labels = {m["name"]: m["label"] + (" ↑" if m["higher_is_better"] else " ↓") for m in report["metrics"]}
     names = [n for n in metrics if n in labels]
     rows = [["variant", *(labels[n] for n in names)]]
@@ -131,8 +132,8 @@ def format_table(report: dict, metrics: Sequence[str] = TABLE_METRICS) -> str:
             cell += "" if s["std"] is None else f" ± {s['std']:#.2g}"
             c = s.get("comparison")
             if c is not None and c.get("diff") is not None:
-                p = "–" if c.get("p") is None else f"{c['p']:.2g}"
-                cell += f"  Δ{c['diff']:+#.2g} p={p} {c['verdict']}".rstrip()
+                p = c.get("p_adjusted", c.get("p"))
+                cell += f"  Δ{c['diff']:+#.2g} p={'–' if p is None else f'{p:.2g}'} {c['verdict']}".rstrip()
             cells.append(cell)
         rows.append(cells)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -70,6 +70,8 @@ def test_format_table_cells():
     assert lines[0].split() == ["variant", "accuracy", "↑"]
     assert lines[2].split() == ["baseline", "0.900", "±", "0.010"]  # 3 and 2 significant digits
     assert lines[3].split() == ["reg", "0.850", "Δ-0.050", "p=0.012", "✗"]
+    report["variants"]["reg"]["metrics"]["accuracy"]["comparison"]["p_adjusted"] = 0.036  # corrected p is shown
+    assert demo.format_table(report).splitlines()[3].split() == ["reg", "0.850", "Δ-0.050", "p=0.036", "✗"]
 
 
 def test_transformer_seed_everything_changes_initialisation():
