@@ -16,7 +16,9 @@ Equilibration. Each chain starts at w*, where L is lowest, and its loss climbs t
 fluctuates around; averaging the climb biases λ̂ low. The draws before t0 are discarded, t0
 chosen on the chains' mean trace to maximise the effective sample size (T − t0)/g(t0) (Chodera
 2016, g the integrated autocorrelation time), searched up to half the draws; a transient that
-lasts that long is reported ("not equilibrated") — the chains need more burn-in, draws or lr.
+lasts that long, or a loss still climbing after t0 (Geweke's z of the first 10 % against the
+last 50 % of the kept draws below −3), is reported ("not equilibrated"): the chains need more
+burn-in, draws or lr; λ̂ is then a lower bound.
 
 Known learning coefficients (tests/test_llc.py). Reduced-rank regression as devinterp's tests
 (x ~ N(0, I_M), y ~ N(0, I_N) independent, n = 1000, B·A Adam-trained 5000 steps, which reaches the
@@ -58,6 +60,7 @@ from interp_train.lightning import default_batch_fn
 from interp_train.sites import model_output
 
 EQUILIBRATION_MAX_FRACTION = 0.5  # at most this share of the draws is discarded as transient
+DRIFT_Z = -3.0  # Geweke z below this after the transient: the chains' loss is still climbing
 
 
 def _devinterp():
@@ -162,6 +165,18 @@ def equilibration_start(trace: torch.Tensor, max_fraction: float = 0.5) -> int:
     return best
 
 
+def drift_z(trace: torch.Tensor, head: float = 0.1, tail: float = 0.5) -> float:
+    """Geweke's z: (mean of the first ``head`` − mean of the last ``tail`` of the trace) / its standard error.
+
+    Each mean's variance is var·g/T of its segment (g: statistical_inefficiency). A stationary
+    trace gives z ~ N(0, 1); a loss still climbing to its level gives z ≪ 0.
+    """
+    T = trace.numel()
+    first, last = trace[: max(2, int(head * T))].double(), trace[T - max(2, int(tail * T)):].double()
+    var = sum(float(seg.var()) * statistical_inefficiency(seg) / seg.numel() for seg in (first, last))
+    return (float(first.mean()) - float(last.mean())) / math.sqrt(var) if var > 0 else 0.0
+
+
 def estimate_llc(
     model: nn.Module,
     loader: Iterable,
@@ -244,10 +259,12 @@ def estimate_llc(
     start, messages = 0, []
     if detect_equilibration and complete and num_draws >= 20:
         # one t0 for all chains, from their mean trace (the transient is common, the noise averages)
-        start = equilibration_start(torch.tensor(complete, dtype=torch.float64).mean(0), EQUILIBRATION_MAX_FRACTION)
-        if start >= EQUILIBRATION_MAX_FRACTION * num_draws - max(1, num_draws // 100):
-            msg = (f"LLC chains not equilibrated: the loss trace still drifts after {start} of {num_draws} draws; "
-                   f"add burn-in (now {num_burnin_steps}) or draws, or raise lr (now {lr:g})")
+        mean_trace = torch.tensor(complete, dtype=torch.float64).mean(0)
+        start = equilibration_start(mean_trace, EQUILIBRATION_MAX_FRACTION)
+        z = drift_z(mean_trace[start:])
+        if start >= EQUILIBRATION_MAX_FRACTION * num_draws - max(1, num_draws // 100) or z < DRIFT_Z:
+            msg = (f"LLC chains not equilibrated: the loss still climbs after {start} of {num_draws} draws "
+                   f"(Geweke z {z:.2f}); add burn-in (now {num_burnin_steps}) or draws, or raise lr (now {lr:g})")
             messages.append(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
     per_chain, health = [], []
