@@ -8,7 +8,8 @@ import torch
 from scipy import integrate
 from torch import nn
 
-from evaluation.metrics.llc import chain_problems, equilibration_start, estimate_llc, statistical_inefficiency
+from evaluation.metrics.llc import (chain_problems, drift_z, equilibration_start, estimate_llc,
+                                    statistical_inefficiency)
 from interp_train.losses import per_example_mse
 
 
@@ -138,6 +139,24 @@ def test_equilibration_start_finds_the_transient():
     start = equilibration_start(trace)
     assert 250 <= start <= 900, start  # the transient is below the noise after ~ 100·ln(5/0.3) ≈ 280 draws
     assert equilibration_start(0.3 * _ar1(0.5, 4000, 3)) <= 400  # a stationary trace loses little
+
+
+def test_drift_z_separates_a_settled_trace_from_a_climbing_one():
+    # stationary: z ≈ N(0, 1) (Geweke; std 1.1 over 300 AR(1) traces, < −3 in 0-1 %); a slow climb of
+    # 2 noise-std over the trace: z far below the −3 at which estimate_llc warns
+    settled = [drift_z(_ar1(0.5, 2000, seed)) for seed in range(10, 20)]
+    assert min(settled) > -3.0 and max(settled) < 3.5, settled
+    climb = torch.linspace(0, 2 * math.sqrt(4 / 3), 2000, dtype=torch.float64)  # AR(0.5) std is √(4/3)
+    assert drift_z(climb + _ar1(0.5, 2000, 30)) < -6
+
+
+def test_chains_too_short_to_equilibrate_warn():
+    # a flat w^6 potential sampled with a small step: the loss climbs through all draws (mixing needs
+    # ~1500 steps at lr 1e-4), λ̂ is far below 1/6
+    with pytest.warns(RuntimeWarning, match="not equilibrated"):
+        res = estimate_llc(Monomial(3), _normal_crossing_data(), _unit_gaussian_nll, lr=1e-4, localization=1.0,
+                           num_chains=2, num_draws=300, num_burnin_steps=0, seed=0, progress=False)
+    assert not res.healthy and res.mean < 1 / 12
 
 
 # ---- known learning coefficients -------------------------------------------------------------
