@@ -148,7 +148,7 @@ TRAIN_STEPS = 1000  # held-out accuracy 100 % for seeds 0-3 (the recipe reaches 
 @pytest.fixture(scope="module")
 def trained_modular(tmp_path_factory):
     """The recipe's CPU variant (p = 59, full batch) trained for TRAIN_STEPS steps through the
-    interp-train CLI, deterministically (one thread, deterministic algorithms, seed 0), or loaded
+    interp-train CLI, deterministically (CPU, one thread, deterministic algorithms, seed 0), or loaded
     from $INTERP_TRAIN_FOURIER_RUN with load_recipe."""
     from interp_train.recipes import load_recipe
 
@@ -166,7 +166,8 @@ def trained_modular(tmp_path_factory):
     torch.use_deterministic_algorithms(True)
     try:
         cli = InterpTrainCLI(args=["--config", str(config), "--checkpoint_root", str(root), "--seed_everything", "0",
-                                   "--trainer.max_steps", str(TRAIN_STEPS), "--trainer.enable_progress_bar", "false",
+                                   "--trainer.max_steps", str(TRAIN_STEPS), "--trainer.accelerator", "cpu",
+                                   "--trainer.enable_progress_bar", "false",
                                    "--trainer.enable_model_summary", "false", "--trainer.logger", "false",
                                    "--trainer.enable_checkpointing", "false"], run=False)
         start = time.perf_counter()
