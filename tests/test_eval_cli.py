@@ -117,3 +117,16 @@ def test_report_writer_leaves_nothing_on_error(tmp_path, monkeypatch):
     report = report_lib.write_lib_report(result, tmp_path / "out")
     assert report["summary"]["edges"]["a"]["lib"]["edges_90"] == 3
     assert json.loads((tmp_path / "out" / "lib.json").read_text())["summary"]["edges"]["b"]["lib"]["gini"] == 0.25
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_absent_device_is_a_clear_error_and_writes_nothing(checkpoint, capsys):
+    _, tmp = checkpoint
+    out = tmp / "report"
+    rc = main(["lib", str(tmp / "model.pt"), "--config", str(tmp / "config.json"), "--data", f"modular-addition:p={P}",
+               "--device", "cuda", "--out", str(out), "--quiet"])
+    assert rc == 2 and not out.exists()
+    assert "device 'cuda' is not available" in capsys.readouterr().err
+    rc = main(["lib", str(tmp / "model.pt"), "--config", str(tmp / "config.json"), "--device", "tpu", "--out", str(out)])
+    assert rc == 2 and not out.exists()
+    assert "unknown device 'tpu'" in capsys.readouterr().err
