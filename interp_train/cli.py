@@ -37,9 +37,8 @@ from interp_train.io import write_json_atomic
 from interp_train.recipes import RecipeModule
 from interp_train.run_log import HistoryCSVLogger
 
-DESCRIPTION = """Train recipe models (LightningCLI over YAML recipes).
-
-subcommands: fit, validate, test, predict (Lightning's; `interp-train fit --help` lists every field)
+SUBCOMMANDS = ("fit", "validate", "test", "predict", "sweep")
+DESCRIPTION = """Train recipe models (LightningCLI over YAML recipes). Subcommands: fit, validate, test, predict (Lightning's; `interp-train fit --help` lists every field)
 and sweep (several variants x seeds: `interp-train sweep --recipe recipes/digits --variants baseline
 grad_norm --seeds 0 1 2`; `interp-train sweep --help`). Add --debug (or set INTERP_DEBUG=1) to get full
 tracebacks instead of one-paragraph errors."""
@@ -105,7 +104,10 @@ class InterpTrainCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("subclass_mode_data", True)
-        kwargs.setdefault("parser_kwargs", {"exit_on_error": False, "description": DESCRIPTION})
+        # exit_on_error=False: parse errors are raised and reported in one paragraph by main()
+        # instead of a usage dump; the subcommand parsers (fit, ...) get their own kwargs.
+        kwargs.setdefault("parser_kwargs", {"exit_on_error": False, "description": DESCRIPTION, "prog": "interp-train",
+                                            **{s: {"exit_on_error": False} for s in SUBCOMMANDS if s != "sweep"}})
         _quiet_lightning()
         super().__init__(RecipeModule, L.LightningDataModule, *args, **kwargs)
 
@@ -239,6 +241,8 @@ class InterpTrainCLI(LightningCLI):
 
 
 def _run(argv: list[str]) -> None:
+    if not argv or not any(a in SUBCOMMANDS or a in ("-h", "--help") for a in argv):
+        raise ValueError(f"give a subcommand: {', '.join(SUBCOMMANDS)} (see `interp-train --help`)")
     if argv and argv[0] == "sweep":
         from interp_train.sweep import main as sweep_main
 
