@@ -205,3 +205,18 @@ def test_chance_rule_and_collapse_warning():
         health.on_validation_end(trainer, None)
     assert len(health.warnings) == 1 and "collapsed to 0.120 at step 300" in health.warnings[0]
     assert "0.900 at step 200" in health.warnings[0]
+
+
+def test_atomic_writes_respect_the_umask(tmp_path):
+    """mkstemp makes private 0600 files; outputs must get 0666 minus the umask like any file."""
+    import os
+
+    from interp_train.io import write_atomic
+
+    old = os.umask(0o027)
+    try:
+        write_atomic(tmp_path / "a.json", "{}")
+        (tmp_path / "plain.txt").write_text("x")  # the reference: an ordinary new file
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777 == 0o640

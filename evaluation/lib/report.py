@@ -93,8 +93,8 @@ def _write_all(result, tmp: Path, metadata: Mapping[str, Any], ablation: Mapping
             _, communities = modularity(G, resolution=1.0, seed=seed)
             set_communities(G, communities)
             write_graphml(G, tmp / graph_file)
-            plots.plot_interaction_graph(G, tmp / f"graph_{side}.png",
-                                         title=f"{side.upper()} interaction graph (Louvain, γ = 1)")
+            plots.plot_interaction_graph(G, tmp / f"graph_{side}.png", order="Λ" if side == "lib" else "variance",
+                                         title=f"{side.upper()} interaction graph (Louvain communities, γ = 1)")
             files += [graph_file, f"graph_{side}.png"]
     plots.plot_spectra(result, tmp / "spectra.png")
     plots.plot_edge_curves(result, tmp / "edge_curves.png")
