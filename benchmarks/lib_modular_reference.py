@@ -1,4 +1,4 @@
-"""DESIGN.md §4 reference figures on a trained modular-addition transformer, LIB next to PCA, and
+"""docs/DESIGN.md §4.15 reference figures on a trained modular-addition transformer, LIB next to PCA, and
 the Fourier content of the top directions (issue 5; evaluation.metrics.fourier).
 
     python benchmarks/lib_modular_reference.py [--run-dir RUN | --variant cpu|baseline [--max-steps N]]
@@ -30,7 +30,7 @@ LAYERS = ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid", "blocks.0.hook_r
 SHORT = {"blocks.0.hook_resid_pre": "resid_pre", "blocks.0.hook_resid_mid": "resid_mid",
          "blocks.0.hook_resid_post": "resid_post", "output": "logits"}
 RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "modular_addition"
-# DESIGN.md §4, full config (p = 113): (LIB low, high), (PCA low, high) per layer / section
+# docs/DESIGN.md §4.15, full config (p = 113): (LIB low, high), (PCA low, high) per layer / section
 REFERENCE_99 = {"resid_pre": ((7, 11), (10, 21)), "resid_mid": ((11, 16), (12, 17)), "resid_post": ((6, 10), (10, 19))}
 REFERENCE_E90 = {"resid_pre": ((17, 40), (23, 75)), "resid_mid": ((18, 49), (24, 85))}
 

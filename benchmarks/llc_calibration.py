@@ -56,9 +56,9 @@ def load_or_train(task: str, train_steps: int, tmp: str):
 
 
 def train_batches(datamodule, batch_size: int):
-    from evaluation.compare.core import _batches, _split_tensors
+    from evaluation.compare.data import batches, split_tensors
 
-    return _batches(_split_tensors(datamodule, "train"), batch_size)
+    return batches(split_tensors(datamodule, "train"), batch_size)
 
 
 def run_one(model, batches, lr: float, localization: float, chains: int, draws: int, burnin: int) -> dict:

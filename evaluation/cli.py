@@ -5,12 +5,12 @@
                     [--batch-size B] [--no-ablation] [--nproc N] --out DIR
 
     interp-eval compare [ROOT] [--variant NAME RUN [RUN ...]]... [--baseline NAME] [--test welch|permutation]
-                        [--alpha A] [--max-samples N] [--layers L ...] [--tangents KIND] [--eps E ...]
-                        [--ratio-eps E] [--no-alignment] [--llc] --out DIR
+                        [--alpha A] [--correction holm|bonferroni|none] [--max-samples N] [--layers L ...]
+                        [--tangents KIND] [--eps E ...] [--ratio-eps E] [--no-alignment] [--llc] --out DIR
 
-compare: ROOT is a task directory of recipe runs ``<variant>/seed<k>/`` (evaluation.compare.core);
+compare: ROOT is a task directory of recipe runs ``<variant>/seed<k>/`` (evaluation.compare);
 --variant adds or names runs explicitly. DIR keeps a per-checkpoint cache, so a re-run only
-measures new or changed checkpoints; report.md/report.json/plots are replaced.
+measures new or changed checkpoints and metrics; report.md/report.json/plots are replaced.
 
 CHECKPOINT: an interp-train run directory (``checkpoints/<task>/<variant>/seed<k>``, read through
 its ``checkpoints/last.ckpt`` and ``config.yaml``), a HookedTransformer-format state dict (with --config, or with a stored config),
@@ -86,10 +86,8 @@ def default_layers(model) -> list[str]:
     """The node layers ``interp-eval compare`` chooses: for a TransformerLens model the residual
     stream around every block, then the logits ("output"); for a recipe MLP the input, every
     hidden activation and the output."""
-    try:
-        from evaluation.compare.context import default_node_layers
-    except ImportError:
-        from evaluation.compare.core import default_node_layers
+    from evaluation.compare.context import default_node_layers
+
     try:
         return default_node_layers(model)
     except ValueError:
@@ -212,7 +210,7 @@ def run_lib(args) -> dict:
 
 
 def run_compare_command(args):
-    from evaluation.compare.core import MeasureOptions, discover_runs, run_compare, runs_from_paths
+    from evaluation.compare import MeasureOptions, discover_runs, run_compare, runs_from_paths
 
     if args.root is None and not args.variant:
         raise ValueError("give a task directory of runs (ROOT) or at least one --variant NAME RUN [RUN ...]")
@@ -231,7 +229,7 @@ def run_compare_command(args):
                              llc=args.llc, **{k: v for k, v in (("llc_draws", args.llc_draws),
                                                                 ("llc_chains", args.llc_chains)) if v is not None})
     result = run_compare(variants, args.out, options, baseline=args.baseline, test=args.test, alpha=args.alpha,
-                         progress=not args.quiet)
+                         progress=not args.quiet, correction=args.correction)
     if not args.quiet:
         from evaluation.compare.table import LEGEND, format_table
 
@@ -265,6 +263,8 @@ def _add_compare_parser(sub) -> None:
     cmp.add_argument("--baseline", default="baseline", help="name of the standard-training variant")
     cmp.add_argument("--test", default="welch", choices=["welch", "permutation"])
     cmp.add_argument("--alpha", type=float, default=0.05)
+    cmp.add_argument("--correction", default="holm", choices=["holm", "bonferroni", "none"],
+                     help="multiple-comparison correction of the p-values over the report (default: holm)")
     cmp.add_argument("--max-samples", type=int, default=512, help="examples for LIB / alignment / robustness")
     cmp.add_argument("--batch-size", type=int, default=256)
     cmp.add_argument("--layers", nargs="+", help="LIB node layers (default: per architecture)")

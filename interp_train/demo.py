@@ -109,7 +109,7 @@ def train_missing(task: DemoTask, seeds: Sequence[int], root: Path, extra: Seque
 def compare_task(task: DemoTask, seeds: Sequence[int], root: Path, out: Path, max_samples: int = 512,
                  progress: bool = True):
     """``interp-eval compare`` on the task's runs into ``out/<task>/`` (its cache/ is reused)."""
-    from evaluation.compare.core import MeasureOptions, run_compare, runs_from_paths
+    from evaluation.compare import MeasureOptions, run_compare, runs_from_paths
 
     variants = {v: runs_from_paths(v, [run_directory(root, task.name, v, s) for s in seeds])
                 for v in task.variants}

@@ -9,7 +9,7 @@ batch of orthonormal tangent bases U (B, d, k), UᵀU = I_k, in x's dtype and de
 
 ``fit_from_datamodule(kind, datamodule)`` builds one by name for regularizers configured with
 a string. Projections: P_on v = U(Uᵀv), P_off v = v − U(Uᵀv); ``tangent_fraction`` is the
-gradient-alignment measurement ||UUᵀg|| / ||g|| of DESIGN.md §5.
+gradient-alignment measurement ||UUᵀg|| / ||g|| of docs/DESIGN.md §5.4 (tangent spaces: §3.8).
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ alignment, off/on robustness ratio, LLC where cheap).
 
 Runs go to ``<root>/<task>/<variant>/seed<k>/`` (default root checkpoints/study); a run whose
 ``metrics.json`` exists is skipped, and compare re-uses its per-checkpoint cache, so re-running
-after an interruption only does the missing work. Reports: ``<out>/<task>/report.md|json`` and
+after an interruption only does the missing work. ``--restat`` only rebuilds the reports'
+statistics from the per-seed values they hold (no checkpoints needed). Reports: ``<out>/<task>/report.md|json`` and
 plots (default out study/results), and ``<out>/summary.md`` with one table per task.
 """
 
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Manifold data for the headline alignment measurement: a strongly bent manifold (scale 10)
 # in d = 128, so that reading z linearly off the chart (z = Aᵀx, the easy solution) gives
-# input gradients that are far from the tangent spaces (DESIGN.md: nonlinear generator).
+# input gradients that are far from the tangent spaces (docs/DESIGN.md §3.8: nonlinear generator).
 MANIFOLD_DATA = ["--data.init_args.ambient_dim", "128", "--data.init_args.scale", "10.0",
                  "--model.model.init_args.d_in", "128"]
 
@@ -90,7 +91,7 @@ def train(plan: TaskPlan, task: str, seeds: list[int], root: Path, extra: list[s
 def compare(plan: TaskPlan, task: str, seeds: list[int], root: Path, out: Path, llc: bool | None = None,
             max_samples: int = 512, progress: bool = True):
     """``interp-eval compare`` on the planned runs (cached in out/<task>/cache)."""
-    from evaluation.compare.core import MeasureOptions, run_compare, runs_from_paths
+    from evaluation.compare import MeasureOptions, run_compare, runs_from_paths
 
     variants = {v: runs_from_paths(v, [run_dir(root, task, v, s) for s in seeds]) for v in plan.variants}
     options = MeasureOptions(**{"max_samples": max_samples, "llc": plan.llc if llc is None else llc,
@@ -98,8 +99,47 @@ def compare(plan: TaskPlan, task: str, seeds: list[int], root: Path, out: Path, 
     return run_compare(variants, out / task, options, baseline=plan.baseline, progress=progress)
 
 
+def measurements_from_report(report: dict) -> dict[str, list[dict]]:
+    """The per-run values a report.json holds, in the shape ``build_report`` reads (details: the task only)."""
+    out = {}
+    for variant, row in report["variants"].items():
+        out[variant] = [{"seed": seed, "run_dir": run, "notes": row.get("notes", []), "details": {"task": report["task"]},
+                         "metrics": {m: stats["values"][i] for m, stats in row["metrics"].items()}}
+                        for i, (seed, run) in enumerate(zip(row["seeds"], row["runs"]))]
+    return out
+
+
+def restat(out: Path, figures: Path | None, log=print) -> None:
+    """Rebuilds every ``out/<task>/report.{json,md}`` from the per-seed values it already holds, with the
+    current statistics (tests, multiple-comparison correction); no checkpoint is read. Re-draws
+    ``figures/<task>_metrics.png`` (its ✓/✗ marks) when ``figures`` is given."""
+    import json
+
+    from evaluation.compare import plots as compare_plots
+    from evaluation.compare.report import build_report, render_markdown
+    from interp_train.io import write_atomic, write_json_atomic
+
+    for task in PLANS:
+        path = out / task / "report.json"
+        if not path.is_file():
+            continue
+        old = json.loads(path.read_text())
+        generated = ("has 1 seed; no significance test",)  # build_report adds these again
+        messages = [m for m in old["messages"] if not any(g in m for g in generated)]
+        report = build_report(measurements_from_report(old), old["baseline"], old["test"], old["alpha"],
+                              old["options"], messages)
+        if figures is not None:
+            compare_plots.plot_metric_bars(report, figures / f"{task}_metrics.png")
+        old_md = (out / task / "report.md").read_text() if (out / task / "report.md").is_file() else ""
+        plots = [p for p in ("metrics.png", "alignment_hist.png", "edge_curves.png") if f"`{p}`" in old_md]
+        write_json_atomic(path, report)
+        write_atomic(out / task / "report.md", render_markdown(report, plots))
+        log(f"[{task}] statistics rebuilt: {report['n_comparisons']} comparisons, {report['correction']} correction")
+
+
 def summary_table(report: dict, metrics: list[str] | None = None) -> str:
-    """Markdown table: per variant and metric "mean ± std", and for variants "Δ (p)" vs baseline."""
+    """Markdown table: per variant and metric "mean ± std", and for variants "Δ (p)" vs baseline,
+    p corrected for the report's number of comparisons (raw p beside) and ✓/✗ on the corrected p."""
     names = [m["name"] for m in report["metrics"] if metrics is None or m["name"] in metrics]
     labels = {m["name"]: m["label"] + (" ↑" if m["higher_is_better"] else " ↓") for m in report["metrics"]}
     fmt = lambda x, d=3: "–" if x is None else f"{x:.{d}g}"  # noqa: E731
@@ -113,7 +153,12 @@ def summary_table(report: dict, metrics: list[str] | None = None) -> str:
             cell = f"{fmt(s['mean'])} ± {fmt(s['std'], 2)}"
             c = s.get("comparison")
             if c is not None and c.get("diff") is not None:
-                p = "–" if c.get("p") is None else f"{c['p']:.2g}"
+                if c.get("p") is None:
+                    p = "–"
+                elif c.get("correction", "none") == "none":
+                    p = f"{c['p']:.2g}"
+                else:
+                    p = f"{c['p_adjusted']:.2g}, raw {c['p']:.2g}"
                 cell += f" (Δ {c['diff']:+.3g}, p={p}{' ' + c['verdict'] if c['verdict'] else ''})"
             cells.append(cell)
         lines.append(f"| `{variant}` | " + " | ".join(cells) + " |")
@@ -129,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--figures", default="study/figures", help="copies of the key plots, <task>_<plot>.png")
     parser.add_argument("--no-llc", dest="llc", action="store_false", default=None, help="skip the LLC everywhere")
     parser.add_argument("--train-only", action="store_true")
+    parser.add_argument("--restat", action="store_true",
+                        help="only rebuild the reports' statistics from the values in <out>/<task>/report.json")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the box is shared)")
     args = parser.parse_args(argv)
     import torch
@@ -136,7 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     root, out = Path(args.root), Path(args.out)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
-    for task in args.tasks:
+    if args.restat:
+        restat(out, Path(args.figures), log=log)
+    for task in ([] if args.restat else args.tasks):
         plan = PLANS[task]
         start = time.time()
         train(plan, task, args.seeds, root, log=log)
@@ -156,7 +205,9 @@ def main(argv: list[str] | None = None) -> None:
     if reports:
         import json
 
-        text = ["# Study summary (generated by study/run_study.py)", ""]
+        text = ["# Study summary (generated by study/run_study.py)", "",
+                "Δ = variant − baseline; p: Welch t-test over seeds, Holm-adjusted over each report's comparisons "
+                "(raw p beside); ✓/✗: significant after the correction, in / against the interpretable direction.", ""]
         for task, path in reports:
             text += [f"## {task}", "", summary_table(json.loads(path.read_text())), ""]
         (out / "summary.md").write_text("\n".join(text))

@@ -9,11 +9,12 @@ import pytest
 import torch
 from scipy import stats as scipy_stats
 
-from evaluation.compare import core as compare
 from evaluation.cli import main as eval_main
-from evaluation.compare.cache import cache_key
-from evaluation.compare.core import MeasureOptions, build_report, discover_runs, run_compare, runs_from_paths
-from evaluation.compare.stats import compare_groups
+from evaluation.compare import MeasureOptions, build_report, discover_runs, run_compare, runs_from_paths
+from evaluation.compare import measure as measure_mod
+from evaluation.compare.measure import measure_run
+from evaluation.compare.report import render_markdown
+from evaluation.compare.stats import adjust_pvalues, compare_groups
 
 OPTIONS = MeasureOptions(max_samples=64)
 
@@ -120,7 +121,16 @@ def test_report_matches_the_underlying_api(runs, tmp_path):
     assert got["robustness_ratio"] == pytest.approx(rob.ratio[1], rel=1e-9)
     assert "llc" not in got  # opt-in
 
-    # statistics: mean/std over seeds and Welch p-values against scipy and stats.compare_groups
+    # statistics: mean/std over seeds and Welch p-values against scipy and stats.compare_groups,
+    # Holm-adjusted over every tested comparison of the report, verdicts on the adjusted p
+    tested = [(m, s["comparison"]) for m, s in report["variants"]["fast"]["metrics"].items()
+              if s["comparison"]["p"] is not None]
+    assert report["correction"] == "holm" and report["n_comparisons"] == len(tested) >= 6
+    holm = adjust_pvalues([c["p"] for _, c in tested], "holm")
+    for (_, c), want_adj in zip(tested, holm):
+        assert c["p_adjusted"] == pytest.approx(want_adj, rel=1e-12) and c["p_adjusted"] >= c["p"]
+        assert c["significant"] == (want_adj < 0.05)
+        assert c["verdict"] == ("" if want_adj >= 0.05 else "✓" if c["improved"] else "✗")
     for metric in ("accuracy", "lib_edge_fraction_90", "alignment", "robustness_ratio"):
         base = report["variants"]["baseline"]["metrics"][metric]
         fast = report["variants"]["fast"]["metrics"][metric]
@@ -128,7 +138,7 @@ def test_report_matches_the_underlying_api(runs, tmp_path):
         assert fast["std"] == pytest.approx(np.std(fast["values"], ddof=1))
         cmp = fast["comparison"]
         want = compare_groups(base["values"], fast["values"], higher_is_better=metric in ("accuracy", "alignment"))
-        assert cmp["p"] == pytest.approx(want["p"], rel=1e-12) and cmp["improved"] == want["improved"]
+        assert cmp["p"] == pytest.approx(want["p"], rel=1e-12)
         if np.std(base["values"]) + np.std(fast["values"]) > 0:
             scipy_p = scipy_stats.ttest_ind(fast["values"], base["values"], equal_var=False).pvalue
             assert cmp["p"] == pytest.approx(scipy_p, rel=1e-9)
@@ -147,23 +157,25 @@ def test_deterministic_cli_and_cache_reuse(runs, tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "a" / "cache" / "fast").iterdir()) == ["seed0.json", "seed1.json"]
 
     calls = []
-    real = compare.measure_run
+    real = measure_mod.measure_metric
 
-    def counting(run, options, progress=False):
-        calls.append(f"{run.variant}/{run.seed}")
-        return real(run, options, progress)
+    def counting(metric, ctx):
+        calls.append(f"{ctx.run.variant}/{ctx.run.seed}/{metric.name}")
+        return real(metric, ctx)
 
-    monkeypatch.setattr(compare, "measure_run", counting)
+    monkeypatch.setattr(measure_mod, "measure_metric", counting)
     run_compare(discover_runs(task), tmp_path / "a", OPTIONS, progress=False)
     assert calls == []  # everything from the cache
     assert (tmp_path / "a" / "report.json").read_bytes() == first
     variants = discover_runs(task)
     variants["single"] = runs_from_paths("single", [runs["single"]])
     run_compare(variants, tmp_path / "a", OPTIONS, progress=False)
-    assert calls == ["single/seed0"]  # only the new checkpoint
+    assert {c.rsplit("/", 1)[0] for c in calls} == {"single/seed0"}  # only the new checkpoint, every metric
+    assert len(calls) == 7
     calls.clear()
     run_compare(discover_runs(task), tmp_path / "a", MeasureOptions(max_samples=64, n_draws=2), progress=False)
-    assert sorted(calls) == ["baseline/seed0", "baseline/seed1", "fast/seed0", "fast/seed1"]  # options changed
+    # n_draws enters only the robustness ratio's key: exactly that metric is measured again, on every run
+    assert sorted(calls) == [f"{v}/seed{s}/robustness_ratio" for v in ("baseline", "fast") for s in (0, 1)]
 
 
 def test_one_seed_variant_and_mismatched_architecture(runs, tmp_path, capsys):
@@ -199,22 +211,48 @@ def test_build_report_hand_computed_case():
     permutation p = 2 / C(6, 3) = 0.1; Welch: t = -0.4 / sqrt(0.01/3 + 0.01/3), df = 4."""
     measurements = {"baseline": _entries([(0.9, 0.5), (0.92, 0.6), (0.94, 0.7)], "baseline"),
                     "reg": _entries([(0.8, 0.1), (0.82, 0.2), (0.84, 0.3)], "reg")}
-    perm = build_report(measurements, test="permutation", alpha=0.15)
+    perm = build_report(measurements, test="permutation", alpha=0.15, correction="none")
     edges = perm["variants"]["reg"]["metrics"]["lib_edge_fraction_90"]["comparison"]
     assert edges["p"] == pytest.approx(0.1) and edges["arrow"] == "↓" and edges["verdict"] == "✓"
     acc = perm["variants"]["reg"]["metrics"]["accuracy"]["comparison"]
     assert acc["p"] == pytest.approx(0.1) and acc["arrow"] == "↓" and acc["verdict"] == "✗"
     assert [m["name"] for m in perm["metrics"]] == ["accuracy", "lib_edge_fraction_90"]  # unmeasured dropped
+    # Holm over the two comparisons: both p = 0.1 -> max(2 · 0.1, 1 · 0.1) = 0.2, no longer significant at 0.15
+    holm = build_report(measurements, test="permutation", alpha=0.15)
+    for name in ("accuracy", "lib_edge_fraction_90"):
+        c = holm["variants"]["reg"]["metrics"][name]["comparison"]
+        assert (c["p"], c["p_adjusted"], c["verdict"], c["significant"]) == (pytest.approx(0.1), pytest.approx(0.2),
+                                                                              "", False)
 
     welch = build_report(measurements, test="welch")
     t = -0.4 / math.sqrt(0.01 / 3 + 0.01 / 3)
     want = 2 * scipy_stats.t.sf(abs(t), 4)
-    assert welch["variants"]["reg"]["metrics"]["lib_edge_fraction_90"]["comparison"]["p"] == pytest.approx(want)
+    # accuracy: Δ -0.1 with sd 0.02 in both groups; smaller raw p, so Holm multiplies it by 2, edges' by 1
+    want_acc = 2 * scipy_stats.t.sf(0.1 / math.sqrt(0.0004 / 3 + 0.0004 / 3), 4)
+    edges = welch["variants"]["reg"]["metrics"]["lib_edge_fraction_90"]["comparison"]
+    assert edges["p"] == pytest.approx(want) and edges["p_adjusted"] == pytest.approx(max(want, 2 * want_acc))
+    acc = welch["variants"]["reg"]["metrics"]["accuracy"]["comparison"]
+    assert acc["p_adjusted"] == pytest.approx(2 * want_acc) and welch["n_comparisons"] == 2
     assert welch["variants"]["reg"]["metrics"]["lib_edge_fraction_90"]["mean"] == pytest.approx(0.2)
-    md = compare.render_markdown(welch)
-    assert f"Δ -0.4 ↓ (p={want:.3g}) ✓" in md
+    md = render_markdown(welch)
+    assert f"Δ -0.4 ↓ (p={max(want, 2 * want_acc):.3g} (holm; raw {want:.3g})) ✓" in md
+    assert "holm-adjusted over the report's 2 comparisons" in md
     with pytest.raises(ValueError, match="unknown test 'ttest'; allowed: welch, permutation"):
         build_report(measurements, test="ttest")
+    with pytest.raises(ValueError, match="unknown correction 'fdr'; allowed: holm, bonferroni, none"):
+        build_report(measurements, correction="fdr")
+
+
+def test_zero_spread_is_not_p_zero():
+    """LIB features 21, 21, 21 against 19, 19, 19: Welch's t is infinite; the report uses the exact
+    permutation test, whose p cannot go below 2 / C(6, 3) = 0.1, so it is not significant."""
+    measurements = {"baseline": [{"seed": f"seed{i}", "run_dir": "b", "metrics": {"lib_features_99": 21.0}}
+                                 for i in range(3)],
+                    "reg": [{"seed": f"seed{i}", "run_dir": "r", "metrics": {"lib_features_99": 19.0}}
+                            for i in range(3)]}
+    c = build_report(measurements)["variants"]["reg"]["metrics"]["lib_features_99"]["comparison"]
+    assert c["test"] == "permutation" and c["p"] == pytest.approx(0.1) and c["verdict"] == ""
+    assert "Welch's t is undefined" in c["note"] and "smallest possible p = 0.1" in c["note"]
 
 
 def test_bad_options():
@@ -265,7 +303,7 @@ def test_manifold_run_uses_exact_tangents(runs):
     from evaluation.io.checkpoints import load_checkpoint
 
     run = _train_yaml(runs["tmp"], MANIFOLD, "manifold")
-    entry = compare.measure_run(run, OPTIONS)
+    entry = measure_run(run, OPTIONS)
     loaded = load_checkpoint(run.checkpoint)
     dm = loaded.datamodule
     x, y, z = dm.splits["test"].tensors
@@ -295,7 +333,7 @@ def test_token_run_measures_alignment_at_the_embedding(runs):
     from interp_train.tangents import LocalPCATangents
 
     run = _train_yaml(runs["tmp"], MODULAR, "modular")
-    entry = compare.measure_run(run, OPTIONS)
+    entry = measure_run(run, OPTIONS)
     assert entry["details"]["node_layers"] == ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid",
                                                 "blocks.0.hook_resid_post", "output"]
     assert entry["metrics"]["lib_edge_fraction_90"] is not None
@@ -350,7 +388,7 @@ def test_byte_lm_alignment_at_the_embedding(runs):
     run = _train_yaml(runs["tmp"], TEXT, "bytes")
     options = MeasureOptions(max_samples=16, embed_reference=64, embed_n_neighbors=10, node_layers=(
         "blocks.0.hook_resid_pre", "blocks.0.hook_resid_post", "output"))
-    entry = compare.measure_run(run, options)
+    entry = measure_run(run, options)
     info = entry["details"]["tangents"]
     assert (info["d"], info["n_reference"], info["n_neighbors"]) == (8 * 8, 64, 10)
     assert info["baseline"] == pytest.approx(math.sqrt(info["k"] / 64))
@@ -359,14 +397,26 @@ def test_byte_lm_alignment_at_the_embedding(runs):
     assert 0 < entry["metrics"]["alignment"] <= 1 and entry["metrics"]["robustness_ratio"] > 0
 
 
-def test_every_option_is_part_of_the_cache_key(tmp_path):
+def test_every_option_is_part_of_a_metric_key(tmp_path):
+    """Each MeasureOptions field switches a metric on or enters the key of the metrics that name
+    it, and only theirs."""
+    from evaluation.compare.cache import metric_key, run_digest
+    from evaluation.compare.metrics import all_metrics
+
     ckpt, cfg = tmp_path / "last.ckpt", tmp_path / "config.yaml"
     ckpt.write_bytes(b"weights"), cfg.write_text("model: {}")
+    digest = run_digest(ckpt, cfg)
     base = dataclasses.asdict(OPTIONS)
-    keys = {cache_key(ckpt, cfg, base)}
-    for name, value in [("embed_n_neighbors", 8), ("llc_burnin", 0), ("llc_lr", 1e-4), ("max_samples", 7)]:
-        keys.add(cache_key(ckpt, cfg, {**base, name: value}))
-    assert len(keys) == 5
+    metrics = all_metrics()
+    covered = {o for m in metrics for o in m.options} | {m.switch for m in metrics if m.switch}
+    assert covered == set(base)
+    changed = {"embed_n_neighbors": 8, "llc_burnin": 0, "llc_lr": 1e-4, "max_samples": 7, "n_draws": 2}
+    for name, value in changed.items():
+        other = {**base, name: value}
+        moved = {m.name for m in metrics if metric_key(digest, m, other) != metric_key(digest, m, base)}
+        assert moved == {m.name for m in metrics if name in m.options}, name
+    cfg.write_text("model: {x: 1}")
+    assert all(metric_key(run_digest(ckpt, cfg), m, base) != metric_key(digest, m, base) for m in metrics)
     with pytest.raises(ValueError, match="embed_n_neighbors must be an integer >= 3, got 2"):
         MeasureOptions(embed_n_neighbors=2)
     with pytest.raises(ValueError, match=r"embed_explained_variance must be in \(0, 1\], got 1.5"):
@@ -387,8 +437,100 @@ def test_lib_probe_options_reach_fit_lib(monkeypatch, runs):
     run = discover_runs(runs["task_dir"])["baseline"][0]
     options = MeasureOptions(max_samples=16, alignment=False, lib_sources=3, lib_edge_sources=2,
                              lib_jacobian_dtype="float32")
-    entry = compare.measure_run(run, options)
+    entry = measure_run(run, options)
     (config,) = seen
     assert (config.stochastic_sources, config.stochastic_over, config.edge_sources, config.jacobian_dtype) == (
         3, "positions_and_hidden", 2, "float32")
     assert entry["metrics"]["lib_edge_fraction_90"] > 0
+
+
+TOY_METRIC = '''
+from evaluation.compare.metrics.base import CompareMetric, Measurement, register
+
+
+@register
+class ToyParameterCount(CompareMetric):
+    name = "toy_parameter_count"
+    label = "parameters"
+    higher_is_better = False
+    description = "number of trainable parameters (a test metric)"
+    version = {version}
+    options = ()
+    order = 99
+
+    def measure(self, ctx):
+        n = sum(p.numel() for p in ctx.module.parameters())
+        return Measurement(float(n + {version} - 1), notes=["toy v{version}"])
+'''
+
+
+def _import_toy_metric(tmp_path, version):
+    """A metric defined in a module of its own (outside the package), registered on import."""
+    import importlib.util
+
+    path = tmp_path / f"toy_metric_v{version}.py"
+    path.write_text(TOY_METRIC.format(version=version))
+    spec = importlib.util.spec_from_file_location("toy_compare_metric", path)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+def test_a_new_metric_is_measured_alone_and_versioned(runs, tmp_path, monkeypatch):
+    """A metric added after the runs were cached is measured on every cached run, nothing else is
+    recomputed, and bumping its version re-measures it alone."""
+    from evaluation.compare.metrics import unregister
+
+    variants = discover_runs(runs["task_dir"])
+    before = run_compare(variants, tmp_path / "out", OPTIONS, progress=False).report
+    calls = []
+    real = measure_mod.measure_metric
+
+    def counting(metric, ctx):
+        calls.append((f"{ctx.run.variant}/{ctx.run.seed}", metric.name, metric.version))
+        return real(metric, ctx)
+
+    monkeypatch.setattr(measure_mod, "measure_metric", counting)
+    try:
+        _import_toy_metric(tmp_path, 1)
+        report = run_compare(variants, tmp_path / "out", OPTIONS, progress=False).report
+        runs_ = [f"{v}/seed{s}" for v in ("baseline", "fast") for s in (0, 1)]
+        assert sorted(calls) == [(r, "toy_parameter_count", 1) for r in runs_]
+        n_params = 64 * 12 + 12 + 12 * 12 + 12 + 12 * 10 + 10  # MLP 64 -> 12 -> 12 -> 10
+        assert report["variants"]["fast"]["metrics"]["toy_parameter_count"]["values"] == [n_params] * 2
+        assert report["metrics"][-1] == {"name": "toy_parameter_count", "label": "parameters",
+                                         "higher_is_better": False, "version": 1,
+                                         "description": "number of trainable parameters (a test metric)"}
+        for name, stats in before["variants"]["fast"]["metrics"].items():  # the others: the cached values
+            assert report["variants"]["fast"]["metrics"][name]["values"] == stats["values"]
+        assert "toy v1" in report["variants"]["fast"]["notes"]
+
+        calls.clear()
+        _import_toy_metric(tmp_path, 2)  # same class, version 2, and its value moves by one
+        report = run_compare(variants, tmp_path / "out", OPTIONS, progress=False).report
+        assert sorted(calls) == [(r, "toy_parameter_count", 2) for r in runs_]
+        assert report["variants"]["fast"]["metrics"]["toy_parameter_count"]["values"] == [n_params + 1] * 2
+        assert "toy v2" in report["variants"]["fast"]["notes"] and "toy v1" not in report["variants"]["fast"]["notes"]
+    finally:
+        unregister("toy_parameter_count")
+    calls.clear()
+    report = run_compare(variants, tmp_path / "out", OPTIONS, progress=False).report
+    assert calls == [] and "toy_parameter_count" not in report["variants"]["fast"]["metrics"]
+
+
+def test_metric_registration_is_checked():
+    from evaluation.compare.metrics import CompareMetric, register
+
+    class NoOptions(CompareMetric):
+        name, label, description = "bad_metric", "bad", "a metric naming an option that does not exist"
+        options = ("max_sample",)
+
+        def measure(self, ctx):
+            return 0.0
+
+    with pytest.raises(ValueError, match=r"unknown MeasureOptions field\(s\) \['max_sample'\]"):
+        register(NoOptions)
+
+    class Duplicate(NoOptions):
+        name, options = "accuracy", ()
+
+    with pytest.raises(ValueError, match="compare metric 'accuracy' is defined twice"):
+        register(Duplicate)

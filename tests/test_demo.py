@@ -70,6 +70,8 @@ def test_format_table_cells():
     assert lines[0].split() == ["metric", "baseline", "reg"]
     # baseline: mean ± std (3 and 2 significant digits); variant: difference, verdict, p
     assert lines[2].split() == ["accuracy", "↑", "0.900", "±", "0.010", "Δ-0.050", "✗", "p=0.012"]
+    report["variants"]["reg"]["metrics"]["accuracy"]["comparison"]["p_adjusted"] = 0.036  # corrected p is shown
+    assert demo.format_table(report).splitlines()[2].split()[-1] == "p=0.036"
 
 
 def test_format_table_fits_the_width():

@@ -1,4 +1,4 @@
-"""LIB edges: integration rules, DESIGN.md §4 edge properties, stochastic Jacobian Grams."""
+"""LIB edges: integration rules, docs/DESIGN.md §4.8 edge properties, stochastic Jacobian Grams."""
 
 import math
 

@@ -180,7 +180,7 @@ def test_top_lib_directions_of_trained_modular_addition_are_fourier(trained_modu
     * resid_post: the best 3 frequencies explain > 75 % of each direction's variance (here the
       stream at '=' consists of the model's few key frequencies, so random directions are about as
       Fourier-dominated: not asserted);
-    * LIB needs fewer directions than PCA for 99 % at both layers (DESIGN.md §4).
+    * LIB needs fewer directions than PCA for 99 % at both layers (docs/DESIGN.md §4.15).
 
     Measured, recipe default (1500 steps, held-out acc 96.6 %): best-2 fractions of the top 6 LIB
     directions 0.92–0.96 (resid_mid); mean best-1 LIB / PCA / random 0.77 / 0.61 / 0.44; best-3 at
@@ -215,7 +215,7 @@ def test_top_lib_directions_of_trained_modular_addition_are_fourier(trained_modu
     assert min(r["top_2"] for r in mid["lib"]) > 0.8, mid["lib"]
     mid_means = {basis: float(np.mean([r["top_1"] for r in mid[basis]])) for basis in ("lib", "pca", "random")}
     assert mid_means["lib"] > mid_means["random"] + 0.15, mid_means
-    # LIB vs PCA is reported, not asserted: not a DESIGN.md property, and it depends on the trained
+    # LIB vs PCA is reported, not asserted: not a docs/DESIGN.md §4.8 property, and it depends on the trained
     # model (mean top-1 at resid_mid: LIB 0.77 vs PCA 0.61 on a train-fraction-0.5 model, LIB 0.885
     # vs PCA 0.906 on the current recipe's seed 0).
     # LIB pools positions, so some top directions at resid_post live mostly at the a/b positions

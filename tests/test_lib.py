@@ -1,4 +1,4 @@
-"""LIB bases: DESIGN.md §4 properties, agreement with the naive dense reference, bad input."""
+"""LIB bases: docs/DESIGN.md §4.8 properties, agreement with the naive dense reference, bad input."""
 
 import pytest
 import torch
@@ -98,6 +98,86 @@ def test_constant_feature_is_constant_and_others_have_mean_zero(mlp_fit):
             assert f_hat[:, 1:].mean(0).abs().max() < 1e-12
 
 
+def explicit_mlp_sections(model):
+    """The sections of mlp() written out from its weights (no hooks, no run_model)."""
+    W2, b2 = model[2].weight.detach(), model[2].bias.detach()
+    return {"0": torch.tanh, "1": lambda f: f @ W2.T + b2}
+
+
+def jacobian_gram_in_lib_coordinates(model, data, res, name):
+    """K = E_x[(∂ĥ/∂f̂)ᵀ (∂ĥ/∂f̂)] over the non-constant features, ĥ = next layer's LIB features,
+    from dense jacrev Jacobians of the explicit section: ∂ĥ/∂f̂ = C_outᵀ J C⁺ᵀ."""
+    nxt = MLP_LAYERS[MLP_LAYERS.index(name) + 1]
+    section, rows = explicit_mlp_sections(model)[name], activations(model, data, name)
+    C_out, C_pinv = res.lib[nxt].C[1:, 1:], res.lib[name].C_pinv[:, 1:]
+    K, along_mean = 0.0, 0.0
+    for f in rows:
+        J = C_out.T @ torch.func.jacrev(section)(f)
+        K = K + (J @ C_pinv.T).T @ (J @ C_pinv.T)
+        along_mean = along_mean + (J @ rows.mean(0)).pow(2).sum()
+    return K / rows.shape[0], along_mean / rows.shape[0]
+
+
+def test_jacobian_gram_is_the_identity_in_lib_coordinates(mlp_fit):
+    """LIB diagonalises the activations' second moment (Λ, test above) and the Jacobian Gram at once
+    (M = R⁺ M′ R⁺ᵀ = V Λ Vᵀ, so C⁺ M′ C⁺ᵀ = I over the non-constant features): a wrong M′, e.g. its
+    diagonal, gives another basis. Λ_0 is the derivative along the mean, E|Ĵ μ|²."""
+    model, data, res = mlp_fit
+    for name in MLP_LAYERS[:-1]:
+        K, along_mean = jacobian_gram_in_lib_coordinates(model, data, res, name)
+        k = res.lib[name].C.shape[1]
+        torch.testing.assert_close(K[1:, 1:], torch.eye(k - 1, dtype=F64), atol=1e-10, rtol=0)
+        torch.testing.assert_close(res.lib[name].Lambda[0], along_mean, atol=1e-14, rtol=1e-10)
+
+
+def test_uncentred_fit_uses_the_second_moment_and_an_unscaled_constant():
+    """center=False: PCA diagonalises E[f fᵀ]; the constant direction carries no mean, so Λ_0 = M_00 = 0,
+    which is under the truncation: the constant column stays e_0 (f̂_0 = 1) and C⁺ stays finite."""
+    model, data = mlp(), mlp_data()
+    cfg = LIBConfig(center=False)
+    res = fit_lib(model, data, MLP_LAYERS, cfg, progress=False)
+    e0 = torch.zeros(8, dtype=F64)
+    e0[0] = 1.0
+    for name in MLP_LAYERS[:-1]:
+        rows = activations(model, data, name)
+        second = rows.T @ rows / rows.shape[0]
+        pca, lib = res.pca[name], res.lib[name]
+        k = pca.C.shape[1]  # layer "0" has rank 6 (5 inputs and the bias) over the data: one direction dropped
+        assert k == (7 if name == "0" else 8)
+        torch.testing.assert_close(pca.Lambda[1:], torch.linalg.eigvalsh(second).flip(0)[:k - 1], atol=1e-12,
+                                   rtol=1e-10)
+        torch.testing.assert_close(pca.C[1:, 1:].T @ second @ pca.C[1:, 1:], torch.diag(pca.Lambda[1:]),
+                                   atol=1e-12, rtol=1e-10)
+        assert torch.equal(pca.C[:, 0], e0) and torch.equal(pca.C[0, 1:], torch.zeros(k - 1, dtype=F64))
+        assert lib.Lambda[0] == 0 and torch.equal(lib.C[:, 0], e0)
+        f_hat = lib.transform(rows)
+        assert torch.equal(f_hat[:, 0], torch.ones(rows.shape[0], dtype=F64))
+        torch.testing.assert_close(f_hat[:, 1:].T @ f_hat[:, 1:] / rows.shape[0], torch.diag(lib.Lambda[1:]),
+                                   atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(lib.C_pinv @ lib.C, torch.eye(lib.C.shape[1], dtype=F64), atol=1e-11, rtol=0)
+        K, _ = jacobian_gram_in_lib_coordinates(model, data, res, name)
+        torch.testing.assert_close(K[1:, 1:], torch.eye(lib.C.shape[1] - 1, dtype=F64), atol=1e-10, rtol=0)
+    assert_same_fit(res, naive_fit_lib(model, data, MLP_LAYERS, cfg))
+
+
+def test_no_derivative_along_the_mean_leaves_the_constant_column_unscaled():
+    """Centred fit of a section whose weights annihilate the data mean μ: Λ_0 = E|W μ|² = 0 ≤ truncation,
+    so C[:, 0] = e_0 (f̂_0 = 1, not sqrt(Λ_0) = 0) and C⁺ stays finite."""
+    model = nn.Sequential(nn.Linear(3, 2)).double()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, -1.0, 0.0], [0.0, 0.0, 2.0]]))
+    x = torch.randn(30, 3, dtype=F64, generator=torch.Generator().manual_seed(5))
+    x = x - x.mean(0) + torch.tensor([1.5, 1.5, 0.0], dtype=F64)  # mean exactly along the null space
+    data, layers = [x[:15], x[15:]], ["input", "output"]
+    res = fit_lib(model, data, layers, progress=False)
+    lib = res.lib["input"]
+    assert abs(lib.Lambda[0]) < 1e-24 < lib.Lambda[-1] * 1e-12
+    assert torch.equal(lib.C[:, 0], torch.tensor([1.0, 0, 0, 0], dtype=F64))
+    torch.testing.assert_close(lib.transform(x)[:, 0], torch.ones(30, dtype=F64), atol=0, rtol=0)
+    torch.testing.assert_close(lib.C_pinv @ lib.C, torch.eye(lib.C.shape[1], dtype=F64), atol=1e-12, rtol=0)
+    assert_same_fit(res, naive_fit_lib(model, data, layers, LIBConfig()))
+
+
 def test_streamed_batches_equal_one_batch(mlp_fit):
     model, data, res = mlp_fit
     one = fit_lib(model, [torch.cat(data)], MLP_LAYERS, progress=False)
@@ -129,10 +209,36 @@ def test_matches_naive_dense_reference_on_mlp(integration, n):
     assert_same_fit(fit_lib(model, data, MLP_LAYERS, cfg, progress=False), naive_fit_lib(model, data, MLP_LAYERS, cfg))
 
 
-def test_matches_naive_dense_reference_on_transformer_with_positions_and_attention():
+@pytest.fixture(scope="module")
+def transformer_references():
+    """The naive reference twice: Jacobians through run_model's site edits, and through an explicit
+    forward written from the weights (evaluation.lib.explicit), which shares no code with the fit."""
+    from evaluation.io.checkpoints import bridge_to_hooked_transformer_state_dict
+    from evaluation.lib.explicit import ExplicitTransformer, ExplicitTransformerForward
+
     model, data = transformer(), token_data(n=12, batch=4)
+    explicit = ExplicitTransformer(bridge_to_hooked_transformer_state_dict(model),
+                                   dict(n_layers=1, d_head=4, act_fn="relu", normalization_type=None))
+    toks = torch.cat([b[0] for b in data])
+    for name in TF_LAYERS:  # the explicit forward reads the same weights
+        torch.testing.assert_close(explicit(toks, name), activations(model, data, name).reshape(12, 3, -1),
+                                   atol=1e-13, rtol=1e-12)
     cfg = LIBConfig()
-    assert_same_fit(fit_lib(model, data, TF_LAYERS, cfg, progress=False), naive_fit_lib(model, data, TF_LAYERS, cfg))
+    return (naive_fit_lib(model, data, TF_LAYERS, cfg),
+            naive_fit_lib(model, data, TF_LAYERS, cfg, forward=ExplicitTransformerForward(explicit)))
+
+
+@pytest.mark.parametrize("jacobians,methods", [
+    ("structured", ["closed form: attention", "closed form: mlp", "closed form: unembed"]),
+    ("autograd", ["autograd (jacobians='autograd')"] * 3),
+])
+def test_matches_naive_dense_reference_on_transformer_with_positions_and_attention(
+        jacobians, methods, transformer_references):
+    model, data = transformer(), token_data(n=12, batch=4)
+    res = fit_lib(model, data, TF_LAYERS, LIBConfig(jacobians=jacobians), progress=False)
+    assert [res.methods[name] for name in TF_LAYERS[:-1]] == methods
+    for ref in transformer_references:
+        assert_same_fit(res, ref)
 
 
 def test_rotating_the_final_layer_leaves_earlier_bases_and_edges_unchanged():

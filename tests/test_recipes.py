@@ -53,23 +53,25 @@ def fast_dev_args(variant: str, root: Path, vision_files) -> list[str]:
 
 
 @pytest.mark.parametrize("variant", ALL_VARIANTS)
-def test_every_recipe_variant_trains_a_step(variant, tmp_path, vision_files):
+def test_every_recipe_variant_trains_a_step(variant, tmp_path, vision_files, monkeypatch):
     config = yaml.safe_load((RECIPES / variant).read_text())
     if variant == "text/tinystories.yaml":
         pytest.skip("TinyStories needs the internet; its offline error is tested below")
-    cli = InterpTrainCLI(args=fast_dev_args(variant, tmp_path, vision_files))
+    workdir = tmp_path / "cwd"  # run from an empty folder: the checkout's own checkpoints/ stays out of it
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    cli = InterpTrainCLI(args=fast_dev_args(variant, tmp_path / "runs", vision_files))
     metrics = json.loads((cli.run_directory / "metrics.json").read_text())
     assert math.isfinite(metrics["train/loss"])
     assert 0.0 <= metrics["train/acc"] <= 1.0
-    assert cli.run_directory == tmp_path / cli.datamodule.task / Path(variant).stem / "seed0"
+    assert cli.run_directory == tmp_path / "runs" / cli.datamodule.task / Path(variant).stem / "seed0"
     regs = config["model"].get("regularizers") or []
     assert len(cli.model.regularizers) == len(regs)
     for reg in cli.model.regularizers:  # every regularizer ran and logged its weight
         assert any(k.endswith(f"/{reg.name}/weight") for k in metrics), sorted(metrics)
         assert reg.step == 1
-    # fast_dev_run must not write into the default checkpoints/ folder
-    assert not (Path("checkpoints") / cli.datamodule.task / Path(variant).stem / "seed0" / "metrics.json").exists() \
-        or Path("checkpoints").resolve() == tmp_path.resolve()
+    # --checkpoint_root is respected: nothing is written into a default checkpoints/ of the working folder
+    assert list(workdir.iterdir()) == []
 
 
 def test_accuracy_matches_explicit_loop():

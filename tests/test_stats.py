@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from evaluation.compare.stats import compare_groups, permutation_test, welch_t_test
+from evaluation.compare.stats import (adjust_pvalues, apply_correction, compare_groups, permutation_test,
+                                      welch_t_test)
 
 
 @pytest.mark.parametrize("na,nb,shift,scale", [(3, 3, 1.0, 1.0), (5, 8, 0.3, 3.0), (2, 6, -2.0, 0.1)])
@@ -28,7 +29,8 @@ def test_welch_hand_computed():
 
 def test_welch_zero_variance_and_bad_input():
     assert welch_t_test([1.0, 1.0], [1.0, 1.0]) == (0.0, 1.0)
-    assert welch_t_test([2.0, 2.0], [1.0, 1.0]) == (math.inf, 0.0)
+    t, p = welch_t_test([2.0, 2.0], [1.0, 1.0])  # no spread, different means: p undefined, not 0
+    assert t == math.inf and math.isnan(p)
     with pytest.raises(ValueError, match="at least 2"):
         welch_t_test([1.0], [1.0, 2.0])
     with pytest.raises(ValueError, match="non-finite"):
@@ -95,3 +97,43 @@ def test_compare_groups_too_few_seeds_and_permutation_note():
     assert "cannot reach" in r["note"]
     with pytest.raises(ValueError, match="unknown test 'bogus'"):
         compare_groups([1.0, 2.0], [1.0, 2.0], test="bogus")
+
+
+def test_holm_hand_computed():
+    """m = 4, p = (0.01, 0.04, 0.03, 0.005). Sorted: 0.005·4 = 0.02, 0.01·3 = 0.03, 0.03·2 = 0.06,
+    0.04·1 = 0.04 -> running max 0.06. Bonferroni: 4p capped at 1."""
+    p = [0.01, 0.04, 0.03, 0.005]
+    assert adjust_pvalues(p, "holm") == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert adjust_pvalues(p, "bonferroni") == pytest.approx([0.04, 0.16, 0.12, 0.02])
+    assert adjust_pvalues(p, "none") == pytest.approx(p)
+    assert adjust_pvalues([0.3, 0.5], "holm") == pytest.approx([0.6, 0.6])  # capped by monotonicity, not 0.5
+    assert adjust_pvalues([0.9, 0.8], "bonferroni") == [1.0, 1.0]
+    assert adjust_pvalues([], "holm") == []
+    with pytest.raises(ValueError, match="unknown correction 'bh'; allowed: holm, bonferroni, none"):
+        adjust_pvalues(p, "bh")
+    with pytest.raises(ValueError, match=r"p-values must lie in \[0, 1\]"):
+        adjust_pvalues([0.1, 1.5])
+
+
+def test_apply_correction_rejudges_on_the_adjusted_p():
+    strong = compare_groups([0.50, 0.52, 0.51, 0.49], [0.70, 0.72, 0.69, 0.71])   # p ~ 1e-6
+    weak = compare_groups([1.0, 1.2, 1.1, 0.9], [1.25, 1.4, 1.2, 1.3])           # p ~ 0.02
+    untested = compare_groups([0.5], [0.6, 0.7])
+    assert weak["significant"] and 0.01 < weak["p"] < 0.05
+    n = apply_correction([strong, weak, untested], "holm")
+    assert n == 2 and untested["p_adjusted"] is None and untested["improved"] is None
+    assert strong["p_adjusted"] == pytest.approx(2 * strong["p"]) and strong["improved"] is True
+    assert weak["p_adjusted"] == pytest.approx(max(weak["p"], 2 * strong["p"]))
+    assert weak["significant"] == (weak["p_adjusted"] < 0.05)
+    assert "holm-adjusted p=" in strong["note"] and "over 2 comparisons" in strong["note"]
+
+
+def test_zero_spread_falls_back_to_the_exact_permutation_test():
+    """21, 21, 21 vs 19, 19, 19: an exact permutation test of 3 vs 3 cannot go below 2 / C(6, 3) = 0.1."""
+    r = compare_groups([21.0, 21.0, 21.0], [19.0, 19.0, 19.0], higher_is_better=False)
+    assert r["test"] == "permutation" and r["p"] == pytest.approx(0.1)
+    assert r["significant"] is False and r["improved"] is False and "undefined" in r["note"]
+    r = compare_groups([21.0] * 5, [19.0] * 5, higher_is_better=False)  # 2 / C(10, 5) = 1/126
+    assert r["p"] == pytest.approx(2 / 252) and r["improved"] is True
+    r = compare_groups([3.0, 3.0], [3.0, 3.0])  # no difference at all: Welch's p = 1
+    assert r["test"] == "welch" and r["p"] == 1.0

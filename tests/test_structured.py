@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from evaluation.lib.fit import LIBConfig, fit_lib
+from evaluation.lib.fit import ClosedFormFallbackWarning, LIBConfig, fit_lib
 from evaluation.lib.naive import naive_fit_lib
 from evaluation.lib.sections import find_section
 from interp_train.sites import run_model
@@ -100,7 +100,7 @@ def test_a_section_failing_its_check_falls_back_to_autograd(monkeypatch, break_i
         return section, why
 
     monkeypatch.setattr(lib, "find_section", wrong)
-    with pytest.warns(RuntimeWarning, match=r"blocks\.0\.hook_resid_pre -> blocks\.0\.hook_resid_mid: " + message):
+    with pytest.warns(ClosedFormFallbackWarning, match=r"blocks\.0\.hook_resid_pre -> blocks\.0\.hook_resid_mid: " + message):
         res = fit_lib(model, data, layers, LIBConfig(), progress=False)
     assert res.methods[layers[0]].startswith("autograd (" + message)
     assert res.methods[layers[1]] == "closed form: mlp"

@@ -1,9 +1,15 @@
 """Per-checkpoint measurement cache for ``interp-eval compare`` (atomic writes: ``interp_train.io``).
 
-One JSON per checkpoint, ``<out>/cache/<variant>/<seed>.json``, holding the measurements and
-the key they were computed under. The key is sha256 over (the checkpoint's bytes, its
-config.yaml's bytes, the measurement options, MEASURE_VERSION): a re-run reuses an entry only
-when none of these changed, so editing the options or retraining a seed recomputes just that.
+One JSON per checkpoint, ``<out>/cache/<variant>/<seed>.json``: the run's digest (sha256 of the
+checkpoint's and its config.yaml's bytes) and, under ``measured``, one record per metric with the
+key it was measured under:
+
+    key(metric) = sha256(run digest, metric name, metric version, {option: value for the
+                         MeasureOptions fields the metric depends on})
+
+A re-run measures a metric again exactly when its key changed (a new metric, a bumped version, a
+changed option it depends on, a retrained seed); all other records are reused. Records of
+metrics not asked for this time (e.g. the LLC without --llc) are kept for later runs.
 """
 
 from __future__ import annotations
@@ -12,12 +18,14 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-# Bump when a measurement's definition changes: old cache entries become stale.
-# 2: token models measured at hook_embed; calibrated LLC settings.
-# 3: LIB on TransformerLens models includes the skip connection of resid_mid -> resid_post.
-MEASURE_VERSION = 3
+if TYPE_CHECKING:
+    from evaluation.compare.metrics.base import CompareMetric
+
+
+def _sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -28,11 +36,20 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def cache_key(checkpoint: Path, config: Path | None, options: Mapping[str, Any]) -> str:
-    """sha256 of the checkpoint and config contents, the options (sorted JSON) and MEASURE_VERSION."""
-    parts = {"checkpoint": file_sha256(checkpoint), "config": file_sha256(config) if config else None,
-             "options": options, "version": MEASURE_VERSION}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+def run_digest(checkpoint: Path, config: Path | None) -> str:
+    """sha256 over the checkpoint's and the config's contents."""
+    return _sha256_json({"checkpoint": file_sha256(checkpoint), "config": file_sha256(config) if config else None})
+
+
+def metric_options(metric: "CompareMetric", options: Mapping[str, Any]) -> dict[str, Any]:
+    """The values of the options ``metric`` depends on (``options``: ``dataclasses.asdict(MeasureOptions)``)."""
+    return {name: options[name] for name in metric.options}
+
+
+def metric_key(digest: str, metric: "CompareMetric", options: Mapping[str, Any]) -> str:
+    """sha256 of the run digest, the metric's name and version, and its options' values (sorted JSON)."""
+    return _sha256_json({"run": digest, "metric": metric.name, "version": metric.version,
+                         "options": metric_options(metric, options)})
 
 
 def safe_name(name: str) -> str:
@@ -44,14 +61,16 @@ def cache_path(out_dir: Path, variant: str, seed: str) -> Path:
     return Path(out_dir) / "cache" / safe_name(variant) / f"{safe_name(seed)}.json"
 
 
-def read_cached(path: Path, key: str) -> dict | None:
-    """The cached entry at ``path`` if it exists, parses and was computed under ``key``; else None."""
+def read_entry(path: Path, digest: str) -> dict | None:
+    """The cache entry at ``path`` if it exists, parses, has per-metric records and belongs to the
+    checkpoint with ``digest``; else None (everything is measured afresh)."""
     try:
         entry = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    return entry if isinstance(entry, dict) and entry.get("key") == key else None
+    if not isinstance(entry, dict) or entry.get("run_digest") != digest or not isinstance(entry.get("measured"), dict):
+        return None
+    return entry
 
 
 # Atomic writers live in interp_train.io (shared with training).
-

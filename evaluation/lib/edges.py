@@ -8,7 +8,7 @@ products ∂(v·f^{l+1})/∂x come from one forward pass and a batched backward
 Shapes: every activation is viewed as (B, P, d) — P positions (1 for an MLP layer) and d units.
 Bases act on the augmented activation a = [1, f] (constant first): LIB features are f̂ = a C.
 
-Formulas (DESIGN.md section 4, N examples, P input positions, t/s output/input positions):
+Formulas (docs/DESIGN.md §4.4 and §4.6, N examples, P input positions, t/s output/input positions):
 
 * Jacobian Gram  M′_{jj′} = 1/(N·P) ∑_x ∑_s ∑_{t,i} J_{(t,i),(s,j)} J_{(t,i),(s,j′)},
   J the Jacobian of ĥ = f^{l+1} C^{l+1} w.r.t. f^l (the constant coordinate has no derivative).

@@ -1,4 +1,4 @@
-"""Fit the Local Interaction Basis (LIB, "jacobian" variant) and a PCA baseline (DESIGN.md §4).
+"""Fit the Local Interaction Basis (LIB, "jacobian" variant) and a PCA baseline (docs/DESIGN.md §4).
 
 For each node layer l (activation f, viewed as (B, P, d)) with augmented activation a = [1, f]:
 
@@ -61,6 +61,10 @@ STOCHASTIC_OVER = ("positions", "positions_and_hidden")
 JACOBIAN_DTYPES = (None, "float32", "float64")
 JACOBIANS = ("auto", "structured", "autograd")
 EDGE_SEED_OFFSET = 0x5EED  # the edge probes get a stream of their own, independent of the M′ probes
+
+
+class ClosedFormFallbackWarning(RuntimeWarning):
+    """A recognised section's closed form failed its check against autograd; autograd is used for it."""
 
 
 @dataclass(frozen=True)
@@ -436,7 +440,8 @@ def _closed_forms(model, node_layers, config):
 def _give_up_closed_form(closed, methods, l_in, l_out, problem, config):
     if config.jacobians == "structured":
         raise ValueError(f"the closed-form Jacobian of {l_in} -> {l_out} failed its check against autograd: {problem}")
-    warnings.warn(f"LIB section {l_in} -> {l_out}: {problem}; using autograd for it", RuntimeWarning, stacklevel=3)
+    warnings.warn(f"LIB section {l_in} -> {l_out}: {problem}; using autograd for it", ClosedFormFallbackWarning,
+                  stacklevel=3)
     closed[l_in] = None
     methods[l_in] = f"autograd ({problem})"
 
@@ -501,4 +506,4 @@ def compute_edges(model, data, node_layers, lib, pca, config, input_fn=None, pro
     return ({k: v / norm[k] for k, v in lib_e.items()}, {k: v / norm[k] for k, v in pca_e.items()})
 
 
-__all__ = ["LIBConfig", "LIBResult", "LayerBasis", "compute_edges", "fit_lib", "lib_basis", "neuron_basis", "pca_basis"]
+__all__ = ["ClosedFormFallbackWarning", "LIBConfig", "LIBResult", "LayerBasis", "compute_edges", "fit_lib", "lib_basis", "neuron_basis", "pca_basis"]

@@ -1,10 +1,14 @@
 """A naive dense LIB reference for tests: all data at once, one example at a time, explicit loops.
 
 It shares no code with lib.py/edges.py beyond ``run_model`` and the result dataclasses: every
-matrix of DESIGN.md §4 is built explicitly (Y, U, D, R, R⁺ = D^{1/2} Uᵀ Y⁻¹, M, V, Λ, C, C⁺) and
+matrix of docs/DESIGN.md §4.1 is built explicitly (Y, U, D, R, R⁺ = D^{1/2} Uᵀ Y⁻¹, M, V, Λ, C, C⁺) and
 every Jacobian is the full dense ``torch.func.jacrev`` of one example, contracted with loops over
-input positions s, output positions t and integration points α. Only center=True, exact
-(non-stochastic) fits. Slow by design: use on tiny models only.
+input positions s, output positions t and integration points α. Only exact (non-stochastic) fits.
+Slow by design: use on tiny models only.
+
+``forward`` supplies the activations and the per-example section Jacobians: by default
+``RunModelForward`` (the model with ``run_model``'s site edits); ``evaluation.lib.explicit`` has one
+that shares no code with ``run_model`` (an explicit forward of a TransformerLens transformer).
 """
 
 from __future__ import annotations
@@ -23,34 +27,44 @@ def _inputs(data, input_fn):
     return torch.cat(xs)
 
 
-def _activation(model, x, name):
-    with torch.no_grad():
-        res = run_model(model, x, record=[] if name == "output" else [name])
-    act = res.output if name == "output" else res.activations[name]
-    return act.reshape(act.shape[0], -1, act.shape[-1]) if act.dim() > 2 else act.reshape(act.shape[0], 1, -1)
+class RunModelForward:
+    """Activations and section Jacobians of ``model`` through ``run_model`` (record / edit a site)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.dtype = model_dtype(model)
+
+    def activation(self, x, name):
+        """(N, P, d) activation of ``name`` ("output": the logits)."""
+        with torch.no_grad():
+            res = run_model(self.model, x, record=[] if name == "output" else [name])
+        act = res.output if name == "output" else res.activations[name]
+        return act.reshape(act.shape[0], -1, act.shape[-1]) if act.dim() > 2 else act.reshape(act.shape[0], 1, -1)
+
+    def jacobian(self, x_one, l_in, l_out, f_in):
+        """Dense Jacobian of f^{l+1} (P_out, d_out) w.r.t. f^l (P, d) of one example, at f^l = f_in."""
+        model = self.model
+        with torch.no_grad():
+            shape = run_model(model, x_one, record=[l_in]).activations[l_in].shape
+
+        def g(f):
+            res = run_model(model, x_one, record=[] if l_out == "output" else [l_out],
+                            edit={l_in: lambda _a: f.reshape(shape)})
+            out = res.output if l_out == "output" else res.activations[l_out]
+            return out.reshape(-1, out.shape[-1]) if out.dim() > 2 else out.reshape(1, -1)
+
+        return torch.func.jacrev(g)(f_in.to(self.dtype))  # (P_out, d_out, P, d)
 
 
-def _section_jacobian(model, x_one, l_in, l_out, f_in):
-    """Dense Jacobian of f^{l+1} (P_out, d_out) w.r.t. f^l (P, d) of one example, at f^l = f_in."""
-    with torch.no_grad():
-        shape = run_model(model, x_one, record=[l_in]).activations[l_in].shape
-
-    def g(f):
-        res = run_model(model, x_one, record=[] if l_out == "output" else [l_out],
-                        edit={l_in: lambda _a: f.reshape(shape)})
-        out = res.output if l_out == "output" else res.activations[l_out]
-        return out.reshape(-1, out.shape[-1]) if out.dim() > 2 else out.reshape(1, -1)
-
-    return torch.func.jacrev(g)(f_in)  # (P_out, d_out, P, d)
-
-
-def _frame(acts, truncation):
-    """Y, Y⁻¹, U_full, D_full from (N, P, d) activations, with an explicit covariance sum."""
+def _frame(acts, truncation, center=True):
+    """Y, Y⁻¹, U_full, D_full from (N, P, d) activations, with an explicit covariance sum
+    (center=False: the uncentred second moment and Y = I)."""
     rows = acts.reshape(-1, acts.shape[-1]).to(F64)
     mu = rows.mean(0)
+    shift = mu if center else torch.zeros_like(mu)
     cov = torch.zeros(rows.shape[1], rows.shape[1], dtype=F64)
     for r in rows:
-        cov += torch.outer(r - mu, r - mu)
+        cov += torch.outer(r - shift, r - shift)
     cov /= rows.shape[0]
     D, U = torch.linalg.eigh(cov)
     order = torch.argsort(D, descending=True)
@@ -59,7 +73,7 @@ def _frame(acts, truncation):
     D, U = D[keep], U[:, keep]
     d = rows.shape[1]
     Y = torch.eye(d + 1, dtype=F64)
-    Y[0, 1:] = -mu
+    Y[0, 1:] = -shift
     U_full = torch.block_diag(torch.ones(1, 1, dtype=F64), U)
     D_full = torch.cat([torch.ones(1, dtype=F64), D])
     return mu, Y, torch.linalg.inv(Y), U_full, D_full
@@ -75,17 +89,21 @@ def _rule(config: LIBConfig):
     return list((x + 1) / 2), list(w / 2)
 
 
-def naive_fit_lib(model, data, node_layers, config: LIBConfig = LIBConfig(), input_fn=None) -> LIBResult:
-    """Dense reference of evaluation.lib.fit.fit_lib (center=True, stochastic_sources=None only)."""
-    if not config.center or config.stochastic_sources is not None:
-        raise NotImplementedError("the naive reference covers center=True and exact Jacobians only")
+def naive_fit_lib(model, data, node_layers, config: LIBConfig = LIBConfig(), input_fn=None,
+                  forward=None) -> LIBResult:
+    """Dense reference of evaluation.lib.fit.fit_lib (stochastic_sources=None only).
+
+    forward: activations and Jacobians (``RunModelForward(model)`` when None)."""
+    if config.stochastic_sources is not None:
+        raise NotImplementedError("the naive reference covers exact Jacobians only")
     model.eval()
+    forward = RunModelForward(model) if forward is None else forward
     x = _inputs(data, input_fn)
-    acts = {n: _activation(model, x, n).to(F64) for n in node_layers}
+    acts = {n: forward.activation(x, n).to(F64) for n in node_layers}
     N = x.shape[0]
     lib, pca = {}, {}
     last = node_layers[-1]
-    mu, Y, Y_inv, U_full, D_full = _frame(acts[last], config.truncation)
+    mu, Y, Y_inv, U_full, D_full = _frame(acts[last], config.truncation, config.center)
     if config.rotate_final:
         final = LayerBasis(last, Y @ U_full, U_full.T @ Y_inv, D_full, mu)
     else:
@@ -95,13 +113,13 @@ def naive_fit_lib(model, data, node_layers, config: LIBConfig = LIBConfig(), inp
                            torch.cat([torch.ones(1, dtype=F64), rows.pow(2).mean(0)]), mu)
     lib[last] = pca[last] = final
     for l_in, l_out in reversed(list(zip(node_layers[:-1], node_layers[1:]))):
-        mu, Y, Y_inv, U_full, D_full = _frame(acts[l_in], config.truncation)
+        mu, Y, Y_inv, U_full, D_full = _frame(acts[l_in], config.truncation, config.center)
         pca[l_in] = LayerBasis(l_in, Y @ U_full, U_full.T @ Y_inv, D_full, mu)
         P, d = acts[l_in].shape[1:]
         C_next = lib[l_out].C[1:]  # rows multiplying f^{l+1}
         M_dash = torch.zeros(d + 1, d + 1, dtype=F64)
         for n in range(N):
-            J = _section_jacobian(model, x[n:n + 1], l_in, l_out, acts[l_in][n].to(model_dtype(model))).to(F64)
+            J = forward.jacobian(x[n:n + 1], l_in, l_out, acts[l_in][n]).to(F64)
             J_hat = torch.einsum("toSd,oi->tiSd", J, C_next)
             for s in range(P):
                 for t in range(J_hat.shape[0]):
@@ -116,9 +134,11 @@ def naive_fit_lib(model, data, node_layers, config: LIBConfig = LIBConfig(), inp
         keep = lam > config.truncation * lam.max()
         lam, V = lam[keep], V[:, keep]
         Lam = torch.cat([M[0, 0].reshape(1), lam])
+        # no derivative along the mean (Λ_0 ≤ truncation · max Λ): the constant column stays unscaled
+        scale = torch.cat([Lam[:1] if Lam[0] > config.truncation * lam.max() else torch.ones(1, dtype=F64), lam])
         V_full = torch.block_diag(torch.ones(1, 1, dtype=F64), V)
-        C = R @ V_full @ torch.diag(Lam.sqrt())
-        C_pinv = torch.diag(Lam.rsqrt()) @ V_full.T @ R_pinv
+        C = R @ V_full @ torch.diag(scale.sqrt())
+        C_pinv = torch.diag(scale.rsqrt()) @ V_full.T @ R_pinv
         lib[l_in] = LayerBasis(l_in, C, C_pinv, Lam, mu)
     lib_edges, pca_edges = {}, {}
     alphas, weights = _rule(config)
@@ -132,8 +152,7 @@ def naive_fit_lib(model, data, node_layers, config: LIBConfig = LIBConfig(), inp
                 f_hat = torch.cat([torch.ones(P, 1, dtype=F64), f], 1) @ C_in  # (P, k_in)
                 total = 0.0
                 for alpha, w in zip(alphas, weights):
-                    J = _section_jacobian(model, x[n:n + 1], l_in, l_out,
-                                          (alpha * f).to(model_dtype(model))).to(F64)
+                    J = forward.jacobian(x[n:n + 1], l_in, l_out, alpha * f).to(F64)
                     # ∂ĥ_{t,i}/∂f̂_{s,j} = ∑_{o,d} C_out[1+o, i] J[t,o,s,d] C⁺[j, 1+d]
                     J_hat = torch.einsum("oi,toSd,jd->tiSj", C_out[1:], J, C_pinv[:, 1:])
                     term = torch.zeros(J_hat.shape[0], J_hat.shape[1], J_hat.shape[3], dtype=F64)

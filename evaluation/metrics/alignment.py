@@ -1,4 +1,4 @@
-"""Gradient alignment with the data manifold (DESIGN.md section 5).
+"""Gradient alignment with the data manifold (docs/DESIGN.md §5.4).
 
 frac(g) = ||U Uᵀ g|| / ||g|| for the gradient g of a per-example score (loss or target logit)
 with respect to the input (or an activation such as ``hook_embed`` for token models), where U

@@ -1,4 +1,4 @@
-"""Fourier content of features of a modular-addition transformer (inputs ``a b =``, DESIGN.md §4).
+"""Fourier content of features of a modular-addition transformer (inputs ``a b =``, docs/DESIGN.md §5.7).
 
 A feature at a node layer (a column of a basis C, or any direction) is evaluated on ALL p² inputs
 (a, b) at chosen token positions, giving values v_s(a, b) per position s. With the mean over the

@@ -1,4 +1,4 @@
-"""The interaction graph of a LIB (or PCA) fit and its modularity (DESIGN.md section 5).
+"""The interaction graph of a LIB (or PCA) fit and its modularity (docs/DESIGN.md §5.2).
 
 Nodes are the features of every non-output node layer, named ``"<layer>:<index>"``, with
 attributes ``layer`` (name), ``layer_index`` (position in the node-layer list) and ``index``

@@ -1,4 +1,4 @@
-"""Measurements of a LIB / PCA fit (DESIGN.md section 5): feature counts, edge sparsity,
+"""Measurements of a LIB / PCA fit (docs/DESIGN.md §5.1–§5.3): feature counts, edge sparsity,
 Gini coefficient, modularity, node ablation.
 
 Conventions: every ``LayerBasis`` has the constant (bias) feature at index 0; edge matrices E

@@ -1,6 +1,6 @@
 """Output-level measurements: on/off-manifold robustness and held-out accuracy/loss.
 
-Robustness (DESIGN.md section 5, after Srinivas et al. 2023): for each example x and radius ε,
+Robustness (docs/DESIGN.md §5.5, after Srinivas et al. 2023): for each example x and radius ε,
 
     Δ_on(ε)  = ||softmax f(x + ε u_on) − softmax f(x)||₁,   u_on  uniform on the unit sphere of T_x
     Δ_off(ε) = ||softmax f(x + ε u_off) − softmax f(x)||₁,  u_off uniform on the unit sphere of T_x^⊥

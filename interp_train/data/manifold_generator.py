@@ -16,7 +16,7 @@ has Jᵀ J = I + (nonlinear part)ᵀ(nonlinear part) ⪰ I, so σ_min(∂g/∂z)
 (the second derivative grows like scale · frequency). With the defaults (k=2, d=64) the largest
 principal angle between tangent spaces 0.2 apart in z is sin ≈ 0.2 on average, and ≈ 0.5 for
 points 1 apart. That rotation is what makes gradient alignment a meaningful measurement: on a
-*linear* subspace first-layer weights never move off-manifold (DESIGN.md §5).
+*linear* subspace first-layer weights never move off-manifold (docs/DESIGN.md §3.8).
 
 Latents are drawn uniformly from the cube [-latent_range, latent_range]^k.
 """

@@ -1,6 +1,6 @@
 """Regularizers: loss-term plugins. See ``base.Regularizer`` for the API.
 
-Families (formulas in each class docstring and in DESIGN.md section 3):
+Families (formulas in each class docstring and in docs/DESIGN.md §3):
 * smoothness: GradientNorm, FiniteDifferenceGradientNorm, JacobianNorm, NoisePenalty,
   RandomizedSmoothing, PGDAdversarial
 * manifold: OffManifoldNoisePenalty, OffManifoldGradientPenalty (tangent spaces from

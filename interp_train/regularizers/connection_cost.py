@@ -1,4 +1,4 @@
-"""Connection cost (BIMT: Liu, Gan & Tegmark 2023, "Seeing is believing"), DESIGN.md §3.
+"""Connection cost (BIMT: Liu, Gan & Tegmark 2023, "Seeing is believing"), docs/DESIGN.md §3.7.
 
 Every chosen ``nn.Linear`` layer W (out × in) connects its input neurons to its output
 neurons. Neurons get fixed positions by their index: the n neurons of one side lie in the unit

@@ -1,6 +1,6 @@
 """Degeneracy regularizers: make a layer's representation use fewer independent directions.
 
-Three kinds (DESIGN.md §3), all built on one numerically safe *effective rank* of a matrix:
+Three kinds (docs/DESIGN.md §3.5), all built on one numerically safe *effective rank* of a matrix:
 
 * ``ActivationDegeneracy`` (kind 1): effective rank of the centered batch activations.
 * ``GradientDegeneracy`` (kind 2): effective rank of the per-example gradients of the loss

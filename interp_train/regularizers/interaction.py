@@ -1,5 +1,5 @@
 """Interaction sparsity: an unbiased, sampled estimate of the L1 norm of the Jacobian between
-two named layers (DESIGN.md §3).
+two named layers (docs/DESIGN.md §3.6).
 
 For example i with source activation a_i (flattened to d_in numbers) and target activation
 b_i (flattened to d_out numbers), J_i = ∂b_i/∂a_i (d_out × d_in) and

@@ -1,4 +1,4 @@
-"""Off-manifold regularizers: make the model robust off the data manifold (DESIGN.md §3).
+"""Off-manifold regularizers: make the model robust off the data manifold (docs/DESIGN.md §3.4).
 
 Both read a tangent basis U_i (B, d, k) of the data manifold at each input x_i (d = the
 flattened input size) from a :class:`~interp_train.tangents.TangentProvider`, and penalise

@@ -1,4 +1,4 @@
-"""Smoothness regularizers (DESIGN.md section 3): the model should change little when an input or
+"""Smoothness regularizers (docs/DESIGN.md §3.3): the model should change little when an input or
 activation ``a`` (the site ``at``) moves a little.
 
 Notation: ``a_i`` the clean activation of example i at the site (any shape (B, ...); norms are

@@ -1,0 +1,103 @@
+"""Measuring runs: every enabled compare metric on every run, each metric's value cached on its own.
+
+``measure_all`` reads each run's cache entry (evaluation.compare.cache), measures the metrics
+whose key is missing or changed on one shared ``RunContext`` (so the LIB fit, the tangents ...
+are computed at most once per run, and only if a metric that needs them is measured), writes
+the entry back atomically and returns per run the view the report and plots read:
+
+    {"variant", "seed", "run_dir", "checkpoint", "options",
+     "metrics": {name: value or None}, "details": {..., "task"}, "notes": [...]}
+
+A metric's record holds its value, its own details and notes, and those of the shared
+computations it used (``RunContext.used``), so each record is complete on its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from tqdm.auto import tqdm
+
+from evaluation.compare import cache
+from evaluation.compare.context import RunContext, finite_or_none
+from evaluation.compare.metrics import CompareMetric, Measurement, all_metrics
+from evaluation.compare.options import MeasureOptions
+from evaluation.compare.runs import Run
+from interp_train.io import json_safe, write_json_atomic
+
+
+def enabled_metrics(options: MeasureOptions) -> list[CompareMetric]:
+    """The registered metrics that ``options`` turns on (see ``CompareMetric.switch``), in report order."""
+    return [m for m in all_metrics() if m.enabled(options)]
+
+
+def measure_metric(metric: CompareMetric, ctx: RunContext) -> dict[str, Any]:
+    """{"value", "version", "details", "notes"} of ``metric`` on the context's run."""
+    ctx.used = set()
+    out = metric.measure(ctx)
+    result = out if isinstance(out, Measurement) else Measurement(out)
+    details: dict[str, Any] = {}
+    notes: list[str] = []
+    for name in sorted(ctx.used):
+        details.update(ctx.shared_details.get(name, {}))
+        notes += ctx.shared_notes.get(name, [])
+    details.update(result.details)
+    notes += [n for n in result.notes if n not in notes]
+    value = None if result.value is None else finite_or_none(result.value)
+    return json_safe({"value": value, "version": metric.version, "details": details, "notes": notes})
+
+
+def _view(measured: Mapping[str, Mapping], metrics: Sequence[CompareMetric], task: str | None) -> dict:
+    values = {m.name: None for m in all_metrics()}
+    details: dict[str, Any] = {}
+    notes: list[str] = []
+    for m in metrics:
+        record = measured[m.name]
+        values[m.name] = record["value"]
+        details.update(record["details"])
+        notes += [n for n in record["notes"] if n not in notes]
+    return {"metrics": values, "details": {**details, "task": task}, "notes": notes}
+
+
+def measure_run(run: Run, options: MeasureOptions, progress: bool = False,
+                metrics: Sequence[CompareMetric] | None = None) -> dict:
+    """Measures ``metrics`` (default: all enabled by ``options``) on ``run``, uncached:
+    {"metrics": {name: value or None}, "details": {...}, "notes": [...], "measured": {name: record}}."""
+    metrics = enabled_metrics(options) if metrics is None else list(metrics)
+    ctx = RunContext(run, options, progress)
+    measured = {m.name: measure_metric(m, ctx) for m in metrics}
+    return {**_view(measured, metrics, ctx.task), "measured": measured}
+
+
+def measure_all(
+    variants: Mapping[str, Sequence[Run]],
+    out_dir: Path,
+    options: MeasureOptions,
+    progress: bool = True,
+) -> dict[str, list[dict]]:
+    """{variant: [view per run]} (see the module docstring); each run's cache entry under
+    ``out_dir/cache`` is reused metric by metric and rewritten atomically when anything was measured."""
+    opts = dataclasses.asdict(options)
+    metrics = enabled_metrics(options)
+    runs = [r for rs in variants.values() for r in rs]
+    out: dict[str, list[dict]] = {v: [] for v in variants}
+    for run in tqdm(runs, desc="checkpoints", disable=not progress):
+        digest = cache.run_digest(run.checkpoint, run.config)
+        path = cache.cache_path(out_dir, run.variant, run.seed)
+        entry = cache.read_entry(path, digest) or {"run_digest": digest, "measured": {}}
+        keys = {m.name: cache.metric_key(digest, m, opts) for m in metrics}
+        stale = [m for m in metrics if entry["measured"].get(m.name, {}).get("key") != keys[m.name]]
+        if stale:
+            ctx = RunContext(run, options)
+            for m in stale:
+                entry["measured"][m.name] = {"key": keys[m.name], "options": cache.metric_options(m, opts),
+                                             **measure_metric(m, ctx)}
+            entry.update(variant=run.variant, seed=run.seed, run_dir=str(run.run_dir),
+                         checkpoint=str(run.checkpoint), task=entry.get("task") or ctx.task)
+            write_json_atomic(path, json_safe(entry))
+        out[run.variant].append({"variant": run.variant, "seed": run.seed, "run_dir": str(run.run_dir),
+                                 "checkpoint": str(run.checkpoint), "options": opts,
+                                 **_view(entry["measured"], metrics, entry.get("task"))})
+    return out

@@ -1,0 +1,23 @@
+"""Modularity: Louvain modularity Q (γ = 1, networkx) of the LIB interaction graph (weights
+log10(E/ε)⁺, evaluation.metrics.graph). Higher: the graph splits into more separate modules.
+Undefined (None) with fewer than 3 node layers."""
+
+from evaluation.compare.context import finite_or_none
+from evaluation.compare.metrics.base import CompareMetric, Measurement, register
+from evaluation.compare.metrics.lib_edges import LIB_OPTIONS
+
+
+@register
+class Modularity(CompareMetric):
+    name = "modularity_q"
+    label = "modularity Q"
+    higher_is_better = True
+    description = "Louvain modularity (γ = 1) of the LIB interaction graph"
+    version = 1
+    options = LIB_OPTIONS
+    order = 40
+
+    def measure(self, ctx):
+        q = ctx.lib_summary.get("modularity", {}).get("lib", {}).get("gamma_1.0", {}).get("Q")
+        notes = ["modularity needs at least 3 node layers"] if len(ctx.node_layers) < 3 else []
+        return Measurement(finite_or_none(q), notes=notes)
