@@ -234,7 +234,7 @@ def test_ctrl_c_during_training_is_one_paragraph(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "interp_train.cli", "fit", "--config",
                              str(RECIPES / "digits/baseline.yaml"), "--run_dir", str(tmp_path / "r"),
-                             "--trainer.max_steps", "100000", *QUIET], stderr=subprocess.PIPE, text=True, env=env)
+                             "--trainer.max_steps", "100000", "--trainer.max_epochs", "100000", *QUIET], stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 300
     while not (tmp_path / "r" / "metrics.csv").exists() and time.time() < deadline:
         time.sleep(0.5)

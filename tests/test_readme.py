@@ -99,3 +99,19 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "reports/lib_ht/lib.json").is_file()
     out = capsys.readouterr().out
     assert f"report: reports/digits/report.md" in out  # --quiet still says where the report is
+
+
+def test_pyproject_builds_without_setuptools_deprecations():
+    """`make demo` printed setuptools' "project.license as a TOML table is deprecated" notice."""
+    import warnings
+
+    setuptools = pytest.importorskip("setuptools")
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dist = apply_configuration(Distribution(), README.parent / "pyproject.toml")
+    assert not [w for w in caught if "deprecat" in str(w.message).lower()], [str(w.message)[:200] for w in caught]
+    assert dist.metadata.license_expression == "MIT" or dist.metadata.license == "MIT"
+    assert setuptools  # (the build requires setuptools >= 77 for the SPDX string)
