@@ -25,7 +25,7 @@ lib --nproc N: fit on N processes of this machine; the command re-launches itsel
 the sums of the fit are all-reduced (evaluation.lib.distributed); rank 0 alone runs the ablation
 curves and writes the report.
 
-Errors are one paragraph on stderr with exit code 2 (interp_train.errors); add ``--debug`` (or set
+Errors are one paragraph on stderr with exit code 2 (evaluation.errors); add ``--debug`` (or set
 ``INTERP_DEBUG=1``) for the full traceback. SIGTERM cleans up like Ctrl-C (no temporary folders left).
 """
 
@@ -37,15 +37,15 @@ import signal
 import sys
 from pathlib import Path
 
-import torch
-
-from evaluation.io.checkpoints import load_checkpoint
-from evaluation.lib.report import check_out_dir, write_lib_report
-from interp_train.errors import run_command
+# torch, TransformerLens and matplotlib are imported by the commands that need them, so that
+# ``interp-eval --help`` and argument errors answer at once
+from evaluation.errors import run_command
 
 
 def modular_addition_data(p: int) -> tuple[torch.Tensor, torch.Tensor]:
     """All pairs: inputs (p², 3) rows (a, b, p) ('=' is token p), targets (a + b) mod p."""
+    import torch
+
     a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
     a, b = a.reshape(-1), b.reshape(-1)
     inputs = torch.stack([a, b, torch.full_like(a, p)], dim=1)
@@ -54,6 +54,8 @@ def modular_addition_data(p: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def parse_data(spec: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(inputs, targets or None) from a --data spec."""
+    import torch
+
     if spec.startswith("modular-addition"):
         _, _, params = spec.partition(":")
         fields = dict(kv.split("=", 1) for kv in params.split(",") if "=" in kv)
@@ -82,14 +84,15 @@ def parse_data(spec: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     raise ValueError(f"--data file {spec!r} must hold a tensor of inputs or {{'inputs': ..., 'targets': ...}}")
 
 
-def default_layers(model) -> list[str]:
-    """The node layers ``interp-eval compare`` chooses: for a TransformerLens model the residual
-    stream around every block, then the logits ("output"); for a recipe MLP the input, every
-    hidden activation and the output."""
+def default_layers(model, last_position: bool = False) -> list[str]:
+    """The node layers ``interp-eval compare`` chooses (evaluation.compare.context.default_node_layers):
+    for a TransformerLens model the residual stream around every block, then the logits ("output"),
+    with ``last_position`` (one target per sequence) the layers after the last attention at
+    position -1; for a recipe MLP the input, every hidden activation and the output."""
     from evaluation.compare.context import default_node_layers
 
     try:
-        return default_node_layers(model)
+        return default_node_layers(model, last_position)
     except ValueError:
         names = [n for n, _ in model.named_modules() if n][:12]
         raise ValueError(f"cannot choose node layers for {type(model).__name__}; pass --layers with module "
@@ -130,6 +133,8 @@ def check_data_fits(model, inputs: torch.Tensor, targets: torch.Tensor | None, s
 def _subsample(inputs, targets, max_samples: int | None):
     if max_samples is None or max_samples >= inputs.shape[0]:
         return inputs, targets
+    import torch
+
     idx = torch.randperm(inputs.shape[0], generator=torch.Generator().manual_seed(0))[:max_samples]
     return inputs[idx], (targets[idx] if targets is not None else None)
 
@@ -167,8 +172,18 @@ def run_lib(args) -> dict:
     from evaluation.lib.fit import LIBConfig, fit_lib
     from evaluation.metrics.lib_summary import node_ablation_curve
 
+    import torch
+
+    from evaluation.io.checkpoints import load_checkpoint
+    from evaluation.io.device import resolve_device
+    from evaluation.lib.positions import loss_reads_last_position
+    from evaluation.lib.report import check_out_dir, write_lib_report
+
     out_dir = check_out_dir(args.out)  # fail before the expensive fit
+    device = resolve_device(args.device)  # ValueError for an absent device, before anything is written
     rank = init_from_env()[0] if launched_by_torchrun() else 0
+    if launched_by_torchrun() and device.type == "cuda":
+        device = torch.device("cuda", rank % torch.cuda.device_count())  # one GPU per process
     config = None
     if args.config is not None:
         try:
@@ -176,7 +191,9 @@ def run_lib(args) -> dict:
         except (OSError, json.JSONDecodeError) as err:
             raise ValueError(f"cannot read --config {args.config!r} as JSON: {err}") from err
     loaded = load_checkpoint(resolve_checkpoint(args.checkpoint), config=config)
-    model = loaded.model
+    model = loaded.model.to(device)
+    if args.dtype is not None:
+        model = model.to(getattr(torch, args.dtype))
     if args.data is not None:
         inputs, targets = parse_data(args.data)
         check_data_fits(model, inputs, targets, args.data)
@@ -184,7 +201,8 @@ def run_lib(args) -> dict:
         batches = _batches(inputs, targets, args.batch_size)
     else:
         batches = _recipe_batches(loaded.datamodule, args.max_samples)
-    layers = args.layers or default_layers(model)
+    layers = args.layers or default_layers(model, last_position=all(
+        len(b) == 2 and loss_reads_last_position(b[1]) for b in batches))
     lib_config = LIBConfig(truncation=args.truncation, integration=args.integration, n_intervals=args.n_intervals)
     if launched_by_torchrun():
         result = fit_lib_distributed(model, batches, layers, lib_config, progress=not args.quiet and rank == 0)
@@ -219,6 +237,9 @@ def run_compare_command(args):
         if not paths:
             raise ValueError(f"--variant {name} lists no runs; use --variant NAME RUN [RUN ...]")
         variants[name] = runs_from_paths(name, paths)
+    from evaluation.io.device import resolve_device
+
+    device = resolve_device(args.device)  # ValueError for an absent device, before anything is written
     eps = tuple(args.eps)
     options = MeasureOptions(max_samples=args.max_samples, batch_size=args.batch_size,
                              node_layers=tuple(args.layers) if args.layers else None,
@@ -226,7 +247,7 @@ def run_compare_command(args):
                              ratio_eps=args.ratio_eps if args.ratio_eps is not None else eps[len(eps) // 2],
                              lib_sources=args.lib_sources, lib_edge_sources=args.lib_edge_sources,
                              lib_jacobian_dtype="float32" if args.lib_float32 else None,
-                             llc=args.llc, **{k: v for k, v in (("llc_draws", args.llc_draws),
+                             llc=args.llc, device=str(device), **{k: v for k, v in (("llc_draws", args.llc_draws),
                                                                 ("llc_chains", args.llc_chains)) if v is not None})
     result = run_compare(variants, args.out, options, baseline=args.baseline, test=args.test, alpha=args.alpha,
                          progress=not args.quiet, correction=args.correction)
@@ -267,7 +288,10 @@ def _add_compare_parser(sub) -> None:
                      help="multiple-comparison correction of the p-values over the report (default: holm)")
     cmp.add_argument("--max-samples", type=int, default=512, help="examples for LIB / alignment / robustness")
     cmp.add_argument("--batch-size", type=int, default=256)
-    cmp.add_argument("--layers", nargs="+", help="LIB node layers (default: per architecture)")
+    cmp.add_argument("--layers", nargs="+", help="LIB node layers, position index allowed: 'output[-1]' "
+                     "(default: per architecture; for one target per sequence, the last position after "
+                     "the last attention)")
+    cmp.add_argument("--device", default="auto", help="auto (a CUDA GPU when present), cpu, cuda or cuda:N")
     cmp.add_argument("--tangents", default="auto", choices=["auto", "exact", "local_pca", "global_pca"])
     cmp.add_argument("--eps", type=float, nargs="+", default=[0.03, 0.1, 0.3], help="robustness radii")
     cmp.add_argument("--ratio-eps", type=float, help="radius of the reported off/on ratio (default: middle --eps)")
@@ -294,9 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "checkpoint file (.pt/.pth/.safetensors state dict or recipe .ckpt)")
     lib.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     lib.add_argument("--config", help="JSON config of a HookedTransformer-format state dict")
-    lib.add_argument("--layers", nargs="+", help="node layers in forward order; 'output' = the logits "
-                     "(default, as compare: transformers resid_pre, resid_mid/resid_post of each block, output; "
-                     "recipe MLPs input, every hidden activation, output)")
+    lib.add_argument("--layers", nargs="+", help="node layers in forward order; 'output' = the logits; "
+                     "a position index picks one position, e.g. 'blocks.0.hook_resid_mid[-1]' 'output[-1]' "
+                     "(default, as compare: recipe MLPs input, every hidden activation, output; transformers resid_pre, resid_mid/resid_post of each block, output; "
+                     "when the targets are one per sequence, the layers after the last attention at [-1])")
+    lib.add_argument("--device", default="auto", help="auto (a CUDA GPU when present), cpu, cuda or cuda:N")
+    lib.add_argument("--dtype", choices=["float32", "float64"], help="run the model in this dtype "
+                     "(default: the checkpoint's; float64 for exact comparisons with other implementations)")
     lib.add_argument("--data", help="'modular-addition:p=113' or a torch file {'inputs', 'targets'} "
                      "(default: the recipe's own training data)")
     lib.add_argument("--truncation", type=float, default=1e-12, help="relative eigenvalue cut-off")
@@ -336,6 +364,8 @@ def _run(argv: list[str]) -> int:
     if getattr(args, "nproc", 1) < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
     if getattr(args, "nproc", 1) > 1 and not _in_torchrun():
+        from evaluation.lib.report import check_out_dir
+
         check_out_dir(args.out)  # fail here rather than in every process
         return _relaunch(args.nproc, argv)
     args.func(args)
@@ -376,6 +406,8 @@ def _relaunch(nproc: int, argv: list[str]) -> int:
 
 
 def _end_process_group() -> None:
+    if "torch.distributed" not in sys.modules:  # nothing started one (and --help stays torch-free)
+        return
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -12,7 +12,7 @@ written atomically; includes the test split unless ``--test_after_fit false``). 
 ``--ckpt_path`` keeps the earlier rows of ``metrics.csv`` and entries of ``metrics.json``
 (interp_train.run_log). A diverging run stops (loss non-finite or above ``--max_loss``) and a run
 whose accuracy ends at chance is flagged (interp_train.callbacks.health). Errors are one paragraph
-with exit code 2 (interp_train.errors); ``--debug`` or ``INTERP_DEBUG=1`` keeps the traceback.
+with exit code 2 (evaluation.errors); ``--debug`` or ``INTERP_DEBUG=1`` keeps the traceback.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from interp_train.callbacks.health import TrainingHealth
-from interp_train.errors import run_command
+from evaluation.errors import run_command
 from interp_train.io import write_json_atomic
 from interp_train.recipes import RecipeModule
 from interp_train.run_log import HistoryCSVLogger

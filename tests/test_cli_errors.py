@@ -195,7 +195,7 @@ def test_non_finite_loss_stops_with_one_paragraph(capsys):
     """The callback's reason for a NaN loss, and a NaN regularizer term through the CLI's reporter."""
     from interp_train import NonFiniteRegularizerError
     from interp_train.callbacks.health import TrainingDiverged, TrainingHealth
-    from interp_train.errors import run_command
+    from evaluation.errors import run_command
 
     class Trainer:
         global_step, callback_metrics = 7, {"reg/task_loss": torch.tensor(2.3),

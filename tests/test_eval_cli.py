@@ -54,7 +54,8 @@ def test_lib_command_writes_report_matching_the_api(checkpoint):
     model = load_hooked_transformer_state_dict(sd, CFG)
     x, y = modular_addition_data(P)
     batches = [(x[i:i + 10], y[i:i + 10]) for i in range(0, len(x), 10)]
-    layers = ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid", "blocks.0.hook_resid_post", "output"]
+    # one target per sequence: by default the paper's layout, the last position after the attention
+    layers = ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid[-1]", "blocks.0.hook_resid_post[-1]", "output[-1]"]
     result = fit_lib(model, batches, layers, LIBConfig(), progress=False)
     want = json.loads(json.dumps(summarize(result)))
     assert report["metadata"]["node_layers"] == layers and report["metadata"]["n_samples"] == P * P
@@ -66,7 +67,7 @@ def test_lib_command_writes_report_matching_the_api(checkpoint):
             assert got["layers"][layer][side]["features_99"] == want["layers"][layer][side]["features_99"]
     assert got["modularity"]["lib"]["gamma_1.0"]["Q"] == pytest.approx(want["modularity"]["lib"]["gamma_1.0"]["Q"])
     edges = load_file(str(out / "edges.safetensors"))
-    torch.testing.assert_close(edges["lib/blocks.0.hook_resid_mid"], result.lib_edges["blocks.0.hook_resid_mid"])
+    torch.testing.assert_close(edges["lib/blocks.0.hook_resid_mid[-1]"], result.lib_edges["blocks.0.hook_resid_mid[-1]"])
     bases = load_file(str(out / "bases.safetensors"))
     torch.testing.assert_close(bases["lib/blocks.0.hook_resid_pre/C"], result.lib["blocks.0.hook_resid_pre"].C)
     # ablation with every direction kept reproduces the clean accuracy

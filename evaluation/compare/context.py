@@ -57,12 +57,21 @@ class RunContext:
     @cached_property
     def _loaded(self):
         from evaluation.io.checkpoints import load_checkpoint
+        from evaluation.io.device import resolve_device
 
+        device = resolve_device(self.options.device)
         loaded = load_checkpoint(self.run.checkpoint)
         if loaded.datamodule is None:
             raise ValueError(f"{str(self.run.checkpoint)!r} carries no data module; compare needs recipe checkpoints")
         loaded.datamodule.setup("fit")
-        return loaded.model.eval(), loaded.datamodule
+        return loaded.model.to(device).eval(), loaded.datamodule
+
+    @property
+    def device(self) -> torch.device:
+        """The device the run is measured on (``options.device``); the split tensors are moved there."""
+        from evaluation.lib.fit import model_device
+
+        return model_device(self.module)
 
     @property
     def module(self):
@@ -78,11 +87,11 @@ class RunContext:
 
     @cached_property
     def train(self) -> tuple[torch.Tensor, ...]:
-        return split_tensors(self.datamodule, "train")
+        return tuple(t.to(self.device) for t in split_tensors(self.datamodule, "train"))
 
     @cached_property
     def test(self) -> tuple[torch.Tensor, ...]:
-        return split_tensors(self.datamodule, "test")
+        return tuple(t.to(self.device) for t in split_tensors(self.datamodule, "test"))
 
     @cached_property
     def eval_set(self) -> tuple[torch.Tensor, ...]:
@@ -92,7 +101,12 @@ class RunContext:
     @cached_property
     def node_layers(self) -> list[str]:
         opts = self.options
-        return list(opts.node_layers) if opts.node_layers else default_node_layers(self.module)
+        if opts.node_layers:
+            return list(opts.node_layers)
+        from evaluation.lib.positions import loss_reads_last_position
+
+        train = self.train
+        return default_node_layers(self.module, last_position=len(train) > 1 and loss_reads_last_position(train[1]))
 
     @property
     def lib(self):
@@ -150,11 +164,14 @@ class RunContext:
         return provider, EMBED_SITE
 
 
-def default_node_layers(module) -> list[str]:
+def default_node_layers(module, last_position: bool = False) -> list[str]:
     """LIB node layers of a recipe module: MLP → "input", every hidden activation, "output";
-    TransformerLens model → resid_pre, resid_mid/resid_post of each block, "output"."""
+    TransformerLens model → resid_pre, resid_mid/resid_post of each block, "output", with the
+    layers after the last attention at position -1 when ``last_position`` (one target per
+    sequence, e.g. modular addition: evaluation.lib.positions.residual_layers)."""
     from torch import nn
 
+    from evaluation.lib.positions import residual_layers
     from interp_train.models.mlp import MLP
 
     for name, sub in module.named_modules():
@@ -163,10 +180,7 @@ def default_node_layers(module) -> list[str]:
             return ["input", *acts, "output"]
         n_layers = getattr(getattr(sub, "cfg", None), "n_layers", None)
         if isinstance(n_layers, int) and isinstance(getattr(sub, "hook_dict", None), dict):
-            layers = ["blocks.0.hook_resid_pre"]
-            for l in range(n_layers):
-                layers += [f"blocks.{l}.hook_resid_mid", f"blocks.{l}.hook_resid_post"]
-            return layers + ["output"]
+            return residual_layers(n_layers, last_position)
     raise ValueError(f"cannot choose LIB node layers for {type(module).__name__}; pass node_layers (--layers)")
 
 

@@ -57,6 +57,7 @@ class MeasureOptions:
     embed_reference: int = 4096
     embed_n_neighbors: int = 32
     embed_explained_variance: float = 0.9
+    device: str = "cpu"  # where runs are measured ("auto", "cpu", "cuda"); no metric's value depends on it
 
     def __post_init__(self):
         if isinstance(self.max_samples, bool) or not isinstance(self.max_samples, int) or self.max_samples < 2:

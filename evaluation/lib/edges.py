@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from interp_train.sites import run_model
+from evaluation.lib.positions import insert, select, site_of
 
 OUTPUT = "output"
 INTEGRATION_RULES = ("gradient", "trapezoid", "gauss-legendre")
@@ -66,9 +67,9 @@ def as_positions(act: torch.Tensor) -> torch.Tensor:
 class SectionPass:
     """One forward pass through a section: the leaf x (= α·f^l), its clean value and f^{l+1}."""
 
-    x: torch.Tensor          # leaf that replaced the activation at l, original shape
+    x: torch.Tensor          # leaf (B, P, d) that replaced node layer l (its positions only)
     clean: torch.Tensor      # f^l as (B, P, d), detached
-    out: torch.Tensor        # f^{l+1}, original shape, attached to x
+    out: torch.Tensor        # f^{l+1} as (B, T, d) (its positions only), attached to x
 
 
 class _ReachedOutputLayer(Exception):
@@ -80,24 +81,28 @@ def section_forward(model: nn.Module, inputs, in_layer: str, out_layer: str, alp
 
     The forward pass stops once ``out_layer`` is computed (the layers after it cannot change the
     section's Jacobian), so a section costs only the model up to its output layer.
+    Position-indexed layers (evaluation.lib.positions): only the chosen input position is the leaf
+    (the others keep their clean values), and only the chosen output position is returned.
     """
     holder: dict[str, torch.Tensor] = {}
+    in_site, out_site = site_of(in_layer), site_of(out_layer)
 
     def replace(act: torch.Tensor) -> torch.Tensor:
-        holder["clean"] = act.detach()
-        holder["x"] = (alpha * act.detach()).requires_grad_(True)
-        return holder["x"]
+        clean = select(in_layer, act.detach())
+        holder["clean"] = clean
+        holder["x"] = (alpha * clean).requires_grad_(True)
+        return insert(in_layer, act.detach(), holder["x"])  # other positions keep their clean values
 
     def stop(act: torch.Tensor) -> torch.Tensor:
-        holder["out"] = act
+        holder["out"] = select(out_layer, act)
         raise _ReachedOutputLayer
 
     with torch.enable_grad():
-        if out_layer == OUTPUT:
-            holder["out"] = run_model(model, inputs, edit={in_layer: replace}).output
+        if out_site == OUTPUT:
+            holder["out"] = select(out_layer, run_model(model, inputs, edit={in_site: replace}).output)
         else:
             try:
-                run_model(model, inputs, edit={in_layer: replace, out_layer: stop})
+                run_model(model, inputs, edit={in_site: replace, out_site: stop})
             except _ReachedOutputLayer:
                 pass
     out = holder.get("out")
@@ -106,7 +111,7 @@ def section_forward(model: nn.Module, inputs, in_layer: str, out_layer: str, alp
             f"node layer {out_layer!r} does not depend on node layer {in_layer!r}; "
             "node_layers must be listed in forward order, each computed from the previous one"
         )
-    return SectionPass(x=holder["x"], clean=as_positions(holder["clean"]), out=out)
+    return SectionPass(x=holder["x"], clean=holder["clean"], out=out)
 
 
 def output_dependence(sp: SectionPass, chunk_elements: int) -> torch.Tensor:
@@ -118,16 +123,17 @@ def output_dependence(sp: SectionPass, chunk_elements: int) -> torch.Tensor:
     """
     out = as_positions(sp.out)
     B, T, d = out.shape
-    noise = torch.randn(T, B, d, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(out.dtype)
-    dep = torch.zeros(T, sp.clean.shape[1], dtype=torch.bool)
+    dev = out.device
+    noise = torch.randn(T, B, d, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(dev, out.dtype)
+    dep = torch.zeros(T, sp.clean.shape[1], dtype=torch.bool)  # small, CPU: it decides the grouping
     size = max(1, chunk_elements // max(sp.x.numel(), out.numel(), 1))
     for start in range(0, T, size):
-        ts = torch.arange(start, min(start + size, T))
-        cot = torch.zeros(len(ts), B, T, d, dtype=out.dtype)
-        cot[torch.arange(len(ts)), :, ts, :] = noise[ts]
+        ts = torch.arange(start, min(start + size, T), device=dev)
+        cot = torch.zeros(len(ts), B, T, d, dtype=out.dtype, device=dev)
+        cot[torch.arange(len(ts), device=dev), :, ts, :] = noise[ts]
         (g,) = torch.autograd.grad(sp.out, sp.x, grad_outputs=cot.reshape(len(ts), *sp.out.shape),
                                    is_grads_batched=True, retain_graph=True)
-        dep[ts] = g.reshape(len(ts), *sp.clean.shape).ne(0).any(dim=3).any(dim=1)
+        dep[ts.cpu()] = g.reshape(len(ts), *sp.clean.shape).ne(0).any(dim=3).any(dim=1).cpu()
     return dep
 
 
@@ -182,12 +188,12 @@ class PositionSources:
         for q, members in enumerate(groups):
             patterns[q, 0, members] = 1.0
             owner[q, members] = dep[members].double()
-        return cls(patterns, owner, 1.0)
+        return cls(patterns.to(sp.clean.device), owner.to(sp.clean.device), 1.0)
 
     @classmethod
     def probes(cls, probes: torch.Tensor, P: int) -> "PositionSources":
         S = probes.shape[0]
-        owner = torch.eye(S, dtype=torch.float64)[:, :, None].expand(S, S, P)
+        owner = torch.eye(S, dtype=torch.float64, device=probes.device)[:, :, None].expand(S, S, P)
         return cls(probes, owner, float(S))
 
 
@@ -207,7 +213,7 @@ class Cotangents:
         self.hidden = None if hidden is None else hidden.to(out.dtype)
         if hidden is None:
             if patterns is None:  # every output position alone
-                patterns = torch.eye(self.T, dtype=torch.float64)[:, None, :]
+                patterns = torch.eye(self.T, dtype=torch.float64, device=out.device)[:, None, :]
             self.patterns = patterns.to(out.dtype)
         self.k = 1 if hidden is not None else W.shape[1]
         self.n = hidden.shape[0] if hidden is not None else self.patterns.shape[0] * self.k
@@ -215,7 +221,7 @@ class Cotangents:
     def chunk(self, start: int, stop: int) -> torch.Tensor:
         if self.hidden is not None:
             return (self.hidden[start:stop] @ self.W.T).reshape(stop - start, *self.out_shape)
-        idx = torch.arange(start, stop)
+        idx = torch.arange(start, stop, device=self.W.device)
         outer, unit = idx // self.k, idx % self.k
         cols = self.W.T[unit]                                                  # (n, d)
         cot = self.patterns[outer][:, :, :, None] * cols[:, None, None, :]     # (n, B or 1, T, d)
@@ -251,15 +257,16 @@ def edges_for_batch(passes: list[tuple[float, SectionPass]], bases: list[tuple[t
     _, first = passes[0]
     clean = first.clean.to(torch.float64)
     B, P, _ = clean.shape
-    aug = torch.cat([torch.ones(B, P, 1, dtype=torch.float64), clean], dim=-1)
+    dev = clean.device
+    aug = torch.cat([torch.ones(B, P, 1, dtype=torch.float64, device=dev), clean], dim=-1)
     T, d_out = as_positions(first.out).shape[1:]
     slots = T if probes is None else probes.shape[0]
     W_out = [C_out[1:, 1:].to(torch.float64) for _, _, C_out in bases]
     f_hats = [aug @ C_in for C_in, _, _ in bases]
-    accs = [torch.zeros(slots, W.shape[1], B, C_in.shape[1], dtype=torch.float64)
+    accs = [torch.zeros(slots, W.shape[1], B, C_in.shape[1], dtype=torch.float64, device=dev)
             for W, (C_in, _, _) in zip(W_out, bases)]
     shared = sum(W.shape[1] for W in W_out) > d_out
-    jobs = [(torch.eye(d_out, dtype=torch.float64), None)] if shared else [(W, b) for b, W in enumerate(W_out)]
+    jobs = [(torch.eye(d_out, dtype=torch.float64, device=dev), None)] if shared else [(W, b) for b, W in enumerate(W_out)]
     for weight, sp in passes:
         sources = PositionSources.exact(sp, chunk_elements) if probes is None else PositionSources.probes(probes, P)
         for W, only in jobs:
@@ -269,7 +276,7 @@ def edges_for_batch(passes: list[tuple[float, SectionPass]], bases: list[tuple[t
             f_hats_sp = [f.to(sp.out.dtype) for f in f_hats]
             for start, g in batched_vjp(sp, cot, chunk_elements):
                 g = weight * g
-                idx = torch.arange(start, start + g.shape[0])
+                idx = torch.arange(start, start + g.shape[0], device=dev)
                 q_of, unit = idx // cot.k, idx % cot.k
                 for b, (C_in, C_pinv, _) in enumerate(bases):
                     if only is not None and b != only:
@@ -287,7 +294,7 @@ def edges_for_batch(passes: list[tuple[float, SectionPass]], bases: list[tuple[t
     scale = 1.0 if probes is None else float(probes.shape[0])
     results = []
     for acc, (C_in, _, C_out) in zip(accs, bases):
-        E = torch.zeros(C_out.shape[1], C_in.shape[1], dtype=torch.float64)
+        E = torch.zeros(C_out.shape[1], C_in.shape[1], dtype=torch.float64, device=dev)
         E[1:] = acc.pow(2).sum(dim=(0, 2)) / scale
         results.append(E)
     return results
@@ -305,7 +312,7 @@ def jacobian_gram_for_batch(sp: SectionPass, C_out: torch.Tensor, chunk_elements
     (1/S) ∑_r (∑_{t,i} r_{t,i} J_{(t,i),s·})ᵀ(…), S VJPs. Both unbiased since E[r rᵀ] = I.
     """
     d = sp.clean.shape[-1]
-    M = torch.zeros(d, d, dtype=torch.float64)
+    M = torch.zeros(d, d, dtype=torch.float64, device=sp.clean.device)
     W = C_out[1:, 1:]
     if probes is None:
         cot = Cotangents(W, sp.out, PositionSources.exact(sp, chunk_elements).patterns)
@@ -323,7 +330,9 @@ def jacobian_gram_for_batch(sp: SectionPass, C_out: torch.Tensor, chunk_elements
 
 def rademacher(n_sources: int, batch: int, positions: int, generator: torch.Generator,
                hidden: int | None = None) -> torch.Tensor:
-    """(S, B, T) independent ±1 entries, or (S, B, T, hidden) to probe hidden units as well."""
+    """(S, B, T) independent ±1 entries, or (S, B, T, hidden) to probe hidden units as well.
+
+    Drawn on the CPU from ``generator`` (the same probes on every device); callers move them to the data."""
     shape = (n_sources, batch, positions) + (() if hidden is None else (hidden,))
     return torch.randint(0, 2, shape, generator=generator).mul_(2).sub_(1).double()
 

@@ -48,7 +48,10 @@ from evaluation.lib.edges import (
     INTEGRATION_RULES, OUTPUT, as_positions, edges_for_batch, integration_rule, jacobian_gram_for_batch,
     rademacher, section_forward,
 )
-from evaluation.lib.sections import check_edges, check_section, find_section, structured_edges
+from evaluation.lib.positions import positions_of, select, site_of, split_layer
+from evaluation.lib.sections import (
+    check_edges, check_section, find_section, full_activation, gram, section_positions, structured_edges,
+)
 
 try:  # progress bars are optional
     from tqdm.auto import tqdm
@@ -156,9 +159,13 @@ class LayerBasis:
     mean: Tensor
 
     def transform(self, act: Tensor) -> Tensor:
-        """Features f̂ = [1, f] C of an activation (..., d) -> (..., k), float64."""
+        """Features f̂ = [1, f] C of an activation (..., d) -> (..., k), float64, on the activation's device."""
         a = act.to(torch.float64)
-        return torch.cat([torch.ones(*a.shape[:-1], 1, dtype=a.dtype), a], dim=-1) @ self.C
+        return torch.cat([torch.ones(*a.shape[:-1], 1, dtype=a.dtype, device=a.device), a], dim=-1) @ self.C.to(a.device)
+
+    def to(self, device) -> "LayerBasis":
+        return LayerBasis(self.name, self.C.to(device), self.C_pinv.to(device), self.Lambda.to(device),
+                          self.mean.to(device))
 
 
 @dataclass
@@ -173,6 +180,13 @@ class LIBResult:
     config: LIBConfig
     methods: dict[str, str] = field(default_factory=dict)  # per section (input layer): closed form used, or "autograd (…)"
 
+    def to(self, device) -> "LIBResult":
+        """The same result with every tensor on ``device``."""
+        move = lambda edges: {k: torch.as_tensor(v).to(device) for k, v in edges.items()}  # noqa: E731
+        return LIBResult(self.node_layers, {k: b.to(device) for k, b in self.lib.items()},
+                         {k: b.to(device) for k, b in self.pca.items()}, move(self.lib_edges), move(self.pca_edges),
+                         self.config, dict(self.methods))
+
 
 class _Moments:
     """Streaming mean and covariance of rows (float64), shifted by the first row for accuracy."""
@@ -185,8 +199,8 @@ class _Moments:
         if self.shift is None:
             d = rows.shape[1]
             self.shift = rows[0].clone()
-            self.s1, self.s2 = torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
-            self.sq = torch.zeros(d, dtype=torch.float64)
+            like = {"dtype": torch.float64, "device": rows.device}
+            self.s1, self.s2, self.sq = torch.zeros(d, **like), torch.zeros(d, d, **like), torch.zeros(d, **like)
         z = rows - self.shift
         self.n += rows.shape[0]
         self.s1 += z.sum(0)
@@ -218,7 +232,7 @@ def _reduced_moments(name: str, moments: _Moments, reduce: Reduce) -> _Moments:
     """
     if moments.shift is None:
         raise ValueError(f"this process saw no rows of node layer {name!r}: give every process at least one batch")
-    n = reduce(torch.tensor(float(moments.n), dtype=torch.float64))
+    n = reduce(torch.tensor(float(moments.n), dtype=torch.float64, device=moments.s1.device))
     mean = reduce(moments.s1 + moments.n * moments.shift) / n
     delta = moments.shift - mean
     s2 = moments.s2 + torch.outer(moments.s1, delta) + torch.outer(delta, moments.s1) + moments.n * torch.outer(delta, delta)
@@ -231,7 +245,7 @@ def _reduced_moments(name: str, moments: _Moments, reduce: Reduce) -> _Moments:
 def _centering(mean: Tensor, center: bool) -> tuple[Tensor, Tensor]:
     """Y = [[1, −μ], [0, I]] and Y⁻¹ = [[1, μ], [0, I]] (identity when not centring)."""
     d = mean.shape[0]
-    Y, Y_inv = torch.eye(d + 1, dtype=torch.float64), torch.eye(d + 1, dtype=torch.float64)
+    Y, Y_inv = (torch.eye(d + 1, dtype=torch.float64, device=mean.device) for _ in range(2))
     if center:
         Y[0, 1:], Y_inv[0, 1:] = -mean, mean
     return Y, Y_inv
@@ -255,10 +269,10 @@ def _pca_frame(name: str, moments: _Moments, config: LIBConfig):
                       f"node layer {name!r} is constant over the data (every variance is 0), so it has no "
                       "directions to fit; drop it from node_layers or use data on which it varies")
     d, k = U.shape
-    U_full = torch.zeros(d + 1, k + 1, dtype=torch.float64)
+    U_full = torch.zeros(d + 1, k + 1, dtype=torch.float64, device=U.device)
     U_full[0, 0] = 1.0
     U_full[1:, 1:] = U
-    D_full = torch.cat([torch.ones(1, dtype=torch.float64), D])
+    D_full = torch.cat([torch.ones(1, dtype=torch.float64, device=D.device), D])
     Y, Y_inv = _centering(moments.mean(), config.center)
     return Y, Y_inv, U_full, D_full
 
@@ -271,9 +285,10 @@ def pca_basis(name: str, moments: _Moments, config: LIBConfig) -> LayerBasis:
 
 def neuron_basis(name: str, moments: _Moments) -> LayerBasis:
     """The unrotated layer: C = C⁺ = I (constant first), Lambda_k = E[a_k²]."""
-    d = moments.mean().shape[0]
-    eye = torch.eye(d + 1, dtype=torch.float64)
-    second = torch.cat([torch.ones(1, dtype=torch.float64), moments.sq / moments.n])
+    mean = moments.mean()
+    d = mean.shape[0]
+    eye = torch.eye(d + 1, dtype=torch.float64, device=mean.device)
+    second = torch.cat([torch.ones(1, dtype=torch.float64, device=mean.device), moments.sq / moments.n])
     return LayerBasis(name, eye, eye.clone(), second, moments.mean())
 
 
@@ -283,7 +298,7 @@ def lib_basis(name: str, moments: _Moments, M_dash: Tensor, config: LIBConfig) -
     R = Y @ U_full @ torch.diag(D_full.rsqrt())
     R_pinv = torch.diag(D_full.sqrt()) @ U_full.T @ Y_inv
     d = M_dash.shape[0]
-    M_full = torch.zeros(d + 1, d + 1, dtype=torch.float64)
+    M_full = torch.zeros(d + 1, d + 1, dtype=torch.float64, device=M_dash.device)
     M_full[1:, 1:] = M_dash
     M = R_pinv @ M_full @ R_pinv.T
     M = (M + M.T) / 2
@@ -291,22 +306,32 @@ def lib_basis(name: str, moments: _Moments, M_dash: Tensor, config: LIBConfig) -
                         f"node layer {name!r} has no influence on the next node layer (its Jacobian Gram "
                         "is 0); LIB cannot rank its directions")
     lam0 = M[0, 0]
-    scale0 = lam0.sqrt() if lam0 > config.truncation * Lam[0] else torch.ones((), dtype=torch.float64)
+    scale0 = lam0.sqrt() if lam0 > config.truncation * Lam[0] else torch.ones((), dtype=torch.float64, device=M.device)
     C = torch.cat([R[:, :1] * scale0, R[:, 1:] @ V * Lam.sqrt()], dim=1)
     C_pinv = torch.cat([R_pinv[:1] / scale0, (V.T @ R_pinv[1:]) / Lam.sqrt()[:, None]], dim=0)
     return LayerBasis(name, C, C_pinv, torch.cat([lam0.reshape(1), Lam]), moments.mean())
 
 
-def _model_input(batch, input_fn: Callable | None, dtype: torch.dtype | None = None):
+def _model_input(batch, input_fn: Callable | None, dtype: torch.dtype | None = None,
+                 device: torch.device | None = None):
     if input_fn is not None:
         x = input_fn(batch)
     elif isinstance(batch, (tuple, list)):
         x = batch[0]
     else:
         x = batch
+    if device is not None and isinstance(x, Tensor) and x.device != device:
+        x = x.to(device)  # the data follow the model
     if dtype is not None and isinstance(x, Tensor) and torch.is_floating_point(x):
         x = x.to(dtype)  # float inputs follow a section model of another dtype
     return x
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's parameters (or buffers); the CPU for a model with neither."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 def _section_model(model: nn.Module, jacobian_dtype: str | None) -> tuple[nn.Module, torch.dtype | None]:
@@ -321,31 +346,34 @@ def _section_model(model: nn.Module, jacobian_dtype: str | None) -> tuple[nn.Mod
 
 
 def _check_layers(model: nn.Module, node_layers: list[str]) -> None:
+    """Names, sites and index syntax; the index range is checked on the first batch (_gather_moments)."""
     if not isinstance(node_layers, (list, tuple)) or len(node_layers) < 2:
         raise ValueError(f"node_layers must list at least two layers, got {node_layers!r}")
     if len(set(node_layers)) != len(node_layers):
         raise ValueError(f"node_layers contains duplicates: {node_layers!r}")
-    for name in node_layers[:-1]:
-        if name == OUTPUT:
+    sites = [split_layer(name)[0] for name in node_layers]  # ValueError for a malformed position index
+    for name, site in zip(node_layers[:-1], sites):
+        if site == OUTPUT:
             raise ValueError(f"'output' (the model's logits) can only be the last node layer, got {node_layers!r}")
-        resolve_site(model, name)  # KeyError listing the available names
-    if node_layers[-1] != OUTPUT:
-        resolve_site(model, node_layers[-1])
+        resolve_site(model, site)  # KeyError listing the available names
+    if sites[-1] != OUTPUT:
+        resolve_site(model, sites[-1])
 
 
-def _gather_moments(model, data, node_layers, input_fn, progress) -> dict[str, _Moments]:
-    """Pass 1: mean and covariance of every node layer."""
+def _gather_moments(model, data, node_layers, input_fn, progress, device=None) -> dict[str, _Moments]:
+    """Pass 1: mean and covariance of every node layer (at its positions, evaluation.lib.positions)."""
     moments = {name: _Moments() for name in node_layers}
-    record = [n for n in node_layers if n != OUTPUT]
+    record = list(dict.fromkeys(site_of(n) for n in node_layers if site_of(n) != OUTPUT))
     for batch in tqdm(data, desc="LIB moments", disable=not progress):
         with torch.no_grad():
-            result = run_model(model, _model_input(batch, input_fn), record=record)
+            result = run_model(model, _model_input(batch, input_fn, device=device), record=record)
         for name in node_layers:
-            act = result.output if name == OUTPUT else result.activations[name]
-            if not torch.isfinite(act).all():
+            site = site_of(name)
+            act = result.output if site == OUTPUT else result.activations[site]
+            rows = select(name, act.detach())  # ValueError for a position index the activation lacks
+            if not torch.isfinite(rows).all():
                 raise ValueError(f"node layer {name!r} has non-finite (NaN or inf) activations; "
                                  "check the model and the data")
-            rows = as_positions(act.detach())
             moments[name].update(rows.reshape(-1, rows.shape[-1]))
     return moments
 
@@ -363,6 +391,9 @@ def fit_lib(model: nn.Module, data: Iterable, node_layers: list[str], config: LI
     used, so every process gets the bases and edges of all the data. None: one process.
     With ``stochastic_sources`` or ``edge_sources`` every process draws its own probes (unbiased,
     not identical to a single-process fit); the exact default is identical up to rounding.
+    Device: the fit runs on the model's device (``model_device``): batches are moved there, every
+    accumulator lives there in float64; the returned bases and edges are on the CPU.
+    Node layers may carry a position index, e.g. "blocks.0.hook_resid_mid[-1]" (evaluation.lib.positions).
     """
     if iter(data) is data:
         raise TypeError("data must be re-iterable (e.g. a DataLoader or a list of batches), not an iterator")
@@ -370,33 +401,34 @@ def fit_lib(model: nn.Module, data: Iterable, node_layers: list[str], config: LI
     was_training = model.training
     model.eval()
     try:
-        return _fit(model, data, list(node_layers), config, input_fn, progress, reduce)
+        return _fit(model, data, list(node_layers), config, input_fn, progress, reduce).to("cpu")
     finally:
         model.train(was_training)
 
 
 def _fit(model, data, node_layers, config, input_fn, progress, reduce=None) -> LIBResult:
-    moments = _gather_moments(model, data, node_layers, input_fn, progress)
+    device = model_device(model)
+    moments = _gather_moments(model, data, node_layers, input_fn, progress, device)
     if reduce is not None:
         moments = {name: _reduced_moments(name, moments[name], reduce) for name in node_layers}
     last = node_layers[-1]
     final = pca_basis(last, moments[last], config) if config.rotate_final else neuron_basis(last, moments[last])
     lib, pca = {last: final}, {last: final}
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)  # CPU stream: the same probes on every device
     section_model, dtype = _section_model(model, config.jacobian_dtype)
     closed, methods = _closed_forms(model, node_layers, config)
     for l_in, l_out in reversed(list(zip(node_layers[:-1], node_layers[1:]))):
         M_dash = None
         for index, batch in enumerate(tqdm(data, desc=f"LIB Jacobian Gram {l_in}", disable=not progress)):
-            inputs = _model_input(batch, input_fn, dtype)
+            inputs = _model_input(batch, input_fn, dtype, device)
             if closed.get(l_in) is not None and index == 0:
                 problem = check_section(closed[l_in], section_model, inputs, l_in, l_out, lib[l_out].C,
                                         config.chunk_elements)
                 if problem:
                     _give_up_closed_form(closed, methods, l_in, l_out, problem, config)
             if closed.get(l_in) is not None:
-                clean = _clean_activations(section_model, inputs, [l_in])[l_in]
-                part = closed[l_in].gram(clean, lib[l_out].C[1:, 1:])
+                x = full_activation(section_model, inputs, l_in)
+                part = gram(closed[l_in], x, lib[l_out].C[1:, 1:], section_positions(l_in, l_out, x.shape))
                 M_dash = part if M_dash is None else M_dash + part
                 continue
             sp = section_forward(section_model, inputs, l_in, l_out)
@@ -404,7 +436,7 @@ def _fit(model, data, node_layers, config, input_fn, progress, reduce=None) -> L
             if config.stochastic_sources is not None:
                 out = as_positions(sp.out)
                 hidden = lib[l_out].C.shape[1] - 1 if config.stochastic_over == "positions_and_hidden" else None
-                probes = rademacher(config.stochastic_sources, out.shape[0], out.shape[1], generator, hidden)
+                probes = rademacher(config.stochastic_sources, out.shape[0], out.shape[1], generator, hidden).to(device)
             part = jacobian_gram_for_batch(sp, lib[l_out].C, config.chunk_elements, probes)
             M_dash = part if M_dash is None else M_dash + part
         if reduce is not None:
@@ -415,13 +447,6 @@ def _fit(model, data, node_layers, config, input_fn, progress, reduce=None) -> L
                                          {n: m.n for n, m in moments.items()}, reduce, dtype, closed, methods)
     return LIBResult(node_layers, {n: lib[n] for n in node_layers}, {n: pca[n] for n in node_layers},
                      lib_edges, pca_edges, config, methods)
-
-
-def _clean_activations(model, inputs, names) -> dict[str, Tensor]:
-    """Activations (B, P, d) float64 at ``names`` from one forward pass without gradients."""
-    with torch.no_grad():
-        acts = run_model(model, inputs, record=names).activations
-    return {name: as_positions(acts[name]).to(torch.float64) for name in names}
 
 
 def _closed_forms(model, node_layers, config):
@@ -456,8 +481,9 @@ def compute_edges(model, data, node_layers, lib, pca, config, input_fn=None, pro
     from the data's).
     closed: {section input: closed-form section} (evaluation.lib.sections) for the sections whose
     edges are computed in closed form, checked against autograd on the first batch; methods is
-    updated when a check fails.
+    updated when a check fails. Runs on the model's device; the bases are moved there.
     """
+    device = model_device(model)
     closed = dict(closed or {})
     methods = methods if methods is not None else {}
     closed_dtype = torch.float32 if config.jacobian_dtype == "float32" else torch.float64
@@ -467,10 +493,12 @@ def compute_edges(model, data, node_layers, lib, pca, config, input_fn=None, pro
     lib_e = {l_in: 0.0 for l_in, _ in sections}
     pca_e = {l_in: 0.0 for l_in, _ in sections}
     counted = {l_in: 0 for l_in, _ in sections}
-    bases = {l_in: [(lib[l_in].C, lib[l_in].C_pinv, lib[l_out].C), (pca[l_in].C, pca[l_in].C_pinv, pca[l_out].C)]
+    on = lambda t: t.to(device)  # noqa: E731
+    bases = {l_in: [(on(lib[l_in].C), on(lib[l_in].C_pinv), on(lib[l_out].C)),
+                    (on(pca[l_in].C), on(pca[l_in].C_pinv), on(pca[l_out].C))]
              for l_in, l_out in sections}
     for index, batch in enumerate(tqdm(data, desc="LIB edges", disable=not progress)):
-        inputs = _model_input(batch, input_fn, input_dtype)
+        inputs = _model_input(batch, input_fn, input_dtype, device)
         if index == 0:
             for l_in, l_out in sections:
                 if closed.get(l_in) is not None:
@@ -478,13 +506,15 @@ def compute_edges(model, data, node_layers, lib, pca, config, input_fn=None, pro
                                           config.chunk_elements, closed_dtype)
                     if problem:
                         _give_up_closed_form(closed, methods, l_in, l_out, problem, config)
-        clean = _clean_activations(model, inputs, [l_in for l_in, _ in sections if closed.get(l_in) is not None])
+        sites = list(dict.fromkeys(site_of(l_in) for l_in, _ in sections if closed.get(l_in) is not None))
+        clean = _clean_activations(model, inputs, sites)
         for l_in, l_out in sections:
             if closed.get(l_in) is not None:
-                x = clean[l_in]
-                counted[l_in] += x.shape[0] * x.shape[1]
+                x = clean[site_of(l_in)]
+                at = section_positions(l_in, l_out, x.shape)
+                counted[l_in] += x.shape[0] * (x.shape[1] if at["inputs_at"] is None else len(at["inputs_at"]))
                 e_lib, e_pca = structured_edges(closed[l_in], x, (alphas, weights), bases[l_in],
-                                                config.chunk_elements, closed_dtype)
+                                                config.chunk_elements, closed_dtype, at)
                 lib_e[l_in] = lib_e[l_in] + e_lib
                 pca_e[l_in] = pca_e[l_in] + e_pca
                 continue
@@ -493,17 +523,24 @@ def compute_edges(model, data, node_layers, lib, pca, config, input_fn=None, pro
             probes = None
             if config.edge_sources is not None:  # one draw shared by every integration point
                 out = as_positions(passes[0][1].out)
-                probes = rademacher(config.edge_sources, out.shape[0], out.shape[1], generator)
+                probes = rademacher(config.edge_sources, out.shape[0], out.shape[1], generator).to(device)
             e_lib, e_pca = edges_for_batch(passes, bases[l_in], config.chunk_elements, probes)
             lib_e[l_in] = lib_e[l_in] + e_lib
             pca_e[l_in] = pca_e[l_in] + e_pca
     if reduce is not None:
         for l_in, _ in sections:
-            lib_e[l_in] = reduce(torch.as_tensor(lib_e[l_in], dtype=torch.float64))
-            pca_e[l_in] = reduce(torch.as_tensor(pca_e[l_in], dtype=torch.float64))
-            counted[l_in] = int(reduce(torch.tensor(float(counted[l_in]), dtype=torch.float64)).item())
+            lib_e[l_in] = reduce(torch.as_tensor(lib_e[l_in], dtype=torch.float64, device=device))
+            pca_e[l_in] = reduce(torch.as_tensor(pca_e[l_in], dtype=torch.float64, device=device))
+            counted[l_in] = int(reduce(torch.tensor(float(counted[l_in]), dtype=torch.float64, device=device)).item())
     norm = rows if rows is not None else counted
     return ({k: v / norm[k] for k, v in lib_e.items()}, {k: v / norm[k] for k, v in pca_e.items()})
+
+
+def _clean_activations(model, inputs, sites) -> dict[str, Tensor]:
+    """Activations (B, T, d) float64 at ``sites`` (every position) from one forward pass without gradients."""
+    with torch.no_grad():
+        acts = run_model(model, inputs, record=sites).activations
+    return {site: as_positions(acts[site]).to(torch.float64) for site in sites}
 
 
 __all__ = ["ClosedFormFallbackWarning", "LIBConfig", "LIBResult", "LayerBasis", "compute_edges", "fit_lib", "lib_basis", "neuron_basis", "pca_basis"]

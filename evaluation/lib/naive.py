@@ -4,7 +4,8 @@ It shares no code with lib.py/edges.py beyond ``run_model`` and the result datac
 matrix of docs/DESIGN.md §4.1 is built explicitly (Y, U, D, R, R⁺ = D^{1/2} Uᵀ Y⁻¹, M, V, Λ, C, C⁺) and
 every Jacobian is the full dense ``torch.func.jacrev`` of one example, contracted with loops over
 input positions s, output positions t and integration points α. Only exact (non-stochastic) fits.
-Slow by design: use on tiny models only.
+Slow by design: use on tiny models only. Node layers may carry a position index ("site[i]"):
+that layer is the one position (its moments, Jacobians and edges).
 
 ``forward`` supplies the activations and the per-example section Jacobians: by default
 ``RunModelForward`` (the model with ``run_model``'s site edits); ``evaluation.lib.explicit`` has one
@@ -12,6 +13,8 @@ that shares no code with ``run_model`` (an explicit forward of a TransformerLens
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import torch
@@ -34,26 +37,48 @@ class RunModelForward:
         self.model = model
         self.dtype = model_dtype(model)
 
-    def activation(self, x, name):
-        """(N, P, d) activation of ``name`` ("output": the logits)."""
+    def _raw(self, x, site):
         with torch.no_grad():
-            res = run_model(self.model, x, record=[] if name == "output" else [name])
-        act = res.output if name == "output" else res.activations[name]
+            res = run_model(self.model, x, record=[] if site == "output" else [site])
+        return res.output if site == "output" else res.activations[site]
+
+    def activation(self, x, name):
+        """(N, P, d) activation of ``name`` ("output": the logits); "site[i]": that position only (P = 1)."""
+        site, pos = split_position(name)
+        act = self._raw(x, site)
+        if pos is not None:
+            return act[:, pos].unsqueeze(1)
         return act.reshape(act.shape[0], -1, act.shape[-1]) if act.dim() > 2 else act.reshape(act.shape[0], 1, -1)
 
     def jacobian(self, x_one, l_in, l_out, f_in):
-        """Dense Jacobian of f^{l+1} (P_out, d_out) w.r.t. f^l (P, d) of one example, at f^l = f_in."""
+        """Dense Jacobian of f^{l+1} (P_out, d_out) w.r.t. f^l (P, d) of one example, at f^l = f_in.
+
+        A position-indexed input layer replaces only that position (the others keep their clean
+        values); a position-indexed output layer returns only that position."""
         model = self.model
-        with torch.no_grad():
-            shape = run_model(model, x_one, record=[l_in]).activations[l_in].shape
+        (s_in, p_in), (s_out, p_out) = split_position(l_in), split_position(l_out)
+        clean = self._raw(x_one, s_in)
 
         def g(f):
-            res = run_model(model, x_one, record=[] if l_out == "output" else [l_out],
-                            edit={l_in: lambda _a: f.reshape(shape)})
-            out = res.output if l_out == "output" else res.activations[l_out]
+            if p_in is None:
+                new = f.reshape(clean.shape)
+            else:
+                rows = [clean[:, t] for t in range(clean.shape[1])]
+                rows[p_in] = f.reshape(clean[:, p_in].shape)
+                new = torch.stack(rows, dim=1)
+            res = run_model(model, x_one, record=[] if s_out == "output" else [s_out], edit={s_in: lambda _a: new})
+            out = res.output if s_out == "output" else res.activations[s_out]
+            if p_out is not None:
+                return out[0, p_out].reshape(1, -1)
             return out.reshape(-1, out.shape[-1]) if out.dim() > 2 else out.reshape(1, -1)
 
         return torch.func.jacrev(g)(f_in.to(self.dtype))  # (P_out, d_out, P, d)
+
+
+def split_position(name):
+    """(site, position or None) of "site" / "site[i]" (parsed here independently of evaluation.lib.positions)."""
+    m = re.fullmatch(r"(.+)\[(-?\d+)\]", name)
+    return (m.group(1), int(m.group(2))) if m else (name, None)
 
 
 def _frame(acts, truncation, center=True):

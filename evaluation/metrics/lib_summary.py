@@ -174,6 +174,7 @@ def node_ablation_curve(model, data, result, layer: str, ks: Sequence[int], basi
     correct argmax predictions; "loss": mean cross-entropy (per-example mean over positions;
     (B,) targets with (B, T, C) outputs are read at the last position, as in interp_train.losses).
     """
+    from evaluation.lib.positions import insert, select, site_of
     from interp_train.losses import per_example_cross_entropy
     from interp_train.sites import run_model
 
@@ -185,12 +186,16 @@ def node_ablation_curve(model, data, result, layer: str, ks: Sequence[int], basi
     if layer not in bases:
         raise KeyError(f"no {basis} basis for layer {layer!r}; fitted layers: {sorted(bases)}")
     b = bases[layer]
+    site = site_of(layer)  # a position-indexed layer is projected at its position only
+    device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
     values = []
     with torch.no_grad():
         for k in ks:
             total, count = 0.0, 0
             for inputs, targets in _batches(data):
-                out = run_model(model, inputs, edit={layer: lambda a, k=k: project_top_k(a, b, k)}).output
+                inputs, targets = inputs.to(device), targets.to(device)
+                edit = {site: lambda a, k=k: insert(layer, a, project_top_k(select(layer, a), b, k))}
+                out = run_model(model, inputs, edit=edit).output
                 if metric == "loss":
                     per_example = per_example_cross_entropy(out, targets)
                     total += float(per_example.sum())

@@ -14,7 +14,7 @@ class LIBEdgeFraction(CompareMetric):
     label = "LIB edges for 90 %"
     higher_is_better = False
     description = "fraction of LIB edges holding 90 % of edge weight"
-    version = 1
+    version = 2  # 2: default node layers at the last position for one target per sequence
     options = LIB_OPTIONS
     order = 10
 

@@ -11,7 +11,7 @@ class LIBFeatures(CompareMetric):
     label = "LIB features (99 %)"
     higher_is_better = False
     description = "LIB directions holding 99 % of ∑Λ, summed over layers"
-    version = 1
+    version = 2  # 2: default node layers at the last position for one target per sequence
     options = LIB_OPTIONS
     order = 30
 

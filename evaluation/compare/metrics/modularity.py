@@ -13,7 +13,7 @@ class Modularity(CompareMetric):
     label = "modularity Q"
     higher_is_better = True
     description = "Louvain modularity (γ = 1) of the LIB interaction graph"
-    version = 1
+    version = 2  # 2: default node layers at the last position for one target per sequence
     options = LIB_OPTIONS
     order = 40
 

@@ -12,7 +12,7 @@ class PCAEdgeFraction(CompareMetric):
     label = "PCA edges for 90 %"
     higher_is_better = False
     description = "fraction of PCA edges holding 90 % of edge weight"
-    version = 1
+    version = 2  # 2: default node layers at the last position for one target per sequence
     options = LIB_OPTIONS
     order = 20
 

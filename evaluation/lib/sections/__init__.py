@@ -25,7 +25,9 @@ import re
 import torch
 from torch import Tensor, nn
 
+from interp_train.sites import run_model
 from evaluation.lib.edges import OUTPUT, SectionPass, as_positions, edges_for_batch, jacobian_gram_for_batch, section_forward
+from evaluation.lib.positions import positions_of, site_of
 from evaluation.lib.sections.attention import AttentionSection
 from evaluation.lib.sections.position_wise import PositionWiseSection
 
@@ -74,11 +76,11 @@ def _transformer_lens_section(model: nn.Module, l_in: str, l_out: str):
         act_fn = str(getattr(bridge.cfg, "act_fn", "")).lower()
         if type(mlp).__name__ != "NativeMLP" or getattr(mlp, "ln", None) is not None or act_fn.startswith("solu"):
             return None, f"MLP {type(mlp).__name__} ({act_fn}) is not an element-wise MLP"
-        eye = torch.eye(block.mlp.W_in.shape[0], dtype=F64)
+        eye = torch.eye(block.mlp.W_in.shape[0], dtype=F64, device=block.mlp.W_in.device)
         return PositionWiseSection(eye, block.mlp.b_out, block.mlp.W_in, block.mlp.b_in, mlp.act, block.mlp.W_out), "mlp"
     if kind == "post" and target == (i + 1, "pre"):
         d = bridge.cfg.d_model
-        return PositionWiseSection(torch.eye(d, dtype=F64), None), "identity"
+        return PositionWiseSection(torch.eye(d, dtype=F64, device=bridge.unembed.W_U.device), None), "identity"
     if kind == "post" and l_out == OUTPUT and i == n_layers - 1:
         if not isinstance(_inner(bridge.ln_final), nn.Identity):
             return None, "unembedding behind a LayerNorm"
@@ -119,22 +121,34 @@ def _sequential_section(model: nn.Module, l_in: str, l_out: str):
         after = [m for m in list(seq)[stop:] if isinstance(m, nn.Linear)]
         if not before and not after:
             return None, "an activation whose width no neighbouring nn.Linear gives"
-        eye = torch.eye(before[-1].out_features if before else after[0].in_features, dtype=F64)
+        near = before[-1] if before else after[0]
+        eye = torch.eye(near.out_features if before else near.in_features, dtype=F64, device=near.weight.device)
         return PositionWiseSection(None, None, eye, None, act, eye), "activation"
     d_in = lin[0].in_features if kinds[0] == "L" else lin[0].out_features
-    W_in, b_in = (lin[0].weight.T, lin[0].bias) if kinds[0] == "L" else (torch.eye(d_in, dtype=F64), None)
-    W_out, b_out = (lin[-1].weight.T, lin[-1].bias) if kinds[-1] == "L" else (torch.eye(W_in.shape[1], dtype=F64), None)
+    device = lin[0].weight.device
+    W_in, b_in = (lin[0].weight.T, lin[0].bias) if kinds[0] == "L" else (torch.eye(d_in, dtype=F64, device=device), None)
+    W_out, b_out = ((lin[-1].weight.T, lin[-1].bias) if kinds[-1] == "L"
+                    else (torch.eye(W_in.shape[1], dtype=F64, device=device), None))
     return PositionWiseSection(None, b_out, W_in, b_in, act, W_out), "mlp"
 
 
 def find_section(model: nn.Module, l_in: str, l_out: str):
-    """(section, description) for a recognised section, else (None, why not)."""
+    """(section, description) for a recognised section, else (None, why not).
+
+    Node layers may carry position indices (evaluation.lib.positions); the section is recognised
+    from their sites, and a section kind that cannot restrict positions (no ``supports_positions``
+    attribute) is not used for position-indexed layers.
+    """
+    indexed = site_of(l_in) != l_in or site_of(l_out) != l_out
+    l_in, l_out = site_of(l_in), site_of(l_out)
     try:
         section, why = _transformer_lens_section(model, l_in, l_out)
         if section is None and _bridge(model) is None:
             section, why = _sequential_section(model, l_in, l_out)
     except (AttributeError, TypeError, IndexError, ValueError) as err:  # an unexpected layout: not recognised
         return None, f"not recognised ({type(err).__name__}: {err})"
+    if section is not None and indexed and not getattr(section, "supports_positions", False):
+        return None, f"the {why} closed form does not restrict positions"
     return section, why
 
 
@@ -151,6 +165,20 @@ def _slice(inputs, n: int):
     return inputs[:n] if isinstance(inputs, Tensor) else None
 
 
+def section_positions(l_in: str, l_out: str, shape) -> dict:
+    """{"inputs_at", "outputs_at"} of a section whose input site's activation has ``shape``
+    (B, T, d): the positions each node layer takes (None = all); the closed forms keep positions."""
+    shape = tuple(shape)
+    return {"inputs_at": positions_of(l_in, shape), "outputs_at": positions_of(l_out, shape)}
+
+
+def full_activation(model: nn.Module, inputs, l_in: str) -> Tensor:
+    """The activation (B, T, d) float64 at the input layer's site, every position."""
+    with torch.no_grad():
+        act = run_model(model, inputs, record=[site_of(l_in)]).activations[site_of(l_in)]
+    return as_positions(act).to(F64)
+
+
 def check_section(section, model: nn.Module, inputs, l_in: str, l_out: str, C_out: Tensor,
                   chunk_elements: int) -> str | None:
     """None when the section's output and Jacobian Gram on a few examples match autograd, else why not."""
@@ -158,10 +186,11 @@ def check_section(section, model: nn.Module, inputs, l_in: str, l_out: str, C_ou
     if few is None:
         return "inputs are not a tensor, so the closed form cannot be checked"
     sp = section_forward(model, few, l_in, l_out)
-    x, out = sp.clean.to(F64), as_positions(sp.out.detach()).to(F64)
+    x, out = full_activation(model, few, l_in), as_positions(sp.out.detach()).to(F64)
+    at = section_positions(l_in, l_out, x.shape)
     try:
-        got_out = section.forward(x)
-        got = section.gram(x, C_out[1:, 1:].to(F64))
+        got_out = section.forward(x, **at) if any(v is not None for v in at.values()) else section.forward(x)
+        got = gram(section, x, C_out[1:, 1:].to(F64), at)
     except (RuntimeError, ValueError, IndexError) as err:
         return f"closed form failed ({type(err).__name__}: {err})"
     tol = _tolerance(sp)
@@ -172,14 +201,25 @@ def check_section(section, model: nn.Module, inputs, l_in: str, l_out: str, C_ou
     return None if error <= tol else f"closed-form Jacobian Gram differs from autograd (relative error {error:.1e})"
 
 
-def structured_edges(section, clean: Tensor, rule, bases, chunk_elements: int, dtype=F64) -> list[Tensor]:
-    """Edges E (k_out, k_in) per (C_in, C_in_pinv, C_out) basis, row 0 (the constant output) zero."""
-    aug = torch.cat([torch.ones(*clean.shape[:-1], 1, dtype=F64), clean.to(F64)], -1)
+def gram(section, x: Tensor, W: Tensor, at: dict) -> Tensor:
+    """The section's Jacobian Gram on x (B, T, d), positions ``at`` passed only when restricted."""
+    return section.gram(x, W, **at) if any(v is not None for v in at.values()) else section.gram(x, W)
+
+
+def structured_edges(section, clean: Tensor, rule, bases, chunk_elements: int, dtype=F64,
+                     at: dict | None = None) -> list[Tensor]:
+    """Edges E (k_out, k_in) per (C_in, C_in_pinv, C_out) basis, row 0 (the constant output) zero.
+
+    clean: the input site's activation (B, T, d), every position; at: section_positions (None: all)."""
+    at = at if at is not None and any(v is not None for v in at.values()) else {}
+    x = clean.to(F64)
+    node = x if at.get("inputs_at") is None else x[:, at["inputs_at"]]
+    aug = torch.cat([torch.ones(*node.shape[:-1], 1, dtype=F64, device=x.device), node], -1)
     args = [(aug @ C_in, C_pinv[:, 1:], C_out[1:, 1:]) for C_in, C_pinv, C_out in bases]
-    parts = section.edges(clean.to(F64), rule, args, chunk_elements, dtype)
+    parts = section.edges(x, rule, args, chunk_elements, dtype, **at)
     out = []
     for part, (C_in, _, C_out) in zip(parts, bases):
-        E = torch.zeros(C_out.shape[1], C_in.shape[1], dtype=F64)
+        E = torch.zeros(C_out.shape[1], C_in.shape[1], dtype=F64, device=x.device)
         E[1:] = part
         out.append(E)
     return out
@@ -193,7 +233,8 @@ def check_edges(section, model: nn.Module, inputs, l_in: str, l_out: str, rule, 
         return "inputs are not a tensor, so the closed form cannot be checked"
     passes = [(w, section_forward(model, few, l_in, l_out, a)) for a, w in zip(*rule)]
     want = edges_for_batch(passes, bases, chunk_elements)
-    got = structured_edges(section, passes[0][1].clean, rule, bases, chunk_elements, dtype)
+    x = full_activation(model, few, l_in)
+    got = structured_edges(section, x, rule, bases, chunk_elements, dtype, section_positions(l_in, l_out, x.shape))
     tol = max(_tolerance(passes[0][1]), 1e-3 if dtype != F64 else 0.0)
     for g, w in zip(got, want):
         error = _relative_error(g, w)
@@ -203,4 +244,4 @@ def check_edges(section, model: nn.Module, inputs, l_in: str, l_out: str, rule, 
 
 
 __all__ = ["AttentionSection", "PositionWiseSection", "check_edges", "check_section", "find_section",
-           "structured_edges"]
+           "full_activation", "gram", "section_positions", "structured_edges"]

@@ -31,6 +31,8 @@ def activation_derivative(act: Callable[[Tensor], Tensor], pre: Tensor) -> Tenso
 class PositionWiseSection:
     """out = x S + σ(x W_in + b_in) W_out + b, per position; ``act`` None means no hidden layer."""
 
+    supports_positions = True  # gram/edges/forward take inputs_at/outputs_at (evaluation.lib.positions)
+
     def __init__(self, S: Tensor | None, bias: Tensor | None, W_in: Tensor | None = None, b_in: Tensor | None = None,
                  act: Callable[[Tensor], Tensor] | None = None, W_out: Tensor | None = None):
         if S is None and act is None:
@@ -40,27 +42,34 @@ class PositionWiseSection:
         self.act = act
         if act is not None:
             self.W_in, self.W_out = W_in.detach().to(F64), W_out.detach().to(F64)
-            self.b_in = torch.zeros(self.W_in.shape[1], dtype=F64) if b_in is None else b_in.detach().to(F64)
+            self.b_in = (torch.zeros(self.W_in.shape[1], dtype=F64, device=self.W_in.device) if b_in is None
+                         else b_in.detach().to(F64))
         self.d_in = (self.S if S is not None else self.W_in).shape[0]
         self.d_out = (self.S if S is not None else self.W_out).shape[1]
 
     def _derivative(self, x: Tensor, alpha: float = 1.0) -> Tensor:
         return activation_derivative(self.act, alpha * x @ self.W_in + self.b_in)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x (B, T, d_in) float64 -> (B, T, d_out)."""
-        out = torch.zeros(*x.shape[:-1], self.d_out, dtype=F64)
+    def forward(self, x: Tensor, inputs_at: list[int] | None = None, outputs_at: list[int] | None = None) -> Tensor:
+        """x (B, T, d_in) float64 -> (B, T', d_out) at the output positions (all when None)."""
+        if outputs_at is not None:
+            x = x[:, outputs_at]
+        out = torch.zeros(*x.shape[:-1], self.d_out, dtype=F64, device=x.device)
         if self.S is not None:
             out = out + x @ self.S
         if self.act is not None:
             out = out + self.act(x @ self.W_in + self.b_in) @ self.W_out
         return out if self.bias is None else out + self.bias
 
-    def gram(self, x: Tensor, W: Tensor) -> Tensor:
-        """∑_rows J A Jᵀ (d_in × d_in) for A = W Wᵀ."""
-        rows, counts = unique_rows(x)
+    def gram(self, x: Tensor, W: Tensor, inputs_at: list[int] | None = None,
+             outputs_at: list[int] | None = None) -> Tensor:
+        """∑_rows J A Jᵀ (d_in × d_in) for A = W Wᵀ, over the positions both layers take."""
+        M = torch.zeros(self.d_in, self.d_in, dtype=F64, device=x.device)
+        common, _ = shared_positions(x.shape[1], inputs_at, outputs_at)
+        if not common:
+            return M
+        rows, counts = unique_rows(x[:, common])
         A = W @ W.T
-        M = torch.zeros(self.d_in, self.d_in, dtype=F64)
         if self.S is not None:
             M += counts.sum() * (self.S @ A @ self.S.T)
         if self.act is not None:
@@ -73,22 +82,29 @@ class PositionWiseSection:
         return M
 
     def edges(self, x: Tensor, rule: tuple[list[float], list[float]], bases: list[tuple[Tensor, Tensor, Tensor]],
-              chunk_elements: int, dtype: torch.dtype = F64) -> list[Tensor]:
-        """∑_rows M_r² per basis, (k_out − 1, k_in); bases are (f̂ (B, T, k_in), C̃ (k_in, d_in), W (d_out, k_out − 1)).
+              chunk_elements: int, dtype: torch.dtype = F64, inputs_at: list[int] | None = None,
+              outputs_at: list[int] | None = None) -> list[Tensor]:
+        """∑_rows M_r² per basis, (k_out − 1, k_in); bases are (f̂ (B, S, k_in) at the input positions,
+        C̃ (k_in, d_in), W (d_out, k_out − 1)); x (B, T, d_in) holds every position. J_ts = 0 for
+        s ≠ t, so only the positions both layers take have rows.
 
         With F = Wᵀ Sᵀ C̃ᵀ and G_r = P diag(d̄_r) Q: ∑_r f̂_r² (F + G_r)² = F² ∑f̂² + 2 F ⊙ P (Q ⊙ d̄ᵀ f̂²)
         + ∑_r (f̂_r G_r)², the last one product per row (in ``dtype``); repeated rows are counted once.
         """
-        rows, counts, first = unique_rows(x, with_index=True)
+        common, index = shared_positions(x.shape[1], inputs_at, outputs_at)
+        if not common:
+            return [torch.zeros(W.shape[1], C_t.shape[0], dtype=F64, device=x.device) for _, C_t, W in bases]
+        rows, counts, first = unique_rows(x[:, common], with_index=True)
         d_bar = None
         if self.act is not None:
             alphas, weights = rule
             d_bar = sum(w * self._derivative(rows, a) for a, w in zip(alphas, weights))
         out = []
         for f_hat, C_t, W in bases:
-            f = f_hat.reshape(-1, f_hat.shape[-1])[first]
+            f = f_hat[:, index].reshape(-1, f_hat.shape[-1])[first]
             f2 = f.pow(2) * counts[:, None]
-            fixed = W.T @ self.S.T @ C_t.T if self.S is not None else torch.zeros(W.shape[1], C_t.shape[0], dtype=F64)
+            fixed = (W.T @ self.S.T @ C_t.T if self.S is not None
+                     else torch.zeros(W.shape[1], C_t.shape[0], dtype=F64, device=x.device))
             E = fixed.pow(2) * f2.sum(0)
             if d_bar is None:  # a linear section
                 out.append(E)
@@ -99,13 +115,21 @@ class PositionWiseSection:
             P_d, Q_d = P.to(dtype), Q.to(dtype)
             k_out, hidden = P.shape
             size = max(1, min(chunk_elements, 2 ** 19) // max(1, k_out * hidden))  # small chunks stay in cache
-            E_G = torch.zeros(k_out, Q.shape[1], dtype=F64)
+            E_G = torch.zeros(k_out, Q.shape[1], dtype=F64, device=x.device)
             for start in range(0, rows.shape[0], size):
                 dd, ff = d_bar[start:start + size].to(dtype), scaled[start:start + size]
                 G = ((P_d[None] * dd[:, None, :]).reshape(-1, hidden) @ Q_d).reshape(dd.shape[0], k_out, -1)
                 E_G += G.mul_(ff[:, None, :]).square_().sum(0).to(F64)
             out.append(E + E_G)
         return out
+
+
+def shared_positions(T: int, inputs_at: list[int] | None, outputs_at: list[int] | None):
+    """(positions both layers take, their indices among the input layer's positions); None = all T."""
+    ins = list(range(T)) if inputs_at is None else list(inputs_at)
+    outs = set(range(T) if outputs_at is None else outputs_at)
+    common = [p for p in ins if p in outs]
+    return common, [ins.index(p) for p in common]
 
 
 def unique_rows(x: Tensor, with_index: bool = False):
@@ -119,6 +143,6 @@ def unique_rows(x: Tensor, with_index: bool = False):
     counts = counts.to(F64)
     if not with_index:
         return rows, counts
-    first = torch.full((rows.shape[0],), flat.shape[0], dtype=torch.long).scatter_reduce(
-        0, inverse, torch.arange(flat.shape[0]), reduce="amin")
+    first = torch.full((rows.shape[0],), flat.shape[0], dtype=torch.long, device=x.device).scatter_reduce(
+        0, inverse, torch.arange(flat.shape[0], device=x.device), reduce="amin")
     return rows, counts, first

@@ -6,7 +6,8 @@ A bad input (a wrong value, file or config: ValueError, TypeError, KeyError, Loo
 argparse/jsonargparse errors, a checkpoint that does not fit its config) exits with 2; Ctrl-C
 exits with 130; an unexpected failure (a bug) exits with 1, also as one paragraph. ``--debug``
 anywhere on the command line, or ``INTERP_DEBUG=1`` in the environment, re-raises instead so
-that developers get the full traceback.
+that developers get the full traceback. (Torch-free on import, so that ``interp-eval --help`` and
+argument errors answer at once; ``interp-train`` uses it too.)
 """
 
 from __future__ import annotations
