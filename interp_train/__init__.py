@@ -6,6 +6,7 @@ from interp_train.regularizers.base import (
     RegularizedLoss,
     Regularizer,
     RegularizerContext,
+    after_optimizer_step,
     regularized_loss,
 )
 from interp_train.schedules import Constant, Cosine, LinearWarmup
@@ -19,6 +20,7 @@ __all__ = [
     "RegularizedMixin",
     "Regularizer",
     "RegularizerContext",
+    "after_optimizer_step",
     "attach_regularizers",
     "regularized_loss",
 ]

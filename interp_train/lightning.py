@@ -28,6 +28,7 @@ from interp_train.regularizers.base import (
     LossFn,
     Regularizer,
     RegularizerContext,
+    after_optimizer_step,
     apply_regularizers,
     declared_sites,
 )
@@ -77,6 +78,12 @@ class RegularizedMixin:
             datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
             for reg in getattr(self, "regularizers", []):
                 reg.setup(self, datamodule)
+
+    def optimizer_step(self, *args, **kwargs):
+        # Weight-space regularizers (WeightSparsity) act on the weights right after each step.
+        out = super().optimizer_step(*args, **kwargs)
+        after_optimizer_step(self, getattr(self, "regularizers", []))
+        return out
 
     def __init_subclass__(cls, **kwargs):
         # A subclass that writes its own training_step (class M(RegularizedMixin, LightningModule))

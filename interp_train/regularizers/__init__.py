@@ -7,6 +7,7 @@ Families (formulas in each class docstring and in docs/DESIGN.md §3):
   ``interp_train.tangents``)
 * degeneracy: ActivationDegeneracy, GradientDegeneracy, FiringPatternDegeneracy
 * interaction: InteractionSparsity; connection cost: ConnectionCost (+ NeuronSwapCallback)
+* weight sparsity: WeightSparsity (top-k projection after each optimizer step), WeightL1
 """
 
 from interp_train.regularizers.base import (
@@ -14,6 +15,7 @@ from interp_train.regularizers.base import (
     RegularizedLoss,
     Regularizer,
     RegularizerContext,
+    after_optimizer_step,
     apply_regularizers,
     regularized_loss,
 )
@@ -21,6 +23,7 @@ from interp_train.regularizers.connection_cost import ConnectionCost
 from interp_train.regularizers.degeneracy import ActivationDegeneracy, FiringPatternDegeneracy, GradientDegeneracy
 from interp_train.regularizers.interaction import InteractionSparsity
 from interp_train.regularizers.manifold import OffManifoldGradientPenalty, OffManifoldNoisePenalty
+from interp_train.regularizers.weight_sparsity import WeightL1, WeightSparsity
 from interp_train.regularizers.smoothness import (
     FiniteDifferenceGradientNorm,
     GradientNorm,
@@ -48,6 +51,9 @@ __all__ = [
     "RegularizedLoss",
     "Regularizer",
     "RegularizerContext",
+    "WeightL1",
+    "WeightSparsity",
+    "after_optimizer_step",
     "apply_regularizers",
     "regularized_loss",
 ]

@@ -10,9 +10,14 @@ A regularizer is an ``nn.Module`` with a ``name``, a ``weight`` (a number or a
 task loss from the total; it is still logged). The training step of each regularizer is kept
 in its ``extra_state``, so it is saved in and restored from (Lightning) checkpoints.
 
+Regularizers that act on the weights instead of the loss (``WeightSparsity``) implement
+``after_optimizer_step(model)``, which runs after every optimizer step.
+
 Two ways to use regularizers:
-* plain PyTorch: ``out = regularized_loss(model, x, y, regs); out.total.backward()``
-* Lightning: ``attach_regularizers(lit_module, regs)`` (see ``interp_train.lightning``).
+* plain PyTorch: ``out = regularized_loss(model, x, y, regs); out.total.backward(); opt.step();
+  after_optimizer_step(model, regs)``
+* Lightning: ``attach_regularizers(lit_module, regs)`` (see ``interp_train.lightning``); the
+  after-step hook is called by the module's ``optimizer_step``.
 """
 
 from __future__ import annotations
@@ -136,6 +141,10 @@ class Regularizer(nn.Module):
     def terms(self, ctx: RegularizerContext) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        """Called after every optimizer step with the model being trained (e.g. to project the
+        weights onto a constraint set). Default: nothing."""
+
     def get_extra_state(self) -> dict:
         return {"step": self.step}
 
@@ -208,6 +217,13 @@ def apply_regularizers(
         if advance:
             reg.step += 1
     return RegularizedLoss(total=total, task_loss=task_loss, terms=terms, weights=weights)
+
+
+def after_optimizer_step(model: nn.Module, regularizers: Iterable[Regularizer]) -> None:
+    """Runs every regularizer's ``after_optimizer_step(model)``; call it right after ``optimizer.step()``
+    in a plain loop (Lightning modules with attached regularizers do it themselves)."""
+    for reg in regularizers:
+        reg.after_optimizer_step(model)
 
 
 def declared_sites(regularizers: Iterable[Regularizer]) -> list[str]:
