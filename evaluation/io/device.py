@@ -1,4 +1,4 @@
-"""Where evaluation runs: ``--device auto|cpu|cuda`` (auto = a CUDA GPU when one is present)."""
+"""Where evaluation runs: ``--device auto|cpu|cuda`` (auto = a CUDA GPU when one is present); docs/DESIGN.md §4.16."""
 
 from __future__ import annotations
 

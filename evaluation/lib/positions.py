@@ -1,4 +1,4 @@
-"""Node layers at chosen positions: ``"blocks.0.hook_resid_mid[-1]"``, ``"output[-1]"``.
+"""Node layers at chosen positions: ``"blocks.0.hook_resid_mid[-1]"``, ``"output[-1]"`` (docs/DESIGN.md §4.9).
 
 A node-layer name is a site name (``interp_train.sites``, or ``"output"`` for the logits),
 optionally followed by a Python-style position index ``[i]`` on the activation's position axis

@@ -1,4 +1,4 @@
-"""Circuit size by pruning (Gao et al. 2025, "Weight-sparse transformers have interpretable circuits").
+"""Circuit size by pruning (Gao et al. 2025, "Weight-sparse transformers have interpretable circuits"), docs/DESIGN.md §6.2.
 
 Nodes are units of chosen activations (``NodeGroup``): MLP neurons, attention heads (``width``
 d_head channels of ``hook_z`` each), residual-stream channels. Each node i has a logit θ_i and a

@@ -1,4 +1,4 @@
-"""Weight sparsity (Gao et al. 2025, "Weight-sparse transformers have interpretable circuits").
+"""Weight sparsity (Gao et al. 2025, "Weight-sparse transformers have interpretable circuits"), docs/DESIGN.md §6.1.
 
 Hard constraint, ``WeightSparsity``: after every optimizer step each selected weight tensor W
 (n = numel(W) entries) keeps only its k largest-magnitude entries,
