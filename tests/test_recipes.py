@@ -25,6 +25,8 @@ SMALL = {
     "text": ["--data.init_args.max_bytes", "20000", "--data.init_args.seq_len", "16",
              "--model.model.init_args.n_ctx", "16", "--data.init_args.batch_size", "8"],
     "manifold": ["--data.init_args.n_train", "256", "--data.init_args.n_val", "64", "--data.init_args.n_test", "64"],
+    "digit_manifold": ["--data.init_args.n_train", "256", "--data.init_args.n_val", "64", "--data.init_args.n_test", "64",
+                       "--data.init_args.vae_steps", "30", "--data.init_args.vae_hidden", "32"],
 }
 
 
