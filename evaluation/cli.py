@@ -183,7 +183,7 @@ def run_lib(args) -> dict:
     device = resolve_device(args.device)  # ValueError for an absent device, before anything is written
     rank = init_from_env()[0] if launched_by_torchrun() else 0
     if launched_by_torchrun() and device.type == "cuda":
-        device = torch.device("cuda", rank % torch.cuda.device_count())  # one GPU per process
+        device = torch.device("cuda", torch.cuda.current_device())  # this process's GPU (init_from_env: LOCAL_RANK)
     config = None
     if args.config is not None:
         try:

@@ -149,3 +149,16 @@ def test_report_directory_mode_and_stale_temporaries(tmp_path):
         os.umask(old)
     assert (tmp_path / "out").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777 == 0o755
     assert not stale.exists() and alive.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_absent_device_is_a_clear_error_and_writes_nothing(checkpoint, capsys):
+    _, tmp = checkpoint
+    out = tmp / "report"
+    rc = main(["lib", str(tmp / "model.pt"), "--config", str(tmp / "config.json"), "--data", f"modular-addition:p={P}",
+               "--device", "cuda", "--out", str(out), "--quiet"])
+    assert rc == 2 and not out.exists()
+    assert "device 'cuda' is not available" in capsys.readouterr().err
+    rc = main(["lib", str(tmp / "model.pt"), "--config", str(tmp / "config.json"), "--device", "tpu", "--out", str(out)])
+    assert rc == 2 and not out.exists()
+    assert "unknown device 'tpu'" in capsys.readouterr().err

@@ -48,6 +48,7 @@ from evaluation.lib.edges import (
     INTEGRATION_RULES, OUTPUT, as_positions, edges_for_batch, integration_rule, jacobian_gram_for_batch,
     rademacher, section_forward,
 )
+from evaluation.lib.activation_cache import ActivationCache
 from evaluation.lib.positions import positions_of, select, site_of, split_layer
 from evaluation.lib.sections import (
     check_edges, check_section, find_section, full_activation, gram, section_positions, structured_edges,
@@ -360,8 +361,10 @@ def _check_layers(model: nn.Module, node_layers: list[str]) -> None:
         resolve_site(model, sites[-1])
 
 
-def _gather_moments(model, data, node_layers, input_fn, progress, device=None) -> dict[str, _Moments]:
-    """Pass 1: mean and covariance of every node layer (at its positions, evaluation.lib.positions)."""
+def _gather_moments(model, data, node_layers, input_fn, progress, device=None,
+                    cache: ActivationCache | None = None) -> dict[str, _Moments]:
+    """Pass 1: mean and covariance of every node layer (at its positions, evaluation.lib.positions);
+    fills ``cache`` with the activations of its sites (every position, float64)."""
     moments = {name: _Moments() for name in node_layers}
     record = list(dict.fromkeys(site_of(n) for n in node_layers if site_of(n) != OUTPUT))
     for batch in tqdm(data, desc="LIB moments", disable=not progress):
@@ -375,6 +378,8 @@ def _gather_moments(model, data, node_layers, input_fn, progress, device=None) -
                 raise ValueError(f"node layer {name!r} has non-finite (NaN or inf) activations; "
                                  "check the model and the data")
             moments[name].update(rows.reshape(-1, rows.shape[-1]))
+        for site in (cache.sites if cache is not None else ()):
+            cache.add(site, as_positions(result.activations[site].detach()).to(torch.float64))
     return moments
 
 
@@ -408,18 +413,32 @@ def fit_lib(model: nn.Module, data: Iterable, node_layers: list[str], config: LI
 
 def _fit(model, data, node_layers, config, input_fn, progress, reduce=None) -> LIBResult:
     device = model_device(model)
-    moments = _gather_moments(model, data, node_layers, input_fn, progress, device)
+    section_model, dtype = _section_model(model, config.jacobian_dtype)
+    closed, methods = _closed_forms(model, node_layers, config)
+    # the closed forms read their input sites' activations; kept from the moments pass when the
+    # sections run on the model itself (not on a copy in another dtype)
+    cache = ActivationCache([site_of(l) for l, s in closed.items() if s is not None] if section_model is model else [])
+    moments = _gather_moments(model, data, node_layers, input_fn, progress, device, cache)
     if reduce is not None:
         moments = {name: _reduced_moments(name, moments[name], reduce) for name in node_layers}
     last = node_layers[-1]
     final = pca_basis(last, moments[last], config) if config.rotate_final else neuron_basis(last, moments[last])
     lib, pca = {last: final}, {last: final}
     generator = torch.Generator().manual_seed(config.seed)  # CPU stream: the same probes on every device
-    section_model, dtype = _section_model(model, config.jacobian_dtype)
-    closed, methods = _closed_forms(model, node_layers, config)
     for l_in, l_out in reversed(list(zip(node_layers[:-1], node_layers[1:]))):
         M_dash = None
-        for index, batch in enumerate(tqdm(data, desc=f"LIB Jacobian Gram {l_in}", disable=not progress)):
+        cached = cache.get(site_of(l_in)) if closed.get(l_in) is not None else None
+        if cached is not None:
+            inputs = _model_input(next(iter(data)), input_fn, dtype, device)
+            problem = check_section(closed[l_in], section_model, inputs, l_in, l_out, lib[l_out].C,
+                                    config.chunk_elements)
+            if problem:
+                _give_up_closed_form(closed, methods, l_in, l_out, problem, config)
+            else:
+                at = section_positions(l_in, l_out, cached[0].shape)
+                M_dash = sum(gram(closed[l_in], x, lib[l_out].C[1:, 1:], at) for x in cached)
+        for index, batch in enumerate(tqdm(data if M_dash is None else [], desc=f"LIB Jacobian Gram {l_in}",
+                                           disable=not progress)):
             inputs = _model_input(batch, input_fn, dtype, device)
             if closed.get(l_in) is not None and index == 0:
                 problem = check_section(closed[l_in], section_model, inputs, l_in, l_out, lib[l_out].C,
@@ -444,7 +463,7 @@ def _fit(model, data, node_layers, config, input_fn, progress, reduce=None) -> L
         lib[l_in] = lib_basis(l_in, moments[l_in], M_dash / moments[l_in].n, config)
         pca[l_in] = pca_basis(l_in, moments[l_in], config)
     lib_edges, pca_edges = compute_edges(section_model, data, node_layers, lib, pca, config, input_fn, progress,
-                                         {n: m.n for n, m in moments.items()}, reduce, dtype, closed, methods)
+                                         {n: m.n for n, m in moments.items()}, reduce, dtype, closed, methods, cache)
     return LIBResult(node_layers, {n: lib[n] for n in node_layers}, {n: pca[n] for n in node_layers},
                      lib_edges, pca_edges, config, methods)
 
@@ -472,7 +491,7 @@ def _give_up_closed_form(closed, methods, l_in, l_out, problem, config):
 
 
 def compute_edges(model, data, node_layers, lib, pca, config, input_fn=None, progress=False, rows=None,
-                  reduce=None, input_dtype=None, closed=None, methods=None):
+                  reduce=None, input_dtype=None, closed=None, methods=None, cache: ActivationCache | None = None):
     """Edge pass: E (k_{l+1}, k_l) per section, in the LIB and the PCA bases (edges.edges_for_batch).
 
     rows: N·P per node layer (the normaliser, over all processes); counted from the data when None.
@@ -482,6 +501,8 @@ def compute_edges(model, data, node_layers, lib, pca, config, input_fn=None, pro
     closed: {section input: closed-form section} (evaluation.lib.sections) for the sections whose
     edges are computed in closed form, checked against autograd on the first batch; methods is
     updated when a check fails. Runs on the model's device; the bases are moved there.
+    cache: activations of the closed forms' input sites from the moments pass (the data are then
+    passed through the model only for the first-batch checks and the autograd sections).
     """
     device = model_device(model)
     closed = dict(closed or {})
@@ -497,26 +518,35 @@ def compute_edges(model, data, node_layers, lib, pca, config, input_fn=None, pro
     bases = {l_in: [(on(lib[l_in].C), on(lib[l_in].C_pinv), on(lib[l_out].C)),
                     (on(pca[l_in].C), on(pca[l_in].C_pinv), on(pca[l_out].C))]
              for l_in, l_out in sections}
-    for index, batch in enumerate(tqdm(data, desc="LIB edges", disable=not progress)):
+    first = _model_input(next(iter(data)), input_fn, input_dtype, device)
+    for l_in, l_out in sections:  # every closed form checked against autograd on the first batch
+        if closed.get(l_in) is not None:
+            problem = check_edges(closed[l_in], model, first, l_in, l_out, (alphas, weights), bases[l_in],
+                                  config.chunk_elements, closed_dtype)
+            if problem:
+                _give_up_closed_form(closed, methods, l_in, l_out, problem, config)
+    cached = {l_in: cache.get(site_of(l_in)) if cache is not None and closed.get(l_in) is not None else None
+              for l_in, _ in sections}
+
+    def add_closed(l_in, l_out, x):
+        at = section_positions(l_in, l_out, x.shape)
+        counted[l_in] += x.shape[0] * (x.shape[1] if at["inputs_at"] is None else len(at["inputs_at"]))
+        e_lib, e_pca = structured_edges(closed[l_in], x, (alphas, weights), bases[l_in], config.chunk_elements,
+                                        closed_dtype, at)
+        lib_e[l_in] = lib_e[l_in] + e_lib
+        pca_e[l_in] = pca_e[l_in] + e_pca
+
+    for l_in, l_out in sections:
+        for x in cached[l_in] or []:
+            add_closed(l_in, l_out, x)
+    todo = [(l_in, l_out) for l_in, l_out in sections if cached[l_in] is None]
+    for batch in tqdm(data if todo else [], desc="LIB edges", disable=not progress):
         inputs = _model_input(batch, input_fn, input_dtype, device)
-        if index == 0:
-            for l_in, l_out in sections:
-                if closed.get(l_in) is not None:
-                    problem = check_edges(closed[l_in], model, inputs, l_in, l_out, (alphas, weights), bases[l_in],
-                                          config.chunk_elements, closed_dtype)
-                    if problem:
-                        _give_up_closed_form(closed, methods, l_in, l_out, problem, config)
-        sites = list(dict.fromkeys(site_of(l_in) for l_in, _ in sections if closed.get(l_in) is not None))
+        sites = list(dict.fromkeys(site_of(l_in) for l_in, _ in todo if closed.get(l_in) is not None))
         clean = _clean_activations(model, inputs, sites)
-        for l_in, l_out in sections:
+        for l_in, l_out in todo:
             if closed.get(l_in) is not None:
-                x = clean[site_of(l_in)]
-                at = section_positions(l_in, l_out, x.shape)
-                counted[l_in] += x.shape[0] * (x.shape[1] if at["inputs_at"] is None else len(at["inputs_at"]))
-                e_lib, e_pca = structured_edges(closed[l_in], x, (alphas, weights), bases[l_in],
-                                                config.chunk_elements, closed_dtype, at)
-                lib_e[l_in] = lib_e[l_in] + e_lib
-                pca_e[l_in] = pca_e[l_in] + e_pca
+                add_closed(l_in, l_out, clean[site_of(l_in)])
                 continue
             passes = [(w, section_forward(model, inputs, l_in, l_out, alpha)) for alpha, w in zip(alphas, weights)]
             counted[l_in] += passes[0][1].clean.shape[0] * passes[0][1].clean.shape[1]
