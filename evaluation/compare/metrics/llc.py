@@ -12,7 +12,7 @@ class LLC(CompareMetric):
     label = "LLC"
     higher_is_better = False
     description = "local learning coefficient (SGLD, devinterp)"
-    version = 1
+    version = 2  # 2: estimate_llc drops the chains' initial transient (evaluation/metrics/llc.py)
     options = ("batch_size", "seed", "llc_chains", "llc_draws", "llc_lr", "llc_localization", "llc_burnin")
     switch = "llc"
     order = 70
