@@ -26,7 +26,7 @@ if str(REPO) not in sys.path:  # when run as a script by torchrun
 
 import lightning as L  # noqa: E402
 
-from evaluation.lib.distributed import gather_rows, global_batch  # noqa: E402
+from interp_train.distributed import gather_rows, global_batch  # noqa: E402
 from interp_train.lightning import attach_regularizers  # noqa: E402
 from interp_train.regularizers import (  # noqa: E402
     ActivationDegeneracy,
@@ -218,9 +218,28 @@ def test_single_process_helpers_are_identities():
     t = torch.randn(4, 3, requires_grad=True)
     assert gather_rows(t) is t
     reg = ActivationDegeneracy(layers="net.1")
-    assert global_batch(reg) is reg and type(reg).__name__ == "GlobalBatchActivationDegeneracy"
+    assert reg.gather is None and reg.batch_rows(t) is t
+    assert global_batch(reg) is reg and type(reg) is ActivationDegeneracy and reg.gather is gather_rows
+    assert reg.batch_rows(t) is t  # one process: the gather is the identity
     with pytest.raises(TypeError, match="GradientNorm"):
         global_batch(GradientNorm())
+
+
+def test_gather_hook_feeds_every_batch_statistic():
+    """The public hook: each degeneracy regularizer computes its effective rank from gather(rows)."""
+    from interp_train.regularizers import FiringPatternDegeneracy
+
+    x, y = data()
+    net = make_net()
+    extra = torch.randn(5, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    for reg in (ActivationDegeneracy(layers="1"), GradientDegeneracy(layers="1"), FiringPatternDegeneracy(layers="0")):
+        seen = []
+        reg.gather = lambda rows: seen.append(rows.shape) or torch.cat([rows, extra])
+        term = regularized_loss(net, x, y, [reg]).terms[f"{reg.name}/erank/{reg.layers[0]}"]
+        assert seen == [(N_EXAMPLES, 7)]
+        if isinstance(reg, ActivationDegeneracy):
+            hidden = net[:2](x).detach()
+            torch.testing.assert_close(term.detach(), effective_rank(torch.cat([hidden, extra])))
 
 
 # ---------------------------------------------------------------------------- distributed LIB

@@ -142,12 +142,14 @@ def test_bad_input():
 
 RUN_ENV = "INTERP_TRAIN_FOURIER_RUN"  # a trained cpu-variant run dir to load instead of training
 MID, POST = "blocks.0.hook_resid_mid", "blocks.0.hook_resid_post"
+TRAIN_STEPS = 1000  # held-out accuracy 100 % for seeds 0-3 (the recipe reaches >= 99 % at steps 350-650)
 
 
 @pytest.fixture(scope="module")
 def trained_modular(tmp_path_factory):
-    """The recipe's CPU variant (p = 59, 1500 full-batch steps), trained through the interp-train
-    path, or loaded from $INTERP_TRAIN_FOURIER_RUN with load_recipe."""
+    """The recipe's CPU variant (p = 59, full batch) trained for TRAIN_STEPS steps through the
+    interp-train CLI, deterministically (CPU, one thread, deterministic algorithms, seed 0), or loaded
+    from $INTERP_TRAIN_FOURIER_RUN with load_recipe."""
     from interp_train.recipes import load_recipe
 
     if os.environ.get(RUN_ENV):
@@ -159,33 +161,56 @@ def trained_modular(tmp_path_factory):
 
     config = Path(__file__).resolve().parent.parent / "recipes" / "modular_addition" / "cpu.yaml"
     root = tmp_path_factory.mktemp("fourier_runs")
-    cli = InterpTrainCLI(args=["--config", str(config), "--checkpoint_root", str(root), "--trainer.enable_progress_bar",
-                               "false", "--trainer.enable_model_summary", "false"], run=False)
-    start = time.perf_counter()
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    seconds = time.perf_counter() - start
-    acc = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]["test/acc"]
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    try:
+        cli = InterpTrainCLI(args=["--config", str(config), "--checkpoint_root", str(root), "--seed_everything", "0",
+                                   "--trainer.max_steps", str(TRAIN_STEPS), "--trainer.accelerator", "cpu",
+                                   "--trainer.enable_progress_bar", "false",
+                                   "--trainer.enable_model_summary", "false", "--trainer.logger", "false",
+                                   "--trainer.enable_checkpointing", "false"], run=False)
+        start = time.perf_counter()
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        seconds = time.perf_counter() - start
+        acc = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]["test/acc"]
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
     cli.model.eval()
     return cli.model, cli.datamodule, {"train_seconds": round(seconds, 1), "held_out_acc": float(acc),
                                        "steps": cli.trainer.global_step}
 
 
+def mean_top(entry, basis, K="top_1"):
+    return float(np.mean([r[K] for r in entry[basis]]))
+
+
 @pytest.mark.slow
 def test_top_lib_directions_of_trained_modular_addition_are_fourier(trained_modular):
-    """Top 6 non-constant LIB directions, read at the '=' position, over all p² inputs:
+    """Top 6 non-constant LIB directions, read at the '=' position over all p² inputs, against the
+    top 6 PCA directions and 32 random directions of the same layer.
 
-    * resid_mid: the best 2 frequencies (cos/sin of k·a, k·b, k·(a+b)) explain > 80 % of each
-      direction's variance, and the best single frequency explains more on average than for the
-      top 6 PCA directions and than for random directions (by > 0.15);
-    * resid_post: the best 3 frequencies explain > 75 % of each direction's variance (here the
-      stream at '=' consists of the model's few key frequencies, so random directions are about as
-      Fourier-dominated: not asserted);
-    * LIB needs fewer directions than PCA for 99 % at both layers (docs/DESIGN.md §4.15).
+    What the math says: a grokked model computes with a few key frequencies k (cos/sin of k·a,
+    k·b and, after the MLP, k·(a+b)), so the stream at '=' is itself made of those few frequencies
+    and even a random direction is a mixture of them (mean best-2 fraction ≈ 0.8, best-3 ≈ 0.9):
+    the best-K fractions for K ≥ 2 barely separate structured from random directions. What does
+    is the best single frequency (best-1): LIB ranks directions by how the rest of the network
+    uses them, and the network reads each key frequency separately, so each top LIB direction
+    should be about one frequency, far above a random mixture. PCA ranks by variance, which in a
+    grokked model is also carried by the key frequencies, so PCA is Fourier too; LIB is asserted
+    to be at least as Fourier as PCA up to a margin, not better (docs/DESIGN.md §4 does not claim it).
 
-    Measured, recipe default (1500 steps, held-out acc 96.6 %): best-2 fractions of the top 6 LIB
-    directions 0.92–0.96 (resid_mid); mean best-1 LIB / PCA / random 0.77 / 0.61 / 0.44; best-3 at
-    resid_post 0.91–0.93. Trained on to 3000 steps (98.4 %): resid_mid best-2 0.96–0.98, resid_post
-    best-3 0.77–0.93 (random 0.65–0.95).
+    Asserted, at resid_mid and resid_post: LIB mean best-1 > random mean best-1 + margin (0.2 at
+    resid_mid; 0.05 at resid_post, where the stream at '=' holds fewer frequencies and a random
+    mixture of them is already more Fourier); LIB mean best-1 > PCA mean best-1 − 0.1; LIB mean
+    best-2 > 0.9; LIB needs at most as many directions as PCA for 99 % (docs/DESIGN.md §4).
+    Measured, seeds 0 / 1 / 2 (1000 steps, all-pairs accuracy 100 %), mean best-1 LIB / PCA / random:
+    resid_mid 0.94 / 0.82 / 0.59, 0.95 / 0.93 / 0.63, 0.97 / 0.95 / 0.55; resid_post 0.96 / 0.94 / 0.60,
+    0.90 / 0.77 / 0.77, 0.96 / 0.97 / 0.67; LIB mean best-2 ≥ 0.95; directions for 99 %, LIB / PCA:
+    resid_mid 10/12, 8/10, 8/11, resid_post 6/12, 6/10, 6/11. The smallest margins (seed 1:
+    0.13 over random at resid_post; seed 2: LIB 0.01 below PCA at resid_post) stay clear of the
+    thresholds.
     """
     from evaluation.lib.fit import LIBConfig, fit_lib
     from evaluation.metrics.lib_summary import feature_count
@@ -197,7 +222,7 @@ def test_top_lib_directions_of_trained_modular_addition_are_fourier(trained_modu
     batches = [(tokens[i:i + 1024], targets[i:i + 1024]) for i in range(0, len(tokens), 1024)]
     with torch.no_grad():
         info["all_pairs_acc"] = float((model(tokens)[:, -1].argmax(-1) == targets).double().mean())
-    assert info["all_pairs_acc"] > 0.9, info  # the structure below is that of a (mostly) grokked model
+    assert info["all_pairs_acc"] > 0.99, info  # the structure below is that of a grokked model
     start = time.perf_counter()
     result = fit_lib(model, batches, [MID, POST, "output"], LIBConfig(), progress=False)
     info["lib_seconds"] = round(time.perf_counter() - start, 1)
@@ -206,20 +231,11 @@ def test_top_lib_directions_of_trained_modular_addition_are_fourier(trained_modu
     for layer in (MID, POST):
         entry = table[layer]
         assert entry["positions"] == [2]
-        means = {basis: float(np.mean([r["top_1"] for r in entry[basis]])) for basis in ("lib", "pca", "random")}
+        best1 = {basis: mean_top(entry, basis) for basis in ("lib", "pca", "random")}
+        best2 = mean_top(entry, "lib", "top_2")
         counts = feature_count(result.lib[layer].Lambda), feature_count(result.pca[layer].Lambda)
-        print(layer, {K: [round(r[K], 3) for r in entry["lib"]] for K in ("top_2", "top_3")}, "mean top-1", means,
-              "LIB/PCA directions for 99 %:", counts)
-        assert counts[0] < counts[1], (layer, counts)
-    mid, post = table[MID], table[POST]
-    assert min(r["top_2"] for r in mid["lib"]) > 0.8, mid["lib"]
-    mid_means = {basis: float(np.mean([r["top_1"] for r in mid[basis]])) for basis in ("lib", "pca", "random")}
-    assert mid_means["lib"] > mid_means["random"] + 0.15, mid_means
-    # LIB vs PCA is reported, not asserted: not a docs/DESIGN.md §4.8 property, and it depends on the trained
-    # model (mean top-1 at resid_mid: LIB 0.77 vs PCA 0.61 on a train-fraction-0.5 model, LIB 0.885
-    # vs PCA 0.906 on the current recipe's seed 0).
-    # LIB pools positions, so some top directions at resid_post live mostly at the a/b positions
-    # (variance share at '=' 0.18 on the current recipe's seed 0): judge those present at '='.
-    present = [r for r in post["lib"] if r["variance_share"] >= 0.25]
-    assert len(present) >= 3, post["lib"]
-    assert min(r["top_3"] for r in present) > 0.75, present
+        print(layer, "mean best-1", best1, "LIB mean best-2", round(best2, 3), "LIB/PCA directions for 99 %:", counts)
+        assert best1["lib"] > best1["random"] + (0.2 if layer == MID else 0.05), (layer, best1)
+        assert best1["lib"] > best1["pca"] - 0.1, (layer, best1)
+        assert best2 > 0.9, (layer, entry["lib"])
+        assert counts[0] <= counts[1], (layer, counts)

@@ -118,12 +118,22 @@ class Regularizer(nn.Module):
     """
 
     replaces_task_loss: bool = False
+    # True for a term that is one statistic of all rows of the batch (e.g. an effective rank), not a
+    # mean over examples: such a regularizer passes its rows through ``batch_rows`` first.
+    batch_statistic: bool = False
 
     def __init__(self, weight: WeightLike = 1.0, name: str | None = None):
         super().__init__()
         self.schedule: Schedule = as_schedule(weight)
         self.name = name or _snake(type(self).__name__)
         self.step = 0
+        # hook applied to the rows of a batch statistic (rows -> rows); None: the rows themselves.
+        # interp_train.distributed.global_batch sets it to the all-gather over DDP ranks.
+        self.gather: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def batch_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """The rows a batch statistic is computed from: ``self.gather(rows)`` when the hook is set, else ``rows``."""
+        return rows if self.gather is None else self.gather(rows)
 
     @property
     def sites(self) -> tuple[str, ...]:

@@ -21,6 +21,7 @@ from typing import Literal, Sequence
 import torch
 from torch import nn
 
+from interp_train.checks import check_choice, check_nonnegative
 from interp_train.regularizers.base import Regularizer, RegularizerContext
 from interp_train.schedules import WeightLike
 from interp_train.sites import resolve_site
@@ -30,10 +31,8 @@ LAYOUTS = ("1d", "2d")
 
 
 def check_layout(layout: str, layer_gap: float) -> None:
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; allowed: {', '.join(LAYOUTS)}")
-    if not (isinstance(layer_gap, (int, float)) and math.isfinite(layer_gap) and layer_gap >= 0):
-        raise ValueError(f"layer_gap must be a finite number >= 0, got {layer_gap!r}")
+    check_choice(layout, LAYOUTS, "layout")
+    check_nonnegative(layer_gap, "layer_gap")
 
 
 def neuron_positions(n: int, layout: Layout = "1d") -> torch.Tensor:

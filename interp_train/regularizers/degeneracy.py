@@ -21,7 +21,8 @@ from typing import Literal, Sequence
 
 import torch
 
-from interp_train.losses import TARGET_KINDS, target_score
+from interp_train.checks import check_choice, check_target
+from interp_train.losses import target_score
 from interp_train.regularizers.base import Regularizer, RegularizerContext
 from interp_train.schedules import WeightLike
 
@@ -30,8 +31,7 @@ MEASURES = ("nuclear", "entropy", "participation")
 
 
 def _check_measure(measure: str) -> None:
-    if measure not in MEASURES:
-        raise ValueError(f"unknown measure {measure!r}; allowed: {', '.join(MEASURES)}")
+    check_choice(measure, MEASURES, "measure")
 
 
 def as_rows(a: torch.Tensor) -> torch.Tensor:
@@ -117,7 +117,10 @@ def _layer_list(layers: str | Sequence[str]) -> list[str]:
 
 
 class _EffectiveRankPenalty(Regularizer):
-    """Shared set-up: one term ``erank/<layer>`` per layer."""
+    """Shared set-up: one term ``erank/<layer>`` per layer, the effective rank of the batch's rows
+    (a batch statistic: the rows pass through ``batch_rows``, see ``interp_train.distributed``)."""
+
+    batch_statistic = True
 
     def __init__(self, weight: WeightLike, layers: str | Sequence[str], measure: Measure,
                  center: bool, rel_floor: float, name: str | None):
@@ -130,7 +133,8 @@ class _EffectiveRankPenalty(Regularizer):
         self.rel_floor = rel_floor
 
     def _rank(self, matrix: torch.Tensor) -> torch.Tensor:
-        return effective_rank(matrix, self.measure, center=self.center, rel_floor=self.rel_floor)
+        return effective_rank(self.batch_rows(as_rows(matrix)), self.measure, center=self.center,
+                              rel_floor=self.rel_floor)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, layers={self.layers}, measure={self.measure!r}"
@@ -168,9 +172,7 @@ class GradientDegeneracy(_EffectiveRankPenalty):
     def __init__(self, weight: WeightLike = 1.0, layers: str | Sequence[str] = (), measure: Measure = "participation",
                  target: str = "loss", center: bool = True, rel_floor: float = 1e-8, name: str | None = None):
         super().__init__(weight, layers, measure, center, rel_floor, name)
-        if target not in TARGET_KINDS:
-            raise ValueError(f"unknown target {target!r}; allowed: {', '.join(TARGET_KINDS)}")
-        self.target = target
+        self.target = check_target(target)
 
     def per_example_gradients(self, ctx: RegularizerContext) -> dict[str, torch.Tensor]:
         """{layer: ∂s_i/∂a_i} with the layer's activation shape, attached to the graph."""

@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from interp_train.checks import check_layer, check_positive_int
 from interp_train.regularizers.base import Regularizer, RegularizerContext
 from interp_train.schedules import WeightLike
 
@@ -52,8 +53,7 @@ def jacobian_l1_estimate(source_act: torch.Tensor, target_act: torch.Tensor, m: 
     ``source_act`` (B, ...) must be on the autograd path to ``target_act`` (B, ...), e.g. two
     activations recorded in the same forward pass. ``m`` is clamped to d_out (then exact).
     """
-    if not isinstance(m, int) or m <= 0:
-        raise ValueError(f"m (the number of sampled Jacobian rows) must be a positive integer, got {m!r}")
+    check_positive_int(m, "m (the number of sampled Jacobian rows)")
     if source_act.shape[0] != target_act.shape[0]:
         raise ValueError(f"batch sizes differ: {source!r} has {source_act.shape[0]} rows, {target!r} {target_act.shape[0]}")
     if not target_act.requires_grad:
@@ -101,11 +101,9 @@ class InteractionSparsity(Regularizer):
     def __init__(self, weight: WeightLike = 1.0, source: str = "input", target_layer: str = "", m: int = 1,
                  vectorize: bool = True, name: str | None = None):
         super().__init__(weight, name)
-        if not isinstance(m, int) or isinstance(m, bool) or m <= 0:
-            raise ValueError(f"m (the number of sampled Jacobian rows) must be a positive integer, got {m!r}")
-        for what, layer in (("source", source), ("target_layer", target_layer)):
-            if not isinstance(layer, str) or not layer:
-                raise ValueError(f"{what} must name a layer (module path or TransformerLens hook name), got {layer!r}")
+        check_positive_int(m, "m (the number of sampled Jacobian rows)")
+        check_layer(source, "source")
+        check_layer(target_layer, "target_layer")
         if source == target_layer:
             raise ValueError(f"source and target_layer must be different layers, got {source!r} twice")
         self.source = source

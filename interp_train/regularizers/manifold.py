@@ -16,13 +16,13 @@ must be a float tensor.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from interp_train.losses import TARGET_KINDS, target_score
+from interp_train.losses import target_score
+from interp_train.checks import check_nonnegative, check_target
 from interp_train.regularizers.base import Regularizer, RegularizerContext
 from interp_train.schedules import WeightLike
 from interp_train.sites import INPUT, check_float_input
@@ -86,8 +86,7 @@ class OffManifoldNoisePenalty(_TangentRegularizer):
 
     def __init__(self, weight: WeightLike = 1.0, tangents: str | TangentProvider = "exact", sigma: float = 0.1,
                  name: str | None = None, tangent_kwargs: Mapping[str, Any] | None = None):
-        if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma >= 0):
-            raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+        check_nonnegative(sigma, "sigma")
         super().__init__(weight, tangents, tangent_kwargs, name)
         self.sigma = float(sigma)
 
@@ -126,8 +125,7 @@ class OffManifoldGradientPenalty(_TangentRegularizer):
 
     def __init__(self, weight: WeightLike = 1.0, tangents: str | TangentProvider = "exact", target: str = "loss",
                  name: str | None = None, tangent_kwargs: Mapping[str, Any] | None = None):
-        if target not in TARGET_KINDS:
-            raise ValueError(f"unknown target {target!r}; allowed: {', '.join(TARGET_KINDS)}")
+        check_target(target)
         super().__init__(weight, tangents, tangent_kwargs, name)
         self.target = target
 

@@ -12,12 +12,12 @@ only on a_i (true for the usual models; not for batch norm in training mode).
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 
-from interp_train.losses import TARGET_KINDS, target_score
+from interp_train.checks import check_count, check_number, check_site, check_target
+from interp_train.losses import target_score
 from interp_train.regularizers.base import Regularizer, RegularizerContext
 from interp_train.schedules import WeightLike
 from interp_train.sites import INPUT
@@ -71,31 +71,6 @@ def uniform_in_ball(like: torch.Tensor, radius: float) -> torch.Tensor:
     return direction * (radius * u.pow(1.0 / n))
 
 
-# ---------------------------------------------------------------- argument checks
-
-def _check_site(at) -> str:
-    if not isinstance(at, str) or not at:
-        raise TypeError(f"at must be a site name (a non-empty string such as 'input' or 'hook_embed'), got {at!r}")
-    return at
-
-
-def _check_number(value, what: str, *, positive: bool) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{what} must be a number, got {value!r}") from None
-    if isinstance(value, bool) or not math.isfinite(number) or number < 0 or (positive and number == 0):
-        allowed = "> 0" if positive else ">= 0"
-        raise ValueError(f"{what} must be a finite number {allowed}, got {value!r}")
-    return number
-
-
-def _check_count(value, what: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{what} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
 def _add(delta: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """Site edit a -> a + δ (keeps a's graph)."""
     return lambda a: a + delta
@@ -113,10 +88,8 @@ class GradientNorm(Regularizer):
 
     def __init__(self, weight: WeightLike = 1.0, at: str = INPUT, target: str = "loss", name: str | None = None):
         super().__init__(weight, name)
-        self.at = _check_site(at)
-        if target not in TARGET_KINDS:
-            raise ValueError(f"unknown target {target!r}; allowed: {', '.join(TARGET_KINDS)}")
-        self.target = target
+        self.at = check_site(at)
+        self.target = check_target(target)
 
     def scores(self, ctx: RegularizerContext, output: torch.Tensor) -> torch.Tensor:
         """s_i, shape (B,)."""
@@ -139,8 +112,8 @@ class FiniteDifferenceGradientNorm(Regularizer):
 
     def __init__(self, weight: WeightLike = 1.0, at: str = INPUT, h: float = 1e-2, name: str | None = None):
         super().__init__(weight, name)
-        self.at = _check_site(at)
-        self.h = _check_number(h, "h (finite-difference step)", positive=True)
+        self.at = check_site(at)
+        self.h = check_number(h, "h (finite-difference step)", positive=True)
 
     def terms(self, ctx: RegularizerContext) -> dict[str, torch.Tensor]:
         clean = ctx.clean()
@@ -160,8 +133,8 @@ class JacobianNorm(Regularizer):
 
     def __init__(self, weight: WeightLike = 1.0, at: str = INPUT, n_projections: int = 1, name: str | None = None):
         super().__init__(weight, name)
-        self.at = _check_site(at)
-        self.n_projections = _check_count(n_projections, "n_projections")
+        self.at = check_site(at)
+        self.n_projections = check_count(n_projections, "n_projections")
 
     def terms(self, ctx: RegularizerContext) -> dict[str, torch.Tensor]:
         output = ctx.clean().output
@@ -181,8 +154,8 @@ class NoisePenalty(Regularizer):
 
     def __init__(self, weight: WeightLike = 1.0, at: str = INPUT, sigma: float = 0.1, name: str | None = None):
         super().__init__(weight, name)
-        self.at = _check_site(at)
-        self.sigma = _check_number(sigma, "sigma (noise standard deviation)", positive=False)
+        self.at = check_site(at)
+        self.sigma = check_number(sigma, "sigma (noise standard deviation)", positive=False)
 
     def terms(self, ctx: RegularizerContext) -> dict[str, torch.Tensor]:
         clean = ctx.clean().output
@@ -200,8 +173,8 @@ class RandomizedSmoothing(Regularizer):
     def __init__(self, weight: WeightLike = 1.0, at: str = INPUT, sigma: float = 0.1,
                  replace_task_loss: bool = False, name: str | None = None):
         super().__init__(weight, name)
-        self.at = _check_site(at)
-        self.sigma = _check_number(sigma, "sigma (noise standard deviation)", positive=False)
+        self.at = check_site(at)
+        self.sigma = check_number(sigma, "sigma (noise standard deviation)", positive=False)
         self.replaces_task_loss = bool(replace_task_loss)
 
     def terms(self, ctx: RegularizerContext) -> dict[str, torch.Tensor]:
@@ -226,11 +199,11 @@ class PGDAdversarial(Regularizer):
     def __init__(self, weight: WeightLike = 1.0, at: str = INPUT, epsilon: float = 0.5, steps: int = 3,
                  step_size: float | None = None, replace_task_loss: bool = True, name: str | None = None):
         super().__init__(weight, name)
-        self.at = _check_site(at)
-        self.epsilon = _check_number(epsilon, "epsilon (L2 radius of the attack)", positive=False)
-        self.steps = _check_count(steps, "steps (number of PGD steps)")
+        self.at = check_site(at)
+        self.epsilon = check_number(epsilon, "epsilon (L2 radius of the attack)", positive=False)
+        self.steps = check_count(steps, "steps (number of PGD steps)")
         self.step_size = (2.5 * self.epsilon / self.steps if step_size is None
-                          else _check_number(step_size, "step_size", positive=True))
+                          else check_number(step_size, "step_size", positive=True))
         self.replaces_task_loss = bool(replace_task_loss)
         self.last_delta: torch.Tensor | None = None
 
