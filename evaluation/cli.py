@@ -304,6 +304,12 @@ def _add_compare_parser(sub) -> None:
     cmp.add_argument("--llc", action="store_true", help="also estimate the LLC (SGLD; slow)")
     cmp.add_argument("--llc-draws", type=int, default=None, help="SGLD draws per chain (default: calibrated, 200)")
     cmp.add_argument("--llc-chains", type=int, default=None, help="SGLD chains (default: 4)")
+    cmp.add_argument("--circuit", action="store_true",
+                     help="also measure the pruned circuit's nodes and edges (a gradient search per run)")
+    cmp.add_argument("--circuit-delta", type=float, default=0.01,
+                     help="circuit: allowed loss increase over the full model, nats (default 0.01)")
+    cmp.add_argument("--circuit-ablation", choices=["mean", "zero"], default="mean",
+                     help="circuit: pruned nodes take their mean activation (default) or zero")
     cmp.add_argument("--quiet", action="store_true", help="no progress bars or table; only the report path")
     cmp.set_defaults(func=run_compare_command)
 

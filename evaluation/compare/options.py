@@ -6,9 +6,11 @@ fields, with the checkpoint and the metric's version, make its cache key (evalua
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 TANGENT_CHOICES = ("auto", "exact", "local_pca", "global_pca")
+CIRCUIT_ABLATIONS = ("mean", "zero")
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,9 @@ class MeasureOptions:
     variance. 32 neighbours: enough for the modular-addition embedding cloud to show the
     directions of both varying tokens (a neighbourhood is mostly one-token changes) while staying
     local (p = 59 gives 2·58 one-token neighbours).
+    circuit: opt-in pruned-circuit size (circuit_nodes, circuit_edges; one gradient search per run
+    on the ``max_samples`` test subset); circuit_delta: allowed loss increase over the full model
+    (nats); circuit_ablation: "mean" or "zero" for the pruned nodes.
     """
 
     max_samples: int = 512
@@ -57,6 +62,9 @@ class MeasureOptions:
     embed_reference: int = 4096
     embed_n_neighbors: int = 32
     embed_explained_variance: float = 0.9
+    circuit: bool = False
+    circuit_delta: float = 0.01
+    circuit_ablation: str = "mean"
     device: str = "cpu"  # where runs are measured ("auto", "cpu", "cuda"); no metric's value depends on it
 
     def __post_init__(self):
@@ -74,5 +82,10 @@ class MeasureOptions:
             raise ValueError(f"llc_burnin must be a non-negative integer, got {self.llc_burnin!r}")
         if not 0 < self.embed_explained_variance <= 1:
             raise ValueError(f"embed_explained_variance must be in (0, 1], got {self.embed_explained_variance!r}")
+        if not (isinstance(self.circuit_delta, (int, float)) and math.isfinite(self.circuit_delta)
+                and self.circuit_delta > 0):
+            raise ValueError(f"circuit_delta must be a finite number > 0, got {self.circuit_delta!r}")
+        if self.circuit_ablation not in CIRCUIT_ABLATIONS:
+            raise ValueError(f"unknown circuit_ablation {self.circuit_ablation!r}; allowed: {', '.join(CIRCUIT_ABLATIONS)}")
         if self.ratio_eps not in self.robustness_eps:
             raise ValueError(f"ratio_eps {self.ratio_eps!r} must be one of robustness_eps {list(self.robustness_eps)}")

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Literal, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -270,10 +270,11 @@ def _unflat(flat: torch.Tensor, groups) -> dict[str, torch.Tensor]:
 def prune_circuit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                   config: CircuitConfig = CircuitConfig(), groups: Sequence[NodeGroup] | None = None,
                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = per_example_cross_entropy,
-                  seed: int = 0) -> CircuitResult:
+                  ) -> CircuitResult:
     """The fewest nodes whose gating keeps the task loss on (inputs, targets) <= L_full + delta (module docstring).
 
     groups: the node groups (default: ``default_node_groups(model)``). The model is not modified.
+    The search is deterministic (no sampling): the same model and data give the same circuit.
     Raises ValueError when ``config.target_loss`` is below the full model's loss.
     """
     groups = list(groups) if groups is not None else default_node_groups(model)
@@ -290,7 +291,7 @@ def prune_circuit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
             raise ValueError(f"target_loss {target!r} is below the full model's loss {gated.full_loss!r} on this data: "
                              "no circuit can reach it; choose a target >= the full loss (or set delta)")
         delta = target - gated.full_loss if config.target_loss is not None else config.delta
-        kept = _search(gated, groups, config, target, max(delta, 1e-12), seed)
+        kept = _search(gated, groups, config, target, max(delta, 1e-12))
     finally:
         for p, r in zip(params, requires):
             p.requires_grad_(r)
@@ -306,10 +307,9 @@ def prune_circuit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
     )
 
 
-def _search(gated: _Gated, groups, config: CircuitConfig, target: float, delta: float, seed: int) -> torch.Tensor:
+def _search(gated: _Gated, groups, config: CircuitConfig, target: float, delta: float) -> torch.Tensor:
     device = gated.inputs.device
     n = sum(g.n for g in groups)
-    torch.manual_seed(seed)  # the search is deterministic; the seed is kept for future stochastic variants
     theta = torch.full((n,), float(config.init_logit), device=device, requires_grad=True)
     optimizer = torch.optim.Adam([theta], lr=config.lr)
     best: torch.Tensor | None = None
