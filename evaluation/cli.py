@@ -102,6 +102,8 @@ def default_layers(model, last_position: bool = False) -> list[str]:
 def resolve_checkpoint(path: str) -> Path:
     """A checkpoint file; an interp-train run directory stands for its checkpoints/last.ckpt."""
     path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file() and not (path / "config.yaml").is_file():
+        return path  # a Hugging Face model directory (evaluation.io.checkpoints reads it)
     if path.is_dir():
         from interp_train.recipes import find_run_files
 
@@ -109,7 +111,8 @@ def resolve_checkpoint(path: str) -> Path:
             return find_run_files(path)[1]
         except FileNotFoundError as err:
             raise FileNotFoundError(f"{str(path)!r} is a directory but not an interp-train run directory ({err}); "
-                                    "pass a run directory or a .pt/.pth/.ckpt/.safetensors file") from None
+                                    "pass a run directory, a Hugging Face model directory or a .pt/.pth/.ckpt/.safetensors "
+                                    "file") from None
     return path
 
 
@@ -320,8 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     lib = sub.add_parser("lib", help="fit LIB and PCA bases, measure sparsity/modularity, write a report",
                          formatter_class=HELP)
-    lib.add_argument("checkpoint", help="an interp-train run directory (checkpoints/<task>/<variant>/seed<k>) or a "
-                     "checkpoint file (.pt/.pth/.safetensors state dict or recipe .ckpt)")
+    lib.add_argument("checkpoint", help="an interp-train run directory (checkpoints/<task>/<variant>/seed<k>), a "
+                     "checkpoint file (.pt/.pth/.safetensors state dict or recipe .ckpt) or a local Hugging Face "
+                     "model directory (config.json + weights)")
     lib.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     lib.add_argument("--config", help="JSON config of a HookedTransformer-format state dict")
     lib.add_argument("--layers", nargs="+", help="node layers in forward order; 'output' = the logits; "
