@@ -67,6 +67,7 @@ def eval_inputs(tmp_path):
     """A tiny HookedTransformer checkpoint (p = 5), a data file whose inputs and targets do not pair
     up, and a 2-step recipe run whose config.yaml was edited so that it no longer fits the weights."""
     torch.save(random_ht_state_dict(HT_CFG), tmp_path / "model.pt")
+    (tmp_path / "empty").mkdir()
     (tmp_path / "config.json").write_text(json.dumps(HT_CFG))
     torch.save({"inputs": torch.randint(0, P, (20, 3)), "targets": torch.randint(0, P, (7,))}, tmp_path / "bad.pt")
     from interp_train.cli import InterpTrainCLI
@@ -91,7 +92,8 @@ def _eval_cases(tmp: Path) -> dict[str, tuple[list[str], list[str]]]:
                                ["token ids up to 13", "6 tokens", "the model's p is 5"]),
         "bad choice": (["lib", *ht, "--integration", "simpson", "--out", str(tmp / "o4")],
                        ["invalid choice: 'simpson'"]),
-        "not a run directory": (["lib", str(tmp), "--out", str(tmp / "o5")], ["not an interp-train run directory"]),
+        "not a run directory": (["lib", str(tmp / "empty"), "--out", str(tmp / "o5")],
+                                ["not an interp-train run directory"]),
     }
 
 
