@@ -81,8 +81,9 @@ LAYERS = ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid", "blocks.0.hook_r
 
 
 @pytest.mark.parametrize("normalization_type,jacobians,methods", [
-    ("LN", "auto", ["autograd (attention behind a LayerNorm)", "autograd (MLP behind a LayerNorm)",
-                    "autograd (unembedding behind a LayerNorm)"]),
+    ("LN", "structured", ["closed form: layernorm attention", "closed form: layernorm mlp",
+                          "closed form: layernorm unembed"]),
+    ("LN", "autograd", ["autograd (jacobians='autograd')"] * 3),
     (None, "structured", ["closed form: attention", "closed form: mlp", "closed form: unembed"]),
     (None, "autograd", ["autograd (jacobians='autograd')"] * 3),
 ])

@@ -9,6 +9,10 @@ Supported inputs:
   ``{"state_dict"|"model": ..., "config"|"cfg": ...}``.
 * a state dict already in the bridge's native format (``embed.weight``, ...) plus a config.
 * a Lightning ``.ckpt`` from an interp-train recipe, via ``interp_train.recipes.load_recipe``.
+* a local Hugging Face model directory (``config.json`` + weights, as ``save_pretrained`` writes
+  it), loaded offline with ``transformers`` and wrapped by TransformerLens'
+  ``TransformerBridge.boot_transformers`` (hook names ``blocks.0.hook_resid_pre``, ...; raw HF
+  weights, so the logits are the HF model's own).
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ _CONFIG_KEYS = ("config", "cfg")
 class LoadedModel:
     """A model ready for evaluation and where it came from.
 
-    kind: "hooked-transformer" (old TL format), "bridge" (native bridge state dict) or "recipe".
+    kind: "hooked-transformer" (old TL format), "bridge" (native bridge state dict), "recipe" or
+    "hugging-face" (a local model directory).
     datamodule: the recipe's data module (None for bare state dicts).
     """
 
@@ -151,7 +156,8 @@ def _read_state_dict(path: Path) -> Any:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     if path.is_dir():
-        raise ValueError(f"checkpoint {str(path)!r} is a directory; expected a .pt/.pth/.ckpt/.safetensors file")
+        raise ValueError(f"checkpoint {str(path)!r} is a directory without a Hugging Face config.json; expected a "
+                         ".pt/.pth/.ckpt/.safetensors file or a Hugging Face model directory")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -185,6 +191,48 @@ def _load_recipe(path: Path) -> LoadedModel:
     return LoadedModel(model=lit_module.eval(), kind="recipe", path=path, datamodule=datamodule)
 
 
+def is_hugging_face_dir(path) -> bool:
+    """A directory holding a Hugging Face ``config.json``."""
+    path = Path(path)
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def load_hugging_face(path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """A TransformerBridge around the causal LM in a local Hugging Face directory, never touching the network.
+
+    The model is read with ``local_files_only`` and handed to ``TransformerBridge.boot_transformers``
+    (which forces eager attention, so hooks see the attention pattern); HF_HUB_OFFLINE is set while
+    booting so that no tokenizer or config lookup reaches the Hub. Eval mode.
+    """
+    import contextlib
+    import os
+
+    path = Path(path)
+    if not is_hugging_face_dir(path):
+        raise ValueError(f"{str(path)!r} is not a Hugging Face model directory (no config.json in it)")
+    previous = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformer_lens import TransformerBridge
+
+        try:
+            hf_config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+            hf_model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype,
+                                                            attn_implementation="eager")
+        except (OSError, ValueError, KeyError) as err:
+            raise ValueError(f"cannot load the Hugging Face model in {str(path)!r}: {type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else ''}") from err
+        with contextlib.redirect_stdout(None):
+            bridge = TransformerBridge.boot_transformers(str(path), hf_model=hf_model, device="cpu", dtype=dtype)
+    finally:
+        if previous is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = previous
+    return LoadedModel(model=bridge.eval(), kind="hugging-face", path=path, config=hf_config.to_dict())
+
+
 def load_checkpoint(path, config: Mapping[str, Any] | None = None) -> LoadedModel:
     """Loads a checkpoint for evaluation (read-only).
 
@@ -194,6 +242,8 @@ def load_checkpoint(path, config: Mapping[str, Any] | None = None) -> LoadedMode
     expected) for truncated files, other formats and state dicts that do not fit the config.
     """
     path = Path(path)
+    if is_hugging_face_dir(path):
+        return load_hugging_face(path)
     obj = _read_state_dict(path)
     if _is_lightning(obj):
         return _load_recipe(path)

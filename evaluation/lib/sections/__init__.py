@@ -29,10 +29,13 @@ from interp_train.sites import run_model
 from evaluation.lib.edges import OUTPUT, SectionPass, as_positions, edges_for_batch, jacobian_gram_for_batch, section_forward
 from evaluation.lib.positions import positions_of, site_of
 from evaluation.lib.sections.attention import AttentionSection
+from evaluation.lib.sections.layernorm_recognizer import layernorm_section
 from evaluation.lib.sections.position_wise import PositionWiseSection
 
 F64 = torch.float64
 CHECK_EXAMPLES = 3
+CHECK_DIRECTIONS = 8  # output directions (random mixtures of all) checked against autograd
+CHECK_POSITIONS = 16  # token positions of the checked sequences (TransformerLens bridges)
 ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.GELU, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Softplus)
 _RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|mid|post)$")
 
@@ -132,6 +135,16 @@ def _sequential_section(model: nn.Module, l_in: str, l_out: str):
     return PositionWiseSection(None, b_out, W_in, b_in, act, W_out), "mlp"
 
 
+def _layernorm_section(model: nn.Module, l_in: str, l_out: str):
+    bridge = _bridge(model)
+    return (None, "not a TransformerLens bridge") if bridge is None else layernorm_section(bridge, l_in, l_out)
+
+
+# Tried in order; the first that returns a section wins (else the first one's reason is reported).
+# A new section kind adds its recogniser here: f(model, l_in, l_out) -> (section or None, description).
+RECOGNIZERS = [_transformer_lens_section, _layernorm_section]
+
+
 def find_section(model: nn.Module, l_in: str, l_out: str):
     """(section, description) for a recognised section, else (None, why not).
 
@@ -141,8 +154,14 @@ def find_section(model: nn.Module, l_in: str, l_out: str):
     """
     indexed = site_of(l_in) != l_in or site_of(l_out) != l_out
     l_in, l_out = site_of(l_in), site_of(l_out)
+    section, why = None, None
     try:
-        section, why = _transformer_lens_section(model, l_in, l_out)
+        for recognize in RECOGNIZERS:
+            section, reason = recognize(model, l_in, l_out)
+            if section is not None:
+                why = reason
+                break
+            why = why or reason
         if section is None and _bridge(model) is None:
             section, why = _sequential_section(model, l_in, l_out)
     except (AttributeError, TypeError, IndexError, ValueError) as err:  # an unexpected layout: not recognised
@@ -161,8 +180,34 @@ def _tolerance(sp: SectionPass) -> float:
     return 1e-7 if sp.out.dtype == F64 else 1e-3
 
 
-def _slice(inputs, n: int):
-    return inputs[:n] if isinstance(inputs, Tensor) else None
+def _slice(inputs, n: int, model: nn.Module | None = None):
+    """The first n examples; token sequences of a TransformerLens bridge also cut to CHECK_POSITIONS.
+
+    A bridge takes sequences of any length, and the check compares closed form and autograd on
+    the same (shorter) sequences, so it stays exact while its backward passes (one per output
+    position and direction) no longer grow with the context length.
+    """
+    if not isinstance(inputs, Tensor):
+        return None
+    few = inputs[:n]
+    if (model is not None and few.dim() == 2 and not few.is_floating_point() and few.shape[1] > CHECK_POSITIONS
+            and _bridge(model) is not None):
+        few = few[:, :CHECK_POSITIONS]
+    return few
+
+
+def _check_basis(C_out: Tensor) -> Tensor:
+    """C_out with its non-constant columns replaced by CHECK_DIRECTIONS fixed random mixtures of them.
+
+    The check compares the closed form with autograd for whatever output basis it is given; the
+    autograd side costs one backward pass per output direction (and output position group), so
+    checking a few mixtures of all directions instead of every direction keeps it cheap at any width.
+    """
+    k = C_out.shape[1] - 1
+    if k <= CHECK_DIRECTIONS:
+        return C_out
+    mix = torch.randn(k, CHECK_DIRECTIONS, dtype=F64, generator=torch.Generator().manual_seed(0)) / k ** 0.5
+    return torch.cat([C_out[:, :1], C_out[:, 1:] @ mix.to(C_out.device)], dim=1)
 
 
 def section_positions(l_in: str, l_out: str, shape) -> dict:
@@ -182,9 +227,10 @@ def full_activation(model: nn.Module, inputs, l_in: str) -> Tensor:
 def check_section(section, model: nn.Module, inputs, l_in: str, l_out: str, C_out: Tensor,
                   chunk_elements: int) -> str | None:
     """None when the section's output and Jacobian Gram on a few examples match autograd, else why not."""
-    few = _slice(inputs, CHECK_EXAMPLES)
+    few = _slice(inputs, CHECK_EXAMPLES, model if site_of(l_in) == l_in and site_of(l_out) == l_out else None)
     if few is None:
         return "inputs are not a tensor, so the closed form cannot be checked"
+    C_out = _check_basis(C_out)
     sp = section_forward(model, few, l_in, l_out)
     x, out = full_activation(model, few, l_in), as_positions(sp.out.detach()).to(F64)
     at = section_positions(l_in, l_out, x.shape)
@@ -228,9 +274,10 @@ def structured_edges(section, clean: Tensor, rule, bases, chunk_elements: int, d
 def check_edges(section, model: nn.Module, inputs, l_in: str, l_out: str, rule, bases, chunk_elements: int,
                 dtype=F64) -> str | None:
     """None when the closed-form edges of a few examples match the autograd edges, else why not."""
-    few = _slice(inputs, CHECK_EXAMPLES)
+    few = _slice(inputs, CHECK_EXAMPLES, model if site_of(l_in) == l_in and site_of(l_out) == l_out else None)
     if few is None:
         return "inputs are not a tensor, so the closed form cannot be checked"
+    bases = [(C_in, C_pinv, _check_basis(C_out)) for C_in, C_pinv, C_out in bases]
     passes = [(w, section_forward(model, few, l_in, l_out, a)) for a, w in zip(*rule)]
     want = edges_for_batch(passes, bases, chunk_elements)
     x = full_activation(model, few, l_in)

@@ -1,0 +1,199 @@
+"""Pre-LayerNorm self-attention with its residual, in closed form (GPT-2 style resid_pre -> resid_mid).
+
+out_t = x_t + attention(LN(x))_t. Per position s the LayerNorm's Jacobian is
+L_s = ρ_s (Π₀ − v_s v_sᵀ) Γ (see layernorm_position_wise: ρ = 1/sqrt(var + ε), v = (x − μ)ρ/√d,
+Π₀ = I − 11ᵀ/d, Γ = diag(γ)), so by the chain rule per input position
+
+    J_ts = δ_ts I + L_s J^a_ts,   J^a_ts = ∑_h [A_ts W_V + δ_ts c W_Q G_t + c W_K q_tᵀ e_ts] W_O
+
+with J^a the attention's Jacobian at y = LN(x) (attention.py: A, e_ts = A_ts (v_s − o_t),
+G_t = ∑_s k_sᵀ e_ts, all computed from y). Writing J^a_ts = L_stack Z_ts W_O (L_stack = [W_V, W_Q, W_K]
+per head, Z_ts the per-head d_h-maps A_ts I, δ_ts c G_t, c q_tᵀ e_ts), the input side
+L_s L_stack = ρ_s (L̃ − v_s ℓ_sᵀ) is a fixed matrix L̃ = Π₀Γ L_stack scaled by ρ_s plus a rank-one
+term (ℓ_s = L_stackᵀ Γ v_s); everything else is the LayerNorm-free closed form:
+
+* Gram (A = W Wᵀ, u_i = W_O w_i, K = ∑_i u_i u_iᵀ, z_ts = Z_tsᵀ ℓ_s, ζ_ts = K z_ts):
+  ∑ J A Jᵀ = B·T·A + X + Xᵀ + L̃ S_ρ L̃ᵀ − (L̃ Φ + Φᵀ L̃ᵀ) + ∑_{t,s} ρ_s² (z_ts·ζ_ts) v_s v_sᵀ with
+  S_ρ = ∑ ρ_s² Z_ts K Z_tsᵀ (the blocks of attention.py weighted by ρ_s²), Φ = ∑ ρ_s² Z_ts ζ_ts v_sᵀ,
+  X = A W_Oᵀ (∑_t ρ_t Z_ttᵀ) L̃ᵀ − A W_Oᵀ ∑_t ρ_t z_tt v_tᵀ.
+* Edges (Λ̃_τ = C̃ Π₀Γ W_τ, b_s = C̃ v_s, g^τ_s = W_τᵀ Γ v_s, all at LN(αx) for each point α):
+  M_t = Wᵀ C̃ᵀ diag(f̂_t) + ∑_α w_α ∑_h [Ωᵀ Λ̃_Vᵀ diag(∑_s A_ts ρ_s f̂_s) − ∑_s A_ts ρ_s (Ωᵀ g^V_s)(b_s ⊙ f̂_s)ᵀ
+        − c ρ_t (Ωᵀ G_tᵀ g^Q_t)(b_t ⊙ f̂_t)ᵀ + c ∑_s (Ωᵀ e_tsᵀ) ⊗ V_ts],
+  V_ts = ρ_t (k_s Λ̃_Qᵀ) ⊙ f̂_t + ρ_s (q_t Λ̃_Kᵀ − (q_t·g^K_s) b_s) ⊙ f̂_s;   E += ∑_t M_t².
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from evaluation.lib.sections.attention import AttentionSection
+from evaluation.lib.sections.layernorm_position_wise import LayerNormParams
+
+F64 = torch.float64
+GRAM_CHUNK = 2 ** 22  # elements of the largest per-chunk tensor (examples × heads² × T² × d_head) in the Gram
+
+
+class LayerNormAttentionSection:
+    """out = x + attention(LN(x)); attention weights in TransformerLens layout (see AttentionSection)."""
+
+    def __init__(self, ln: LayerNormParams, W_Q, b_Q, W_K, b_K, W_V, b_V, W_O, b_O, scale: float, causal: bool = True):
+        self.ln = ln
+        self.attn = AttentionSection(W_Q, b_Q, W_K, b_K, W_V, b_V, W_O, b_O, scale, causal)
+        a = self.attn
+        self.H, self.d_h, self.c, self.d = a.H, a.d_h, a.c, a.d_in
+        # L_stack (d, H·3·d_h), order (head, τ ∈ V, Q, K, d_h), and L̃ = Π₀ Γ L_stack
+        self.L_stack = torch.stack([a.W_V, a.W_Q, a.W_K], 1).permute(2, 0, 1, 3).reshape(self.d, -1)
+        self.L_proj = ln.projected(self.L_stack)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y, _, _ = self.ln.parts(x)
+        *_, o = self.attn._heads(y)
+        return x + torch.einsum("bhta,hae->bte", o, self.attn.W_O) + self.attn.b_O
+
+    def gram(self, x: Tensor, W: Tensor) -> Tensor:
+        """∑_x ∑_{t,s} J_ts A J_tsᵀ (d × d), A = W Wᵀ."""
+        B, T, d = x.shape
+        H, d_h = self.H, self.d_h
+        Omega = self.attn.W_O @ W                                       # (H, d_h, k)
+        Khg = torch.einsum("hak,gbk->hgab", Omega, Omega)               # W_O^h A W_O^gᵀ
+        K = Khg.permute(0, 2, 1, 3).reshape(H * d_h, H * d_h)           # the same, (head, d_h) × (head, d_h)
+        Bmat = torch.einsum("ek,hak->eha", W, Omega).reshape(W.shape[0], H * d_h)   # A W_Oᵀ
+        acc = {"S": torch.zeros(H, 3, d_h, H, 3, d_h, dtype=F64, device=x.device),
+               "R": torch.zeros(H, 3, d_h, d_h, dtype=F64, device=x.device),   # ∑_t ρ_t Z_ttᵀ blocks (u-index last)
+               "Phi": torch.zeros(H, 3, d_h, d, dtype=F64, device=x.device),
+               "zv": torch.zeros(H, d_h, d, dtype=F64, device=x.device),      # ∑_t ρ_t z_tt v_tᵀ
+               "vv": torch.zeros(d, d, dtype=F64, device=x.device)}
+        size = max(1, GRAM_CHUNK // max(1, T * T * H * d_h * 4))
+        for start in range(0, B, size):
+            self._gram_chunk(x[start:start + size], Khg, K, acc)
+        S = acc["S"].reshape(3 * H * d_h, 3 * H * d_h)
+        Lp = self.L_proj
+        Rm = torch.einsum("eha,hxca->ehxc", Bmat.reshape(-1, H, d_h), acc["R"]).reshape(-1, 3 * H * d_h)
+        X = Rm @ Lp.T - Bmat @ acc["zv"].reshape(H * d_h, d)
+        LPhi = Lp @ acc["Phi"].reshape(3 * H * d_h, d)
+        return B * T * (W @ W.T) + X + X.T + Lp @ S @ Lp.T - LPhi - LPhi.T + acc["vv"]
+
+    def _gram_chunk(self, x, Khg, K, acc):
+        c, H, d_h = self.c, self.H, self.d_h
+        b, T, _ = x.shape
+        y, rho, v_bar = self.ln.parts(x)
+        v = v_bar * rho[..., None]                                      # (b, T, d)
+        w1, w2 = rho, rho.pow(2)
+        q, k, A, E, _ = self.attn._heads(y)
+        idx = torch.arange(T, device=x.device)
+        G_T = torch.einsum("bhtsa,bhsc->bhtac", E, k)                   # G_tᵀ[a, c] = ∑_s e_ts[a] k_s[c]
+        A_diag = A.diagonal(dim1=2, dim2=3)                              # (b, H, T)
+        E_diag = E[:, :, idx, idx]                                       # e_tt (b, H, T, d_h)
+        gam_v = v * self.ln.gamma                                        # Γ v_s
+        l_V, l_Q, l_K = (torch.einsum("bsd,hda->bhsa", gam_v, Wt) for Wt in (self.attn.W_V, self.attn.W_Q, self.attn.W_K))
+        # --- S_ρ = ∑ ρ_s² Z_ts K Z_tsᵀ, blocks [h, τ, :, g, τ′, :] (τ: V, Q, K)
+        Aw = A * w2[:, None, None, :]                                    # A_ts ρ_s²
+        VV = torch.einsum("bhts,bgts->hg", Aw, A)[:, :, None, None] * Khg
+        VQ = c * Khg @ torch.einsum("bht,bgtac->hgac", A_diag * w2[:, None], G_T)
+        VK = c * Khg @ torch.einsum("bhgta,bgtc->hgac", torch.einsum("bhts,bgtsa->bhgta", Aw, E), q)
+        Gw = G_T * w2[:, None, :, None, None]
+        KG = torch.einsum("xga,bgtac->btxgc", K.reshape(H * d_h, H, d_h), G_T)       # K G^g_tᵀ, rows (h, a)
+        QQ = c * c * torch.einsum("bhtac,bthagd->hcgd", Gw, KG.reshape(b, T, H, d_h, H, d_h))
+        Ke = torch.einsum("hgax,ngtx->nhgta", Khg, E_diag)              # K_hg e^g_tt
+        QK = c * c * torch.einsum("bhgtc,bgtd->hgcd", torch.einsum("bhtac,bhgta->bhgtc", Gw, Ke), q)
+        # KK = c² ∑_t q^h_t ⊗ q^g_t ∑_s ρ_s² e^h_ts K_hg e^g_ts, via P_t = ∑_s ρ_s² e_ts e_tsᵀ (all heads)
+        Es = (E * rho[:, None, None, :, None]).permute(0, 2, 3, 1, 4).reshape(b, T, T, H * d_h)
+        P = Es.transpose(2, 3) @ Es                                      # (b, T, H·d_h, H·d_h)
+        omega_hg = (P * K).reshape(b, T, H, d_h, H, d_h).sum((3, 5))     # (b, T, H, H)
+        KK = c * c * torch.einsum("bhgta,bgtc->hgac", omega_hg.permute(0, 2, 3, 1)[..., None] * q[:, :, None], q)
+        S = acc["S"]
+        S[:, 0, :, :, 0] += VV.permute(0, 2, 1, 3)
+        S[:, 0, :, :, 1] += VQ.permute(0, 2, 1, 3)
+        S[:, 1, :, :, 0] += VQ.permute(1, 3, 0, 2)
+        S[:, 0, :, :, 2] += VK.permute(0, 2, 1, 3)
+        S[:, 2, :, :, 0] += VK.permute(1, 3, 0, 2)
+        S[:, 1, :, :, 1] += QQ
+        S[:, 1, :, :, 2] += QK.permute(0, 2, 1, 3)
+        S[:, 2, :, :, 1] += QK.permute(1, 3, 0, 2)
+        S[:, 2, :, :, 2] += KK.permute(0, 2, 1, 3)
+        # --- R = ∑_t ρ_t Z_ttᵀ: V: A_tt I, Q: c G_tᵀ, K: c e_tt q_tᵀ (rows: y-index, columns: u-index)
+        eye = torch.eye(d_h, dtype=F64, device=x.device)
+        R = acc["R"]
+        R[:, 0] += torch.einsum("bht,bt->h", A_diag, w1)[:, None, None] * eye
+        R[:, 1] += c * torch.einsum("bhtac,bt->hca", G_T, w1)
+        R[:, 2] += c * torch.einsum("bhta,bhtc->hca", E_diag * w1[:, None, :, None], q)
+        # --- z_ts = Z_tsᵀ ℓ_s (u-space, all heads) and ζ_ts = K z_ts
+        qlK = torch.einsum("bhta,bhsa->bhts", q, l_K)                    # q_t·ℓ^K_s
+        GlQ = torch.einsum("bhtac,bhtc->bhta", G_T, l_Q)                 # G_tᵀ ℓ^Q_t
+        z = A[..., None] * l_V[:, :, None] + c * qlK[..., None] * E      # (b, H, T, T, d_h)
+        z[:, :, idx, idx] += c * GlQ
+        acc["zv"] += torch.einsum("bhta,btd->had", z[:, :, idx, idx] * w1[:, None, :, None], v)
+        zeta = (z.permute(0, 2, 3, 1, 4).reshape(b, T, T, H * d_h) @ K).reshape(b, T, T, H, d_h).permute(0, 3, 1, 2, 4)
+        # --- scalar term ∑ ρ_s² (z_ts·ζ_ts) v_s v_sᵀ
+        omega = torch.einsum("bhtsa,bhtsa->bs", z, zeta) * w2
+        acc["vv"] += torch.einsum("bsd,bse->de", v * omega[..., None], v)
+        # --- Φ = ∑ ρ_s² Z_ts ζ_ts v_sᵀ: V: ∑_t A_ts ζ_ts, Q: c G_s ζ_ss, K: ∑_t c (e_ts·ζ_ts) q_t
+        phi_V = torch.einsum("bhts,bhtsa->bhsa", A, zeta)
+        phi_Q = c * torch.einsum("bhsac,bhsa->bhsc", G_T, zeta[:, :, idx, idx])
+        phi_K = c * torch.einsum("bhts,bhtc->bhsc", (E * zeta).sum(-1), q)
+        for tau, phi in enumerate((phi_V, phi_Q, phi_K)):
+            acc["Phi"][:, tau] += torch.einsum("bhsa,bsd->had", phi * w2[:, None, :, None], v)
+
+    def edges(self, x: Tensor, rule: tuple[list[float], list[float]], bases: list[tuple[Tensor, Tensor, Tensor]],
+              chunk_elements: int, dtype: torch.dtype = F64) -> list[Tensor]:
+        """∑_x ∑_t M_t² per basis, (k_out − 1, k_in); bases are (f̂ (B, T, k_in), C̃ (k_in, d_in), W (d_out, k_out − 1)).
+
+        M_t = Wᵀ C̃ᵀ diag(f̂_t) + ∑_h Ω_hᵀ N^h_t with N^h_t (d_head × k_in) summed over the rule's points
+        before the one product with Ω = W_O W per position (see the module docstring for its terms).
+        """
+        B, T, _ = x.shape
+        H, c, d_h = self.H, self.c, self.d_h
+        a_ = self.attn
+        alphas, weights = rule
+        points = []
+        for alpha, w in zip(alphas, weights):
+            y, rho, v_bar = self.ln.parts(x, alpha)
+            v = v_bar * (alpha * rho)[..., None]                             # v at LN(αx)
+            q, k, A, E, _ = a_._heads(y)
+            gv = v * self.ln.gamma
+            g = {n: torch.einsum("bsd,hda->bhsa", gv, Wt) for n, Wt in (("V", a_.W_V), ("Q", a_.W_Q), ("K", a_.W_K))}
+            G_T = torch.einsum("bhtsa,bhsc->bhtac", E, k)                    # G_tᵀ
+            GgQ = torch.einsum("bhtac,bhtc->bhta", G_T, g["Q"])             # G_tᵀ g^Q_t
+            points.append((w, rho, v, q, A, E, G_T, g["V"], g["K"], GgQ))
+        out = []
+        for f_hat, C_t, W in bases:
+            k_out, k_in = W.shape[1], C_t.shape[0]
+            Om = (a_.W_O @ W).reshape(H * d_h, k_out).T.to(dtype)          # Ωᵀ (k_out, H·d_h)
+            Lam = {n: torch.einsum("jd,dha->hja", C_t, self.ln.projected(Wt.permute(1, 0, 2).reshape(self.d, -1))
+                                   .reshape(self.d, H, d_h)).to(dtype)
+                   for n, Wt in (("V", a_.W_V), ("Q", a_.W_Q), ("K", a_.W_K))}   # Λ̃_τ (H, k_in, d_h)
+            fixed = (W.T @ C_t.T).to(dtype)
+            Ct = C_t.T.to(dtype)
+            E_acc = torch.zeros(k_out, k_in, dtype=F64, device=x.device)
+            size = max(1, min(chunk_elements, 2 ** 21) // max(1, H * T * d_h * k_in + T * k_out * k_in))
+            for start in range(0, B, size):
+                sl = slice(start, start + size)
+                f = f_hat[sl].to(dtype)
+                b_ = f.shape[0]
+                N = torch.zeros(b_, H, T, d_h, k_in, dtype=dtype, device=x.device)
+                for w, rho, v, q, A, E, G_T, gV, gK, GgQ in points:
+                    rho_ = rho[sl].to(dtype)
+                    q, A, E, G_T = q[sl].to(dtype), A[sl].to(dtype), E[sl].to(dtype), G_T[sl].to(dtype)
+                    rf = rho_[:, :, None] * f                                 # ρ_s f̂_s
+                    bf = v[sl].to(dtype) @ Ct * f                             # b_s ⊙ f̂_s
+                    brf = bf * rho_[:, :, None]
+                    # values: Λ̃_Vᵀ diag(∑_s A_ts ρ_s f̂_s) − ∑_s A_ts ρ_s g^V_s ⊗ (b_s ⊙ f̂_s)
+                    N += w * (Lam["V"].transpose(1, 2)[None, :, None] * (A @ rf[:, None])[:, :, :, None, :])
+                    Y = (gV[sl].to(dtype)[..., None] * bf[:, None, :, None, :]).reshape(b_, H, T, d_h * k_in)
+                    N -= w * ((A * rho_[:, None, None, :]) @ Y).reshape(b_, H, T, d_h, k_in)
+                    # queries: c ρ_t G_tᵀ Λ̃_Qᵀ diag(f̂_t) − c ρ_t (G_tᵀ g^Q_t) ⊗ (b_t ⊙ f̂_t)
+                    GL = torch.einsum("bhtac,hjc->bhtaj", G_T, Lam["Q"])
+                    N += (w * c) * (GL * rf[:, None, :, None, :] - GgQ[sl].to(dtype)[..., None] * (rho_[:, :, None] * bf)[:, None, :, None, :])
+                    # keys: c ∑_s e_ts ⊗ (ρ_s (q_t Λ̃_Kᵀ − (q_t·g^K_s) b_s) ⊙ f̂_s)
+                    Et = E.permute(0, 1, 2, 4, 3)                             # (b, H, t, d_h, s)
+                    qLK = torch.einsum("bhta,hja->bhtj", q, Lam["K"])
+                    qgK = torch.einsum("bhta,bhsa->bhts", q, gK[sl].to(dtype))
+                    ER = (Et.reshape(b_, H * T * d_h, T) @ rf).reshape(b_, H, T, d_h, k_in)
+                    EqR = ((Et * qgK[:, :, :, None, :]).reshape(b_, H * T * d_h, T) @ brf).reshape(b_, H, T, d_h, k_in)
+                    N += (w * c) * (ER * qLK[:, :, :, None, :] - EqR)
+                M = (Om @ N.permute(0, 1, 3, 2, 4).reshape(b_, H * d_h, T * k_in)).reshape(b_, k_out, T, k_in)
+                M += fixed[None, :, None, :] * f[:, None]
+                E_acc += M.square_().sum((0, 2)).to(F64)
+            out.append(E_acc)
+        return out
