@@ -12,7 +12,8 @@ compare: ROOT is a task directory of recipe runs ``<variant>/seed<k>/`` (evaluat
 --variant adds or names runs explicitly. DIR keeps a per-checkpoint cache, so a re-run only
 measures new or changed checkpoints and metrics; report.md/report.json/plots are replaced.
 
-CHECKPOINT: a HookedTransformer-format state dict (with --config, or with a stored config),
+CHECKPOINT: an interp-train run directory (``checkpoints/<task>/<variant>/seed<k>``, read through
+its ``checkpoints/last.ckpt`` and ``config.yaml``), a HookedTransformer-format state dict (with --config, or with a stored config),
 a TransformerBridge state dict, or an interp-train recipe's Lightning .ckpt (see
 evaluation.io.checkpoints). SPEC: ``modular-addition:p=113`` (all p² inputs ``a b =`` with
 target (a + b) mod p; ``=`` is token p) or a torch file holding ``{"inputs": X, "targets": y}``;
@@ -23,17 +24,22 @@ lib --nproc N: fit on N processes of this machine; the command re-launches itsel
 ``torchrun --nproc_per_node N -m evaluation.cli lib ...``). Process r takes batches r, r + N, ...;
 the sums of the fit are all-reduced (evaluation.lib.distributed); rank 0 alone runs the ablation
 curves and writes the report.
+
+Errors are one paragraph on stderr with exit code 2 (evaluation.errors); add ``--debug`` (or set
+``INTERP_DEBUG=1``) for the full traceback. SIGTERM cleans up like Ctrl-C (no temporary folders left).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
 # torch, TransformerLens and matplotlib are imported by the commands that need them, so that
 # ``interp-eval --help`` and argument errors answer at once
+from evaluation.errors import run_command
 
 
 def modular_addition_data(p: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,15 +85,52 @@ def parse_data(spec: str) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def default_layers(model, last_position: bool = False) -> list[str]:
-    """Residual stream around every block, then the logits ("output"); with ``last_position`` (one
-    target per sequence) the layers after the last attention at position -1
-    (evaluation.lib.positions.residual_layers)."""
-    from evaluation.lib.positions import residual_layers
+    """The node layers ``interp-eval compare`` chooses (evaluation.compare.context.default_node_layers):
+    for a TransformerLens model the residual stream around every block, then the logits ("output"),
+    with ``last_position`` (one target per sequence) the layers after the last attention at
+    position -1; for a recipe MLP the input, every hidden activation and the output."""
+    from evaluation.compare.context import default_node_layers
 
-    n_layers = getattr(getattr(model, "cfg", None), "n_layers", None)
-    if n_layers is None:
-        raise ValueError("cannot choose node layers for this model; pass --layers")
-    return residual_layers(n_layers, last_position)
+    try:
+        return default_node_layers(model, last_position)
+    except ValueError:
+        names = [n for n, _ in model.named_modules() if n][:12]
+        raise ValueError(f"cannot choose node layers for {type(model).__name__}; pass --layers with module "
+                         f"paths in forward order, e.g. from: input, {', '.join(names)}, output") from None
+
+
+def resolve_checkpoint(path: str) -> Path:
+    """A checkpoint file; an interp-train run directory stands for its checkpoints/last.ckpt."""
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file() and not (path / "config.yaml").is_file():
+        return path  # a Hugging Face model directory (evaluation.io.checkpoints reads it)
+    if path.is_dir():
+        from interp_train.recipes import find_run_files
+
+        try:
+            return find_run_files(path)[1]
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{str(path)!r} is a directory but not an interp-train run directory ({err}); "
+                                    "pass a run directory, a Hugging Face model directory or a .pt/.pth/.ckpt/.safetensors "
+                                    "file") from None
+    return path
+
+
+def check_data_fits(model, inputs: torch.Tensor, targets: torch.Tensor | None, spec: str) -> None:
+    """Inputs and targets pair up, and token ids fit the model's vocabulary (before any fitting)."""
+    if targets is not None and targets.shape[0] != inputs.shape[0]:
+        raise ValueError(f"--data {spec!r} holds {inputs.shape[0]} inputs but {targets.shape[0]} targets; "
+                         "they must pair up (same first dimension)")
+    cfg = getattr(model, "cfg", None) or next((getattr(m, "cfg", None) for m in model.modules()
+                                               if getattr(getattr(m, "cfg", None), "d_vocab", None)), None)
+    d_vocab, d_vocab_out = getattr(cfg, "d_vocab", None), getattr(cfg, "d_vocab_out", None)
+    if d_vocab and not inputs.is_floating_point() and inputs.numel() and int(inputs.max()) >= d_vocab:
+        hint = f"; for modular addition the model's p is {d_vocab - 1}" if spec.startswith("modular-addition") else ""
+        raise ValueError(f"--data {spec!r} has token ids up to {int(inputs.max())}, but the model's vocabulary has "
+                         f"{d_vocab} tokens (ids 0..{d_vocab - 1}){hint}")
+    if d_vocab_out and targets is not None and targets.numel() and int(targets.max()) >= d_vocab_out:
+        raise ValueError(f"--data {spec!r} has targets up to {int(targets.max())}, but the model has only "
+                         f"{d_vocab_out} outputs")
 
 
 def _subsample(inputs, targets, max_samples: int | None):
@@ -150,12 +193,14 @@ def run_lib(args) -> dict:
             config = json.loads(Path(args.config).read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise ValueError(f"cannot read --config {args.config!r} as JSON: {err}") from err
-    loaded = load_checkpoint(args.checkpoint, config=config)
+    loaded = load_checkpoint(resolve_checkpoint(args.checkpoint), config=config)
     model = loaded.model.to(device)
     if args.dtype is not None:
         model = model.to(getattr(torch, args.dtype))
     if args.data is not None:
-        inputs, targets = _subsample(*parse_data(args.data), args.max_samples)
+        inputs, targets = parse_data(args.data)
+        check_data_fits(model, inputs, targets, args.data)
+        inputs, targets = _subsample(inputs, targets, args.max_samples)
         batches = _batches(inputs, targets, args.batch_size)
     else:
         batches = _recipe_batches(loaded.datamodule, args.max_samples)
@@ -181,8 +226,7 @@ def run_lib(args) -> dict:
     metadata = {"checkpoint": str(args.checkpoint), "checkpoint_kind": loaded.kind, "model_config": loaded.config,
                 "data": args.data, "n_samples": sum(b[0].shape[0] for b in batches), "node_layers": layers}
     report = write_lib_report(result, out_dir, metadata, ablation)
-    if not args.quiet:
-        print(f"wrote {out_dir}: {', '.join(report['files'])}")
+    print(f"wrote {out_dir}: {', '.join(report['files'])}")
     return report
 
 
@@ -211,14 +255,31 @@ def run_compare_command(args):
     result = run_compare(variants, args.out, options, baseline=args.baseline, test=args.test, alpha=args.alpha,
                          progress=not args.quiet, correction=args.correction)
     if not args.quiet:
+        from evaluation.compare.table import LEGEND, format_table
+
         for message in result.report["messages"]:
             print(f"note: {message}", file=sys.stderr)
-        print(f"wrote {result.out_dir}: {', '.join(result.files)}")
+        print(format_table(result.report))
+        print(LEGEND)
+    print(f"report: {result.out_dir / 'report.md'} (also {', '.join(f for f in result.files if f != 'report.md')})")
     return result
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing the whole usage and exiting: main() reports the
+    error in one paragraph like every other bad input."""
+
+    def error(self, message: str):
+        hint = f" (see `{self.prog} --help`)"
+        raise argparse.ArgumentError(None, message if "--help`)" in message else message + hint)
+
+
+HELP = argparse.ArgumentDefaultsHelpFormatter
+
+
 def _add_compare_parser(sub) -> None:
-    cmp = sub.add_parser("compare", help="compare regularized variants with the baseline over seeds")
+    cmp = sub.add_parser("compare", help="compare regularized variants with the baseline over seeds",
+                         formatter_class=HELP)
     cmp.add_argument("root", nargs="?", help="task directory holding <variant>/seed<k>/ run directories")
     cmp.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "RUN"),
                      help="a variant and its run directories (repeatable)")
@@ -252,33 +313,37 @@ def _add_compare_parser(sub) -> None:
                      help="circuit: allowed loss increase over the full model, nats (default 0.01)")
     cmp.add_argument("--circuit-ablation", choices=["mean", "zero"], default="mean",
                      help="circuit: pruned nodes take their mean activation (default) or zero")
-    cmp.add_argument("--quiet", action="store_true", help="no progress bars")
+    cmp.add_argument("--quiet", action="store_true", help="no progress bars or table; only the report path")
     cmp.set_defaults(func=run_compare_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="interp-eval", description="Evaluate trained checkpoints.")
+    parser = _Parser(prog="interp-eval", description="Evaluate trained checkpoints. Add --debug (or set "
+                     "INTERP_DEBUG=1) for full tracebacks instead of one-paragraph errors.")
     sub = parser.add_subparsers(dest="command", required=True)
-    lib = sub.add_parser("lib", help="fit LIB and PCA bases, measure sparsity/modularity, write a report")
-    lib.add_argument("checkpoint", help="checkpoint file (.pt/.pth/.safetensors state dict or recipe .ckpt) "
-                     "or a local Hugging Face model directory (config.json + weights)")
+    lib = sub.add_parser("lib", help="fit LIB and PCA bases, measure sparsity/modularity, write a report",
+                         formatter_class=HELP)
+    lib.add_argument("checkpoint", help="an interp-train run directory (checkpoints/<task>/<variant>/seed<k>), a "
+                     "checkpoint file (.pt/.pth/.safetensors state dict or recipe .ckpt) or a local Hugging Face "
+                     "model directory (config.json + weights)")
     lib.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     lib.add_argument("--config", help="JSON config of a HookedTransformer-format state dict")
     lib.add_argument("--layers", nargs="+", help="node layers in forward order; 'output' = the logits; "
                      "a position index picks one position, e.g. 'blocks.0.hook_resid_mid[-1]' 'output[-1]' "
-                     "(default for transformers: resid_pre, resid_mid/resid_post of each block, output; "
+                     "(default, as compare: recipe MLPs input, every hidden activation, output; transformers resid_pre, resid_mid/resid_post of each block, output; "
                      "when the targets are one per sequence, the layers after the last attention at [-1])")
     lib.add_argument("--device", default="auto", help="auto (a CUDA GPU when present), cpu, cuda or cuda:N")
     lib.add_argument("--dtype", choices=["float32", "float64"], help="run the model in this dtype "
                      "(default: the checkpoint's; float64 for exact comparisons with other implementations)")
-    lib.add_argument("--data", help="'modular-addition:p=113' or a torch file {'inputs', 'targets'}")
+    lib.add_argument("--data", help="'modular-addition:p=113' or a torch file {'inputs', 'targets'} "
+                     "(default: the recipe's own training data)")
     lib.add_argument("--truncation", type=float, default=1e-12, help="relative eigenvalue cut-off")
     lib.add_argument("--integration", default="gradient", choices=["gradient", "trapezoid", "gauss-legendre"])
     lib.add_argument("--n-intervals", type=int, default=1)
-    lib.add_argument("--max-samples", type=int, help="use a random subset (seed 0) of this many inputs")
+    lib.add_argument("--max-samples", type=int, help="use a random subset (seed 0) of this many inputs (default: all)")
     lib.add_argument("--batch-size", type=int, default=512)
     lib.add_argument("--no-ablation", dest="ablation", action="store_false", help="skip node-ablation curves")
-    lib.add_argument("--quiet", action="store_true", help="no progress bars")
+    lib.add_argument("--quiet", action="store_true", help="no progress bars; only the report path")
     lib.add_argument("--nproc", type=int, default=1,
                      help="fit on N local processes (re-launches itself with torch.distributed.run)")
     lib.set_defaults(func=run_lib)
@@ -287,27 +352,45 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``interp-eval {lib,compare} ... [--debug]``; returns the exit code (2: bad input, reported in
+    one paragraph on stderr; 130: interrupted)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    previous = _sigterm_as_interrupt()
+    try:
+        return run_command("interp-eval", _run, argv)
+    finally:
+        _end_process_group()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "max_samples", None) is not None and args.max_samples < 1:
-        parser.error(f"--max-samples must be >= 1, got {args.max_samples}")
+        raise ValueError(f"--max-samples must be >= 1, got {args.max_samples}")
     if getattr(args, "batch_size", 1) < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if getattr(args, "nproc", 1) < 1:
-        parser.error(f"--nproc must be >= 1, got {args.nproc}")
-    try:
-        if getattr(args, "nproc", 1) > 1 and not _in_torchrun():
-            from evaluation.lib.report import check_out_dir
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    if getattr(args, "nproc", 1) > 1 and not _in_torchrun():
+        from evaluation.lib.report import check_out_dir
 
-            check_out_dir(args.out)  # fail here rather than in every process
-            return _relaunch(args.nproc, sys.argv[1:] if argv is None else list(argv))
-        args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as err:
-        print(f"interp-eval {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        _end_process_group()
+        check_out_dir(args.out)  # fail here rather than in every process
+        return _relaunch(args.nproc, argv)
+    args.func(args)
     return 0
+
+
+def _sigterm_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt, so that temporary outputs are removed as on Ctrl-C."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread
+        return None
 
 
 def _in_torchrun() -> bool:
@@ -333,6 +416,8 @@ def _relaunch(nproc: int, argv: list[str]) -> int:
 
 
 def _end_process_group() -> None:
+    if "torch.distributed" not in sys.modules:  # nothing started one (and --help stays torch-free)
+        return
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

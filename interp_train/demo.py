@@ -117,29 +117,12 @@ def compare_task(task: DemoTask, seeds: Sequence[int], root: Path, out: Path, ma
                        baseline=task.baseline, progress=progress)
 
 
-def format_table(report: dict, metrics: Sequence[str] = TABLE_METRICS) -> str:
-    """Plain-text table: per variant "mean ± std" of each metric; variant rows add
-    "Δ <diff> p=<p>" against the baseline (Welch t-test; p adjusted for the report's number of
-    comparisons, Holm, when the report has it) and ✓/✗ when significant after that correction."""
-    labels = {m["name"]: m["label"] + (" ↑" if m["higher_is_better"] else " ↓") for m in report["metrics"]}
-    names = [n for n in metrics if n in labels]
-    rows = [["variant", *(labels[n] for n in names)]]
-    for variant, row in report["variants"].items():
-        cells = [variant]
-        for n in names:
-            s = row["metrics"][n]
-            cell = "–" if s["mean"] is None else f"{s['mean']:#.3g}"  # significant digits: edge fractions are ~1e-3
-            cell += "" if s["std"] is None else f" ± {s['std']:#.2g}"
-            c = s.get("comparison")
-            if c is not None and c.get("diff") is not None:
-                p = c.get("p_adjusted", c.get("p"))
-                cell += f"  Δ{c['diff']:+#.2g} p={'–' if p is None else f'{p:.2g}'} {c['verdict']}".rstrip()
-            cells.append(cell)
-        rows.append(cells)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+def format_table(report: dict, metrics: Sequence[str] = TABLE_METRICS, width: int = 100) -> str:
+    """The terminal table of evaluation.compare.table (metrics as rows, variants as columns, at
+    most ``width`` characters a line) for the demo's metrics."""
+    from evaluation.compare.table import format_table as compare_table
+
+    return compare_table(report, metrics, width=width)
 
 
 def quiet_lightning() -> None:
@@ -175,8 +158,9 @@ def run_demo(tasks: Sequence[DemoTask] = DEMO_TASKS, seeds: Sequence[int] = (0, 
         if plots:
             echo("plots:  " + ", ".join(str(result.out_dir / p) for p in plots))
         reports[task.name] = result.report
-    echo("\nΔ = variant − baseline (Welch t-test over seeds); ✓ = significant in the interpretable direction, "
-         "✗ = significant the other way. Accuracy is the cost. Full study: study/README.md.")
+    from evaluation.compare.table import LEGEND
+
+    echo(f"\n{LEGEND} Welch t-test; accuracy is the cost. Full study: study/README.md.")
     return reports
 
 

@@ -15,18 +15,27 @@ import torch
 
 def write_atomic(path: str | Path, data: bytes | str) -> Path:
     """Writes to a temporary file in the same folder, then renames it over ``path``: a reader
-    never sees a half-written file, and an interrupted write leaves the old file intact."""
+    never sees a half-written file, and an interrupted write leaves the old file intact. The file
+    gets the mode any new file gets (0666 minus the umask), not mkstemp's private 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data.encode() if isinstance(data, str) else data)
+            os.fchmod(fh.fileno(), 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def current_umask() -> int:
+    """The process umask (read by setting it and restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def json_safe(x: Any) -> Any:

@@ -238,6 +238,11 @@ def load_recipe(path: str | Path, map_location: str | torch.device = "cpu") -> t
     init = parser.instantiate_classes(cfg)
     module = RecipeModule(**vars(init.model)) if not isinstance(init.model, RecipeModule) else init.model
     state = torch.load(ckpt, map_location=map_location, weights_only=False)
-    module.load_state_dict(state["state_dict"])
+    try:
+        module.load_state_dict(state["state_dict"])
+    except RuntimeError as err:  # size mismatch / missing or unexpected keys
+        details = "; ".join(line.strip() for line in str(err).splitlines()[1:] if line.strip())
+        raise ValueError(f"the weights in {str(ckpt)!r} do not fit the model that {str(config_file)!r} describes "
+                         f"(was the config edited, or the checkpoint copied from another run?): {details}") from None
     module.eval()
     return module, init.data

@@ -102,3 +102,121 @@ def test_last_checkpoint_holds_the_final_weights_that_metrics_describe(tmp_path)
     final = cli.model.state_dict()
     assert all(torch.equal(ckpt["state_dict"][k], v) for k, v in final.items() if isinstance(v, torch.Tensor))
     assert not list((tmp_path / "r" / "checkpoints").glob(".*.tmp"))
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as fh:
+        return [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(fh)]
+
+
+def test_resume_keeps_the_earlier_metrics_history(tmp_path, recwarn):
+    """Resuming from last.ckpt keeps every row logged before the checkpoint's step, and the resumed
+    history has the same (step, metric) entries as one uninterrupted run (reference)."""
+    common = ["--trainer.log_every_n_steps", "5"]
+    fit("digits/baseline.yaml", tmp_path, "--run_dir", str(tmp_path / "straight"), "--trainer.max_steps", "50", *common)
+    run = tmp_path / "run"
+    fit("digits/baseline.yaml", tmp_path, "--run_dir", str(run), "--trainer.max_steps", "30", *common)
+    first = _csv_rows(run / "metrics.csv")
+    ckpt = run / "checkpoints" / "last.ckpt"
+    resume_step = torch.load(ckpt, weights_only=False)["global_step"]
+    assert resume_step == 30
+    fit("digits/baseline.yaml", tmp_path, "--run_dir", str(run), "--trainer.max_steps", "50", "--ckpt_path", str(ckpt),
+        *common)
+    resumed = _csv_rows(run / "metrics.csv")
+    earlier = [r for r in first if float(r["step"]) < resume_step]
+    assert len(earlier) >= 6 and resumed[:len(earlier)] == earlier  # every earlier row, unchanged
+    assert any(float(r["step"]) >= resume_step for r in resumed)
+
+    def entries(rows):
+        return sorted((int(float(r["step"])), k) for r in rows for k in r if k not in ("step", "epoch"))
+
+    assert entries(resumed) == entries(_csv_rows(tmp_path / "straight" / "metrics.csv"))
+    assert not [w for w in recwarn if "will be deleted" in str(w.message) or "exists and is not empty" in str(w.message)]
+
+
+def test_resuming_a_finished_run_keeps_metrics_csv_and_json(tmp_path):
+    run = tmp_path / "run"
+    fit("digits/baseline.yaml", tmp_path, "--run_dir", str(run), "--trainer.max_steps", "25",
+        "--trainer.log_every_n_steps", "5")
+    rows_before = _csv_rows(run / "metrics.csv")
+    before = json.loads((run / "metrics.json").read_text())
+    assert {"train/loss", "val/acc", "test/acc"} <= set(before)
+    fit("digits/baseline.yaml", tmp_path, "--run_dir", str(run), "--trainer.max_steps", "25",
+        "--ckpt_path", str(run / "checkpoints" / "last.ckpt"))
+    after = json.loads((run / "metrics.json").read_text())
+    assert set(before) <= set(after)
+    for key in ("train/loss", "val/acc", "test/acc", "global_step"):
+        assert after[key] == pytest.approx(before[key], abs=1e-6), key  # same final weights, same numbers
+    rows_after = _csv_rows(run / "metrics.csv")
+    assert [r for r in rows_before if float(r["step"]) < 25] == [r for r in rows_after if float(r["step"]) < 25]
+    assert len(rows_after) == len(rows_before)  # the test row is logged again, not twice
+
+
+def test_fit_prints_where_the_run_landed_and_its_test_metrics(tmp_path, capsys):
+    fit("digits/baseline.yaml", tmp_path, "--run_dir", str(tmp_path / "r"), "--trainer.max_steps", "3")
+    out = capsys.readouterr().out
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert f"run saved in {tmp_path / 'r'}/" in out
+    assert f"test/acc {metrics['test/acc']:.4g}" in out
+
+
+def test_diverging_loss_stops_the_run_with_a_reason(tmp_path, capsys):
+    """A weight of 1e30 used to train to the end at chance accuracy with exit code 0."""
+    text = (RECIPES / "digits/grad_norm.yaml").read_text()
+    bad = tmp_path / "huge.yaml"
+    bad.write_text(text.replace("init_args: {value: 0.1, warmup_steps: 200}", "init_args: {value: 1.0e30, warmup_steps: 1}"))
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(bad), "--run_dir", str(tmp_path / "r"), "--trainer.max_steps", "50", *QUIET])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "exceeded the bound max_loss = 1e+06" in err and "reg/gradient_norm/grad_norm_sq_weighted" in err, err
+    assert "Traceback" not in err
+    failure = json.loads((tmp_path / "r" / "failure.json").read_text())
+    assert failure["global_step"] < 50 and "max_loss" in failure["error"]
+    assert not (tmp_path / "r" / "metrics.json").exists()  # not a finished run (demo/study would reuse it)
+
+
+def test_accuracy_at_chance_is_flagged(tmp_path, capsys):
+    """lr tiny and 2 steps: the model stays at chance (1/10); the run finishes but says so."""
+    fit("digits/baseline.yaml", tmp_path, "--run_dir", str(tmp_path / "r"), "--trainer.max_steps", "2",
+        "--model.lr", "1e-9")
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert metrics["health/chance_acc"] == pytest.approx(0.1)
+    assert metrics["test/acc"] < 0.19 and metrics["health/at_chance"] == 1.0
+    assert "is at chance level" in capsys.readouterr().err
+
+
+def test_chance_rule_and_collapse_warning():
+    from interp_train.callbacks.health import TrainingHealth
+
+    health = TrainingHealth(chance_margin=0.1)
+    health.n_classes = 10
+    assert health.at_chance(0.19) and not health.at_chance(0.191)  # 0.1 + 0.1 * 0.9
+
+    class Trainer:
+        sanity_checking, global_step = False, 0
+        callback_metrics: dict = {}
+
+    trainer = Trainer()
+    for step, acc in ((100, 0.2), (200, 0.9), (300, 0.12)):
+        trainer.global_step, trainer.callback_metrics = step, {"val/acc": torch.tensor(acc)}
+        health.on_validation_end(trainer, None)
+    assert len(health.warnings) == 1 and "collapsed to 0.120 at step 300" in health.warnings[0]
+    assert "0.900 at step 200" in health.warnings[0]
+
+
+def test_atomic_writes_respect_the_umask(tmp_path):
+    """mkstemp makes private 0600 files; outputs must get 0666 minus the umask like any file."""
+    import os
+
+    from interp_train.io import write_atomic
+
+    old = os.umask(0o027)
+    try:
+        write_atomic(tmp_path / "a.json", "{}")
+        (tmp_path / "plain.txt").write_text("x")  # the reference: an ordinary new file
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777 == 0o640

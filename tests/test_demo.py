@@ -67,11 +67,26 @@ def test_format_table_cells():
         },
     }
     lines = demo.format_table(report).splitlines()
-    assert lines[0].split() == ["variant", "accuracy", "↑"]
-    assert lines[2].split() == ["baseline", "0.900", "±", "0.010"]  # 3 and 2 significant digits
-    assert lines[3].split() == ["reg", "0.850", "Δ-0.050", "p=0.012", "✗"]
+    assert lines[0].split() == ["metric", "baseline", "reg"]
+    # baseline: mean ± std (3 and 2 significant digits); variant: difference, verdict, p
+    assert lines[2].split() == ["accuracy", "↑", "0.900", "±", "0.010", "Δ-0.050", "✗", "p=0.012"]
     report["variants"]["reg"]["metrics"]["accuracy"]["comparison"]["p_adjusted"] = 0.036  # corrected p is shown
-    assert demo.format_table(report).splitlines()[3].split() == ["reg", "0.850", "Δ-0.050", "p=0.036", "✗"]
+    assert demo.format_table(report).splitlines()[2].split()[-1] == "p=0.036"
+
+
+def test_format_table_fits_the_width():
+    """Many variants: columns wrap into further blocks, no line is longer than the width."""
+    cell = {"mean": 0.123456, "std": 0.0123, "comparison": {"diff": -0.0512, "p_adjusted": 0.0123, "verdict": "✗"}}
+    report = {"metrics": [{"name": f"m{i}", "label": f"a long metric label {i}", "higher_is_better": i % 2 == 0}
+                          for i in range(8)],
+              "baseline": "baseline",
+              "variants": {v: {"metrics": {f"m{i}": dict(cell) for i in range(8)}}
+                           for v in ["baseline", *(f"variant_{k}" for k in range(7))]}}
+    text = demo.format_table(report, metrics=[f"m{i}" for i in range(8)], width=100)
+    assert max(len(line) for line in text.splitlines()) <= 100
+    for v in report["variants"]:  # every variant is shown, each once
+        assert sum(line.split()[:1] == ["metric"] and v in line.split() for line in text.splitlines()) == 1
+    assert "Δ-0.051 ✗ p=0.012" in text and "0.123 ± 0.012" in text
 
 
 def test_transformer_seed_everything_changes_initialisation():

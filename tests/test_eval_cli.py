@@ -92,8 +92,8 @@ def test_lib_command_errors_write_nothing(checkpoint, capsys):
     assert rc == 2 and "already exists and is not empty" in capsys.readouterr().err
     assert sorted(p.name for p in tmp.iterdir()) == ["config.json", "full", "model.pt"]
     assert [p.name for p in (tmp / "full").iterdir()] == ["keep.txt"]
-    with pytest.raises(SystemExit):
-        main(["lib", str(tmp / "model.pt"), "--out", str(tmp / "r4"), "--integration", "simpson"])
+    rc = main(["lib", str(tmp / "model.pt"), "--out", str(tmp / "r4"), "--integration", "simpson"])
+    assert rc == 2 and "invalid choice: 'simpson'" in capsys.readouterr().err
 
 
 def test_report_writer_leaves_nothing_on_error(tmp_path, monkeypatch):
@@ -117,6 +117,38 @@ def test_report_writer_leaves_nothing_on_error(tmp_path, monkeypatch):
     report = report_lib.write_lib_report(result, tmp_path / "out")
     assert report["summary"]["edges"]["a"]["lib"]["edges_90"] == 3
     assert json.loads((tmp_path / "out" / "lib.json").read_text())["summary"]["edges"]["b"]["lib"]["gini"] == 0.25
+
+
+def test_report_directory_mode_and_stale_temporaries(tmp_path):
+    """A report folder gets 0777 minus the umask (not mkdtemp's 0700), and the temporary folder
+    of a process that was killed outright is removed by the next report written beside it."""
+    import os
+    import subprocess
+    import sys
+
+    from evaluation.lib import report as report_lib
+    from tests.test_metrics import E3, Basis, FakeResult
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    stale = tmp_path / f".old.tmp-{dead_pid}-abc123"
+    stale.mkdir()
+    (stale / "lib.json").write_text("{}")
+    alive = tmp_path / f".other.tmp-{os.getpid()}-xyz"  # a report being written right now
+    alive.mkdir()
+    lam = torch.tensor([1.0, 3.0, 2.0], dtype=torch.float64)
+    basis = Basis("l", torch.eye(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64), lam, torch.zeros(2))
+    result = FakeResult(["a", "b", "c"], {l: basis for l in "abc"}, {l: basis for l in "abc"},
+                        {"a": E3, "b": E3}, {"a": E3, "b": E3})
+    result.config = LIBConfig()
+    old = os.umask(0o022)
+    try:
+        report_lib.write_lib_report(result, tmp_path / "out")
+        (tmp_path / "plain").mkdir()
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777 == 0o755
+    assert not stale.exists() and alive.exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")

@@ -5,6 +5,9 @@
   (all seeds pooled), with the random-direction baseline sqrt(k/d) marked.
 * edge_curves.png — cumulative LIB edge weight against edges kept, one panel per edge layer,
   every run of every variant on it (colour = variant).
+
+A variant has the same colour in every figure of a report (the report's variant order, baseline
+first); the ✓/✗ verdicts go under the variant names, clear of the data.
 """
 
 from __future__ import annotations
@@ -31,9 +34,15 @@ def _save(fig, path: Path) -> str:
     return path.name
 
 
-def _colors(variants: Sequence[str]) -> dict[str, Any]:
-    cmap = plt.get_cmap("tab10")
-    return {v: cmap(i % 10) for i, v in enumerate(variants)}
+def variant_colors(report: Mapping[str, Any], extra: Sequence[str] = ()) -> dict[str, Any]:
+    """{variant: colour} in the report's variant order with the baseline first (tab10, then tab20
+    beyond 10 variants); ``extra`` names not in the report are appended."""
+    variants = list(report.get("variants", {}))
+    baseline = report.get("baseline")
+    order = ([baseline] if baseline in variants else []) + [v for v in variants if v != baseline]
+    order += [v for v in extra if v not in order]
+    cmap = plt.get_cmap("tab10" if len(order) <= 10 else "tab20")
+    return {v: cmap(i % cmap.N) for i, v in enumerate(order)}
 
 
 def _grid(n: int, width: float = 3.6, height: float = 3.0):
@@ -45,9 +54,9 @@ def _grid(n: int, width: float = 3.6, height: float = 3.0):
     return fig, axes.ravel()
 
 
-def plot_metric_bars(report: Mapping[str, Any], path: Path) -> str:
+def plot_metric_bars(report: Mapping[str, Any], path: Path, colors: Mapping[str, Any] | None = None) -> str:
     variants = list(report["variants"])
-    colors = _colors(variants)
+    colors = colors or variant_colors(report)
     fig, axes = _grid(len(report["metrics"]))
     for ax, metric in zip(axes, report["metrics"]):
         for i, v in enumerate(variants):
@@ -58,10 +67,10 @@ def plot_metric_bars(report: Mapping[str, Any], path: Path) -> str:
                        yerr=stats["std"] if stats["std"] is not None else None, capsize=3)
             ax.scatter(np.full(len(vals), i) + np.linspace(-0.15, 0.15, len(vals)) if len(vals) > 1 else [i] * len(vals),
                        vals, color=colors[v], edgecolors="k", linewidths=0.4, s=18, zorder=3)
-            c = stats.get("comparison")
-            if c and c.get("verdict"):
-                ax.annotate(c["verdict"], (i, 1.0), xycoords=("data", "axes fraction"), ha="center", va="top")
-        ax.set_xticks(range(len(variants)), variants, rotation=25, fontsize=8)
+        verdicts = [(report["variants"][v]["metrics"][metric["name"]].get("comparison") or {}).get("verdict") or ""
+                    for v in variants]
+        ax.set_xticks(range(len(variants)), [f"{v}\n{mark}" if mark else v for v, mark in zip(variants, verdicts)],
+                      rotation=25 if len(variants) > 3 else 0, fontsize=8)
         better = "↑" if metric["higher_is_better"] else "↓"
         ax.set_title(f"{metric['label']} ({better} better)", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
@@ -69,14 +78,15 @@ def plot_metric_bars(report: Mapping[str, Any], path: Path) -> str:
     return _save(fig, path)
 
 
-def plot_alignment_hist(measurements: Mapping[str, Sequence[Mapping]], path: Path) -> str | None:
+def plot_alignment_hist(measurements: Mapping[str, Sequence[Mapping]], path: Path,
+                        colors: Mapping[str, Any] | None = None) -> str | None:
     pooled = {v: np.concatenate([np.asarray(e["details"]["alignment"]["fractions"], dtype=np.float64)
                                  for e in entries if "alignment" in e.get("details", {})] or [np.zeros(0)])
               for v, entries in measurements.items()}
     pooled = {v: f for v, f in pooled.items() if f.size}
     if not pooled:
         return None
-    colors = _colors(list(measurements))
+    colors = colors or variant_colors({}, list(measurements))
     fig, ax = plt.subplots(figsize=(6, 3.8))
     bins = np.linspace(0, 1, 41)
     for v, fr in pooled.items():
@@ -92,7 +102,8 @@ def plot_alignment_hist(measurements: Mapping[str, Sequence[Mapping]], path: Pat
     return _save(fig, path)
 
 
-def plot_edge_curves(measurements: Mapping[str, Sequence[Mapping]], path: Path) -> str | None:
+def plot_edge_curves(measurements: Mapping[str, Sequence[Mapping]], path: Path,
+                     colors: Mapping[str, Any] | None = None) -> str | None:
     layers: list[str] = []
     for entries in measurements.values():
         for e in entries:
@@ -101,7 +112,7 @@ def plot_edge_curves(measurements: Mapping[str, Sequence[Mapping]], path: Path) 
                     layers.append(layer)
     if not layers:
         return None
-    colors = _colors(list(measurements))
+    colors = colors or variant_colors({}, list(measurements))
     fig, axes = _grid(len(layers), width=4.2, height=3.3)
     for ax, layer in zip(axes, layers):
         for v, entries in measurements.items():
@@ -123,7 +134,8 @@ def plot_edge_curves(measurements: Mapping[str, Sequence[Mapping]], path: Path) 
 def write_plots(report: Mapping[str, Any], measurements: Mapping[str, Sequence[Mapping]], out_dir: Path) -> list[str]:
     """Writes the figures that have data; returns their file names."""
     out_dir = Path(out_dir)
-    files = [plot_metric_bars(report, out_dir / "metrics.png"),
-             plot_alignment_hist(measurements, out_dir / "alignment_hist.png"),
-             plot_edge_curves(measurements, out_dir / "edge_curves.png")]
+    colors = variant_colors(report, list(measurements))
+    files = [plot_metric_bars(report, out_dir / "metrics.png", colors),
+             plot_alignment_hist(measurements, out_dir / "alignment_hist.png", colors),
+             plot_edge_curves(measurements, out_dir / "edge_curves.png", colors)]
     return [f for f in files if f]

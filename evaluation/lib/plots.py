@@ -87,29 +87,77 @@ def plot_edge_curves(result, path) -> Path:
     return _save(fig, path)
 
 
-def plot_interaction_graph(G, path, title: str = "interaction graph", max_rank: int | None = 40) -> Path:
-    """Nodes at x = node-layer position, y = feature index (0 = largest after the constant),
-    coloured by the ``community`` node attribute; edge opacity ∝ weight / max weight.
-    Features beyond ``max_rank`` are not drawn (the tails carry little weight)."""
+GREY = (0.82, 0.82, 0.82, 1.0)
+N_COLOURED = 9  # distinct colours for the largest communities; the rest are grey
+
+
+def graph_drawing(G, max_rank: int | None = None, edge_share: float = 0.9, max_edges: int = 300) -> dict:
+    """What ``plot_interaction_graph`` draws: nodes (all, or index ≤ ``max_rank``), the strongest
+    edges that carry ``edge_share`` of the total weight among them but at most ``max_edges`` (more
+    is a hairball; ``share`` is the weight share actually drawn), and a colour per node —
+    distinct for the ``N_COLOURED`` largest communities with at least 2 members (communities are
+    numbered largest first, see evaluation.metrics.graph.modularity), grey for the rest."""
     nodes = [n for n, d in G.nodes(data=True) if max_rank is None or d["index"] <= max_rank]
+    keep = set(nodes)
+    edges = sorted(((u, v, float(w)) for u, v, w in G.edges(data="weight") if u in keep and v in keep),
+                   key=lambda e: -e[2])
+    total = sum(w for *_, w in edges)
+    drawn, acc = [], 0.0
+    for u, v, w in edges:
+        if (total > 0 and acc >= edge_share * total) or len(drawn) >= max_edges:
+            break
+        drawn.append((u, v, w))
+        acc += w
+    sizes: dict[int, int] = {}
+    for n in nodes:
+        c = G.nodes[n].get("community")
+        if c is not None:
+            sizes[c] = sizes.get(c, 0) + 1
+    coloured = [c for c in sorted(sizes, key=lambda c: (-sizes[c], c)) if sizes[c] >= 2][:N_COLOURED]
+    cmap = plt.get_cmap("tab10")
+    palette = [cmap(i) for i in range(10) if i != 7][:N_COLOURED]  # tab10's 7 is grey
+    colour_of = {c: palette[i] for i, c in enumerate(coloured)}
+    colours = {n: colour_of.get(G.nodes[n].get("community"), GREY) for n in nodes}
+    return {"nodes": nodes, "edges": drawn, "n_edges": len(edges), "colours": colours,
+            "share": acc / total if total > 0 else 0.0,
+            "communities": [(c, sizes[c]) for c in coloured], "n_communities": len(sizes)}
+
+
+def plot_interaction_graph(G, path, title: str = "interaction graph", order: str = "Λ",
+                           max_rank: int | None = None, edge_share: float = 0.9, max_edges: int = 300) -> Path:
+    """Nodes at x = node-layer position, y = feature index (0 = the largest by ``order``, after
+    the constant), coloured by community (see ``graph_drawing``); the strongest edges carrying
+    ``edge_share`` of the weight (at most ``max_edges``), opacity and width ∝ weight / max weight.
+    The title says what was left out."""
+    plan = graph_drawing(G, max_rank, edge_share, max_edges)
+    nodes = plan["nodes"]
     pos = {n: (G.nodes[n]["layer_index"], G.nodes[n]["index"]) for n in nodes}
     layers = sorted({(d["layer_index"], d["layer"]) for _, d in G.nodes(data=True)})
-    height = max(3.0, min(12.0, 0.18 * max((p[1] for p in pos.values()), default=1)))
-    fig, ax = plt.subplots(figsize=(1.8 + 2.2 * max(len(layers), 1), height))
-    weights = [w for *_, w in G.edges(data="weight")]
-    w_max = max(weights, default=1.0) or 1.0
-    for u, v, w in G.edges(data="weight"):
-        if u in pos and v in pos:
-            (x0, y0), (x1, y1) = pos[u], pos[v]
-            ax.plot([x0, x1], [y0, y1], color="k", lw=0.8, alpha=float(np.clip(w / w_max, 0.03, 1.0)))
-    communities = [G.nodes[n].get("community", 0) for n in nodes]
-    cmap = plt.get_cmap("tab10" if max(communities, default=0) < 10 else "tab20")
-    ax.scatter([pos[n][0] for n in nodes], [pos[n][1] for n in nodes], s=28, zorder=3,
-               c=[cmap(c % cmap.N) for c in communities], edgecolors="k", linewidths=0.3)
+    height = max(3.5, min(14.0, 0.06 * max((p[1] for p in pos.values()), default=1) + 2.5))
+    fig, ax = plt.subplots(figsize=(2.5 + 2.2 * max(len(layers), 1), height))
+    w_max = max((w for *_, w in plan["edges"]), default=1.0) or 1.0
+    for u, v, w in reversed(plan["edges"]):  # strongest drawn last, on top
+        (x0, y0), (x1, y1) = pos[u], pos[v]
+        share = float(np.clip(w / w_max, 0.05, 1.0))
+        ax.plot([x0, x1], [y0, y1], color="k", lw=0.3 + 1.5 * share, alpha=share, zorder=1)
+    grey = [n for n in nodes if plan["colours"][n] == GREY]
+    ax.scatter([pos[n][0] for n in grey], [pos[n][1] for n in grey], s=10, c=[GREY], zorder=2, linewidths=0)
+    for rank, (c, size) in enumerate(plan["communities"], 1):
+        members = [n for n in nodes if G.nodes[n].get("community") == c]
+        ax.scatter([pos[n][0] for n in members], [pos[n][1] for n in members], s=30, zorder=3,
+                   color=plan["colours"][members[0]], edgecolors="k", linewidths=0.3,
+                   label=f"community {rank} ({size})")
     ax.set_xticks([i for i, _ in layers], [name for _, name in layers], rotation=20, fontsize=8)
-    ax.set_ylabel("feature index (by Λ)")
+    ax.set_ylabel(f"feature index (sorted by {order}, 0 = largest)")
     ax.invert_yaxis()
-    ax.set_title(title, fontsize=10)
+    left_out = [] if max_rank is None else [f"features > {max_rank} not shown"]
+    left_out.append(f"{len(plan['edges'])} strongest of {plan['n_edges']} edges ({plan['share']:.0%} of the weight)")
+    others = plan["n_communities"] - len(plan["communities"])
+    if others > 0:
+        left_out.append(f"grey: {others} smaller communities")
+    ax.set_title(f"{title}\n" + "; ".join(left_out), fontsize=9)
+    if plan["communities"]:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     return _save(fig, path)
 
 

@@ -8,8 +8,12 @@ Layout of ``out_dir``:
                           community at γ = 1); graph_pca.graphml the same for PCA
     spectra.png, edge_curves.png, graph_lib.png, graph_pca.png, ablation_<layer>.png
 
-Everything is written to a temporary sibling directory first and renamed into place at the
-end, so ``out_dir`` either holds a complete report or is untouched (nothing is left on error).
+Everything is written to a temporary sibling directory ``.<out_dir>.tmp-<pid>-*`` first and
+renamed into place at the end, so ``out_dir`` either holds a complete report or is untouched
+(nothing is left on error or Ctrl-C; the CLI turns SIGTERM into the same clean-up). A process
+killed outright (SIGKILL) cannot clean up: the next report written into the same parent removes
+temporary directories whose process no longer runs. The report directory gets the mode any new
+directory gets (0777 minus the umask), not mkdtemp's private 0700.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,7 +31,7 @@ import torch
 from safetensors.torch import save_file
 
 from evaluation.lib import plots
-from interp_train.io import json_safe
+from interp_train.io import current_umask, json_safe
 from evaluation.metrics.graph import interaction_graph, modularity, set_communities, write_graphml
 from evaluation.metrics.lib_summary import summarize
 
@@ -40,6 +45,26 @@ def check_out_dir(out_dir) -> Path:
     return out_dir
 
 
+def remove_stale_temporaries(parent: Path) -> list[Path]:
+    """Removes ``.<name>.tmp-<pid>-*`` directories in ``parent`` whose process has ended."""
+    removed = []
+    for path in parent.glob(".*.tmp-*"):
+        match = re.search(r"\.tmp-(\d+)-", path.name)
+        if not path.is_dir() or match is None or _process_alive(int(match.group(1))):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def bases_tensors(result) -> dict[str, torch.Tensor]:
@@ -68,8 +93,8 @@ def _write_all(result, tmp: Path, metadata: Mapping[str, Any], ablation: Mapping
             _, communities = modularity(G, resolution=1.0, seed=seed)
             set_communities(G, communities)
             write_graphml(G, tmp / graph_file)
-            plots.plot_interaction_graph(G, tmp / f"graph_{side}.png",
-                                         title=f"{side.upper()} interaction graph (Louvain, γ = 1)")
+            plots.plot_interaction_graph(G, tmp / f"graph_{side}.png", order="Λ" if side == "lib" else "variance",
+                                         title=f"{side.upper()} interaction graph (Louvain communities, γ = 1)")
             files += [graph_file, f"graph_{side}.png"]
     plots.plot_spectra(result, tmp / "spectra.png")
     plots.plot_edge_curves(result, tmp / "edge_curves.png")
@@ -96,8 +121,10 @@ def write_lib_report(result, out_dir, metadata: Mapping[str, Any] | None = None,
     """
     out_dir = check_out_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    remove_stale_temporaries(out_dir.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
     try:
+        os.chmod(tmp, 0o777 & ~current_umask())
         report = _write_all(result, tmp, metadata or {}, ablation, seed)
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above)
