@@ -150,10 +150,20 @@ def test_train_skips_done_runs_writes_the_derived_recipe_and_survives_a_failure(
     assert info["multiplier"] == 10.0 and info["command"] == "cmd" and info["train_seconds"] >= 0
     base = yaml.safe_load((tmp_path / "digits/baseline/seed1/study_recipe.yaml").read_text())
     assert base == yaml.safe_load((REPO / "recipes/digits/baseline.yaml").read_text())
+    assert info["fit_args"] == args
     FakeFit.calls, FakeFit.fail_in = [], None
-    assert run_study.train(plan, todo, log=logs.append) == []  # a rerun trains only the failed run
+    logs.clear()
+    assert run_study.train(plan, todo, "cmd", log=logs.append) == []  # a rerun trains only the failed run
     assert [Path(a[a.index("--run_dir") + 1]).relative_to(tmp_path) for a in FakeFit.calls] == \
         [Path("digits/grad_norm_x10/seed1")]
+    assert not any("WARNING" in m for m in logs)
+    changed = TaskPlan(plan.recipe, plan.baseline, plan.families, extra=("--trainer.max_epochs", "5"))
+    run_study.train(changed, todo[:1], "cmd", log=logs.append)  # a finished run trained with other settings
+    assert "WARNING: trained with other settings: fit arguments" in logs[-1] and "--trainer.max_epochs 5" in logs[-1]
+    recipe_file = tmp_path / "digits/grad_norm_x10/seed0/study_recipe.yaml"
+    recipe_file.write_text(recipe_file.read_text().replace("value: 1.0", "value: 2.0"))
+    run_study.train(plan, [c for c in todo if c.directory == recipe_file.parent], "cmd", log=logs.append)
+    assert "study_recipe.yaml differs from" in logs[-1] and "grad_norm.yaml x 10" in logs[-1]
 
 
 def test_dry_run_and_argument_errors(tmp_path, capsys):
