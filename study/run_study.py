@@ -35,13 +35,20 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python study/run_study.py` puts study/, not the repository, on the path
     sys.path.insert(0, str(ROOT))
 
-from study.sweep import BASELINE, DEFAULT_SEEDS, RECIPE_FILE, Cell, TaskPlan, cells, write_derived_recipe  # noqa: E402
+from study.sweep import BASELINE, DEFAULT_SEEDS, RECIPE_FILE, Cell, Family, TaskPlan, cells, write_derived_recipe  # noqa: E402
 
 # Manifold data for the alignment measurement: a strongly bent manifold (scale 10) in d = 128, so
 # that reading z linearly off the chart (z = Aᵀx, the easy solution) gives input gradients that
 # are far from the tangent spaces (docs/DESIGN.md §3.8: nonlinear generator).
 MANIFOLD_DATA = ("--data.init_args.ambient_dim", "128", "--data.init_args.scale", "10.0",
                  "--model.model.init_args.d_in", "128")
+
+
+def adversarial(recipe: str) -> Family:
+    """PGD adversarial training replaces the task loss: its strength is the attack radius ε (study/sweep.py)."""
+    return Family(recipe, "epsilon")
+
+
 DIGIT_MANIFOLD_SIZE = ("--trainer.max_epochs", "12")
 DIGIT_MANIFOLD_FAMILIES = ("adversarial", "grad_norm", "off_manifold_grad", "off_manifold_noise")
 
@@ -49,17 +56,19 @@ PLANS: dict[str, TaskPlan] = {
     # the headline task: decoder-generated digits, exact tangents (recipes/digit_manifold); 12 of the
     # recipe's 30 epochs (384 steps: validation accuracy ~1.5 points below its plateau, the 200-step
     # warm-ups end in the first half) and 256 measured examples, for the 2-core machine's budget
-    "digit_manifold": TaskPlan("recipes/digit_manifold", "baseline", {f: f for f in DIGIT_MANIFOLD_FAMILIES},
+    "digit_manifold": TaskPlan("recipes/digit_manifold", "baseline",
+                               {**{f: f for f in DIGIT_MANIFOLD_FAMILIES}, "adversarial": adversarial("adversarial")},
                                extra=DIGIT_MANIFOLD_SIZE, measure=dict(max_samples=256)),
     "digit_manifold_cnn": TaskPlan("recipes/digit_manifold", "cnn_baseline",
-                                   {f: f"cnn_{f}" for f in DIGIT_MANIFOLD_FAMILIES},
+                                   {**{f: f"cnn_{f}" for f in DIGIT_MANIFOLD_FAMILIES},
+                                    "adversarial": adversarial("cnn_adversarial")},
                                    extra=DIGIT_MANIFOLD_SIZE, measure=dict(max_samples=256)),
     "digits": TaskPlan("recipes/digits", "baseline",
                        {f: f for f in ("grad_norm", "off_manifold", "degeneracy", "interaction", "connection_cost")},
                        llc=True),
     "manifold": TaskPlan("recipes/manifold", "baseline",
-                         {f: f for f in ("grad_norm", "off_manifold_grad", "off_manifold_noise", "adversarial",
-                                         "degeneracy")},
+                         {**{f: f for f in ("grad_norm", "off_manifold_grad", "off_manifold_noise", "degeneracy")},
+                          "adversarial": adversarial("adversarial")},
                          extra=MANIFOLD_DATA, llc=True),
     "modular_addition": TaskPlan("recipes/modular_addition", "cpu",
                                  {"interaction": "cpu_interaction", "degeneracy": "cpu_degeneracy"},

@@ -15,7 +15,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from study import run_study  # noqa: E402
-from study.sweep import (TaskPlan, cells, multiplier_label, parse_variant, run_dir, scale_weight,  # noqa: E402
+from study.sweep import (Family, TaskPlan, cells, multiplier_label, parse_variant, run_dir, scale_weight,  # noqa: E402
                          scaled_recipe, variant_name)
 from study.tradeoff import best_within, plot_tradeoff, series  # noqa: E402
 
@@ -64,6 +64,24 @@ def test_scaled_recipe_scales_every_regularizer_and_nothing_else():
     assert scaled == recipe  # everything but the weights is the recipe's
     no_weight = {"model": {"regularizers": [{"class_path": "x.Y", "init_args": {}}]}}
     assert scaled_recipe(no_weight, 0.1)["model"]["regularizers"][0]["init_args"]["weight"] == pytest.approx(0.1)
+
+
+def test_adversarial_training_is_swept_by_its_radius_not_its_weight():
+    """PGD adversarial training replaces the task loss, so its weight only rescales the loss (AdamW's
+    update is invariant to that): scaling it is refused; the family scales epsilon instead."""
+    recipe = yaml.safe_load((REPO / "recipes/digit_manifold/adversarial.yaml").read_text())  # epsilon 1.0
+    with pytest.raises(ValueError, match="replaces the task loss, so its weight only rescales the loss"):
+        scaled_recipe(recipe, 10.0)
+    scaled = scaled_recipe(recipe, 0.1, strength="epsilon")["model"]["regularizers"][0]["init_args"]
+    assert scaled["epsilon"] == pytest.approx(0.1) and scaled["weight"] == 1.0
+    with pytest.raises(ValueError, match="no regularizer sets 'sigma' in its init_args"):
+        scaled_recipe(recipe, 0.1, strength="sigma")
+    for task, plan in run_study.PLANS.items():
+        if "adversarial" in plan.families:
+            assert plan.family("adversarial").strength == "epsilon", task
+    plan = TaskPlan("recipes/digit_manifold", "baseline", {"adversarial": Family("adversarial", "epsilon")})
+    (cell,) = cells(plan, "t", [0], Path("r"), REPO, families=["adversarial"], multipliers=[10])
+    assert cell.strength == "epsilon" and cell.recipe == REPO / "recipes/digit_manifold/adversarial.yaml"
 
 
 def test_bad_weights_and_recipes_are_refused():
