@@ -152,3 +152,61 @@ def test_bad_input_names_the_value_and_what_is_allowed():
         edge_ablation_sparsity(model, (x, y), result, "ica")
     with pytest.raises(ValueError, match=r"unknown section.*'0'"):
         edge_ablation_sparsity(model, (x, y), result, "lib", sections=["0"])
+
+
+def tiny_transformer(tmp_path):
+    import json
+
+    from evaluation.cli import modular_addition_data
+    from evaluation.io.checkpoints import load_hooked_transformer_state_dict
+    from tests.test_checkpoints import random_ht_state_dict
+    from tests.test_eval_cli import CFG, P
+
+    sd = random_ht_state_dict(CFG)
+    torch.save(sd, tmp_path / "model.pt")
+    (tmp_path / "config.json").write_text(json.dumps(CFG))
+    model = load_hooked_transformer_state_dict(sd, CFG).eval()
+    x, y = modular_addition_data(P)
+    batches = [(x[i:i + 10], y[i:i + 10]) for i in range(0, len(x), 10)]
+    layers = ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid[-1]", "blocks.0.hook_resid_post[-1]", "output[-1]"]
+    return model, x, batches, layers, fit_lib(model, batches, layers, LIBConfig(), progress=False)
+
+
+def test_transformer_sections_keeping_every_edge_are_the_model(tmp_path):
+    """A tiny TransformerLens model (position-indexed layers, resid_mid edited through the
+    attention output, truncated LIB bases): keeping every edge reproduces the logits."""
+    model, x, batches, layers, result = tiny_transformer(tmp_path)
+    with torch.no_grad():
+        for basis in ("lib", "pca", "neuron"):
+            bases, edges = basis_set(result, basis, model, batches)
+            for l_in, l_out in zip(layers[:-1], layers[1:]):
+                keep = torch.ones(edges[l_in].shape[0] - 1, edges[l_in].shape[1] - 1, dtype=torch.bool)
+                torch.testing.assert_close(ablated_logits(model, x, l_in, l_out, bases[l_in], bases[l_out], keep,
+                                                          "zero"), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_lib_command_writes_the_python_calls_figures(tmp_path, capsys):
+    """``interp-eval lib --edge-ablation`` writes the Python call's figures into lib.json; a bad
+    tolerance is exit code 2 with nothing written."""
+    import json
+
+    from evaluation.cli import main
+    from tests.test_eval_cli import P
+
+    model, x, batches, layers, result = tiny_transformer(tmp_path)
+    rc = main(["lib", str(tmp_path / "model.pt"), "--config", str(tmp_path / "config.json"), "--data",
+               f"modular-addition:p={P}", "--batch-size", "10", "--no-ablation", "--edge-ablation",
+               "--edge-ablation-tolerance", "0", "--out", str(tmp_path / "report"), "--quiet"])
+    assert rc == 0
+    written = json.loads((tmp_path / "report" / "lib.json").read_text())["metadata"]["edge_ablation"]
+    for basis in ("lib", "pca", "neuron"):
+        direct = edge_ablation_sparsity(model, batches, result, basis, EdgeAblationConfig(tolerance=0.0),
+                                        fit_data=batches)
+        assert written[basis]["total_kept"] == direct.total_kept
+        assert [s["n_kept"] for s in written[basis]["sections"].values()] == [s.n_kept for s in direct.sections.values()]
+    rc = main(["lib", str(tmp_path / "model.pt"), "--config", str(tmp_path / "config.json"), "--data",
+               f"modular-addition:p={P}", "--edge-ablation", "--edge-ablation-tolerance", "-1",
+               "--out", str(tmp_path / "bad")])
+    assert rc == 2 and "tolerance must be a number in [0, 1)" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -1,4 +1,4 @@
-"""Edge-ablation sparsity: the fewest top-weight edges that keep the accuracy (docs/DESIGN.md §6.4).
+"""Edge-ablation sparsity: the fewest top-weight edges that keep the accuracy (docs/DESIGN.md §6.3).
 
 rib's headline sparsity measure (ApolloResearch/rib, ``ablate_edges_and_eval``), in the LIB, PCA
 or neuron basis of a ``fit_lib`` result. For a section l → l+1 with input basis (C, C⁺) (features
