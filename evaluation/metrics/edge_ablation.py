@@ -126,6 +126,8 @@ def _batches(data) -> list:
 
 
 def _hits(logits: Tensor, targets: Tensor) -> tuple[float, int]:
+    if torch.is_floating_point(targets):
+        raise ValueError(f"edge ablation measures accuracy, so the targets must be class indices; got {targets.dtype}")
     logits = logits[:, -1] if logits.ndim == 3 and targets.ndim == 1 else logits
     correct = logits.argmax(-1) == targets
     return float(correct.sum()), correct.numel()

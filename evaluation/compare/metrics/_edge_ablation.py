@@ -11,11 +11,15 @@ EDGE_ABLATION_OPTIONS = (*LIB_OPTIONS, "edge_ablation_tolerance", "edge_ablation
 
 
 def edge_ablation_measurement(ctx, basis: str) -> Measurement:
-    """Σ_l n*_l / Σ_l N_l in ``basis``; details: per-section n*_l, N_l and the probed accuracies."""
+    """Σ_l n*_l in ``basis``; details: the fraction, per-section n*_l, N_l and the probed accuracies."""
     from evaluation.compare.data import subset
     from evaluation.metrics.edge_ablation import EdgeAblationConfig, basis_set, edge_ablation
 
+    import torch
+
     opts = ctx.options
+    if torch.is_floating_point(ctx.eval_set[1]):
+        return Measurement(None, notes=[f"edge ablation ({basis}): undefined, the targets are not class indices"])
     cache = ctx.__dict__.setdefault("_edge_ablation", {})
     key = (basis, opts.edge_ablation_tolerance, opts.edge_ablation_mode)
     if key not in cache:
@@ -26,6 +30,6 @@ def edge_ablation_measurement(ctx, basis: str) -> Measurement:
         config = EdgeAblationConfig(tolerance=opts.edge_ablation_tolerance, ablation=opts.edge_ablation_mode)
         cache[key] = edge_ablation(ctx.module, data, result.node_layers, bases, edges, config, basis)
     out = cache[key]
-    return Measurement(out.fraction, details={"edge_ablation": {basis: out.to_dict()}},
+    return Measurement(float(out.total_kept), details={"edge_ablation": {basis: out.to_dict()}},
                        notes=[f"edge ablation ({basis}, {out.ablation}): {out.total_kept} of {out.total_edges} "
                               f"edges keep the accuracy within {out.tolerance} of {out.accuracy:.4f}"])
