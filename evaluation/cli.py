@@ -250,6 +250,8 @@ def run_compare_command(args):
                              ratio_eps=args.ratio_eps if args.ratio_eps is not None else eps[len(eps) // 2],
                              lib_sources=args.lib_sources, lib_edge_sources=args.lib_edge_sources,
                              lib_jacobian_dtype="float32" if args.lib_float32 else None,
+                             circuit=args.circuit, circuit_delta=args.circuit_delta,
+                             circuit_ablation=args.circuit_ablation, circuit_zero=args.circuit_zero,
                              llc=args.llc, device=str(device), **{k: v for k, v in (("llc_draws", args.llc_draws),
                                                                 ("llc_chains", args.llc_chains)) if v is not None})
     result = run_compare(variants, args.out, options, baseline=args.baseline, test=args.test, alpha=args.alpha,
@@ -313,6 +315,8 @@ def _add_compare_parser(sub) -> None:
                      help="circuit: allowed loss increase over the full model, nats (default 0.01)")
     cmp.add_argument("--circuit-ablation", choices=["mean", "zero"], default="mean",
                      help="circuit: pruned nodes take their mean activation (default) or zero")
+    cmp.add_argument("--circuit-zero", action="store_true",
+                     help="also the zero-ablation circuit (circuit_nodes_zero / circuit_edges_zero), a second search")
     cmp.add_argument("--quiet", action="store_true", help="no progress bars or table; only the report path")
     cmp.set_defaults(func=run_compare_command)
 

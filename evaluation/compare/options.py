@@ -37,7 +37,8 @@ class MeasureOptions:
     local (p = 59 gives 2·58 one-token neighbours).
     circuit: opt-in pruned-circuit size (circuit_nodes, circuit_edges; one gradient search per run
     on the ``max_samples`` test subset); circuit_delta: allowed loss increase over the full model
-    (nats); circuit_ablation: "mean" or "zero" for the pruned nodes.
+    (nats); circuit_ablation: "mean" or "zero" for the pruned nodes. circuit_zero: opt-in second
+    search with zero ablation (circuit_nodes_zero, circuit_edges_zero), so one report holds both.
     """
 
     max_samples: int = 512
@@ -65,6 +66,7 @@ class MeasureOptions:
     circuit: bool = False
     circuit_delta: float = 0.01
     circuit_ablation: str = "mean"
+    circuit_zero: bool = False
     device: str = "cpu"  # where runs are measured ("auto", "cpu", "cuda"); no metric's value depends on it
 
     def __post_init__(self):
