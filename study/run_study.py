@@ -68,7 +68,7 @@ PLANS: dict[str, TaskPlan] = {
                                  fixed={"weight_sparsity_d0.25": "cpu_weight_sparsity",
                                         "weight_sparsity_d0.1": "cpu_weight_sparsity_strong"},
                                  extra=("--trainer.max_steps", "1000"), llc=True,
-                                 measure=dict(circuit=True, circuit_zero=True)),
+                                 measure=dict(circuit=True, circuit_zero=True, edge_ablation=True)),
     # 2000 steps: validation loss 1.96 / 1.56 / 1.39 / 1.32 / 1.28 at steps 250-1250 (seed 0), steps
     # shrinking ~0.5x per 250, so within ~0.02 of its plateau by ~2000 (study/README.md). GradientNorm
     # left out: not a structure penalty, no measurable effect at 1x, and 15 runs (~1.6 h) more.
