@@ -71,7 +71,7 @@ def plot_tradeoff(report: Mapping[str, Any], path: str | Path) -> str:
             sig = [p for p in points if p["verdict"]]
             ax.scatter([p["multiplier"] for p in sig], [p["mean"] for p in sig], color=colors[family], zorder=3, s=30)
         ax.set_xscale("log")
-        ax.set_xlabel("× recipe's regularizer weight")
+        ax.set_xlabel("× recipe's strength (weight; adversarial: ε)", fontsize=8)
         better = "↑" if metric["higher_is_better"] else "↓"
         ax.set_title(f"{metric['label']} ({better} {'better' if metric['name'] == 'accuracy' else 'interpretable'})",
                      fontsize=9)
