@@ -252,13 +252,18 @@ def _centering(mean: Tensor, center: bool) -> tuple[Tensor, Tensor]:
     return Y, Y_inv
 
 
+class DegenerateLayerError(ValueError):
+    """A node layer with nothing to fit (constant over the data, or no function flowing through it),
+    e.g. in a network that collapsed in training; a property of the model, not of the arguments."""
+
+
 def _eigh_kept(matrix: Tensor, truncation: float, empty_error: str) -> tuple[Tensor, Tensor]:
     """Eigenvalues (descending) and eigenvectors of a symmetric matrix, keeping those above
-    truncation × the largest; ValueError(empty_error) when the largest is not positive."""
+    truncation × the largest; DegenerateLayerError(empty_error) when the largest is not positive."""
     vals, vecs = torch.linalg.eigh(matrix)
     vals, vecs = vals.flip(0), vecs.flip(1)
     if not vals.numel() or vals[0] <= 0:
-        raise ValueError(empty_error)
+        raise DegenerateLayerError(empty_error)
     keep = vals > truncation * vals[0]
     return vals[keep], vecs[:, keep]
 
