@@ -26,6 +26,12 @@ USAGE_ERROR = 2
 INTERRUPTED = 130
 MAX_CHARS = 900
 
+class DegenerateModelError(ValueError):
+    """A quantity the model cannot have: a LIB node layer constant over the data, or input gradients
+    that are all exactly zero — e.g. a network that collapsed in training. A property of the
+    model, not of the arguments (still a ValueError: the CLIs report it as a bad input)."""
+
+
 BAD_INPUT = (ValueError, TypeError, LookupError, OSError, argparse.ArgumentError, FloatingPointError)
 
 

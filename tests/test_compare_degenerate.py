@@ -65,3 +65,17 @@ def test_compare_records_an_unmeasurable_metric_as_none_with_the_reason():
     assert measure_metric(_Fine(), _Ctx())["value"] == 0.5
     with pytest.raises(ValueError, match="max_samples"):  # other errors still stop the comparison
         measure_metric(_BadOption(), _Ctx())
+
+
+def test_all_zero_gradients_are_a_degenerate_model():
+    from evaluation.errors import DegenerateModelError
+    from evaluation.metrics.alignment import gradient_alignment
+
+    class Tangents:
+        def basis(self, x, z=None):  # noqa: ARG002 - the first coordinate axis at every point
+            return torch.eye(5, dtype=x.dtype)[:, :1].expand(len(x), 5, 1)
+
+    model = collapsed_mlp()  # dead hidden layer: the loss does not depend on the input
+    x = torch.randn(8, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(DegenerateModelError, match="all 8 gradients were exactly zero"):
+        gradient_alignment(model, [(x, torch.zeros(8, dtype=torch.long))], Tangents(), target="loss", progress=False)

@@ -35,14 +35,15 @@ def enabled_metrics(options: MeasureOptions) -> list[CompareMetric]:
 
 def measure_metric(metric: CompareMetric, ctx: RunContext) -> dict[str, Any]:
     """{"value", "version", "details", "notes"} of ``metric`` on the context's run. A metric that the
-    run's model cannot have (LIB of a network with a constant layer, e.g. one that collapsed in
-    training) is None with the reason as a note, so one such run does not stop a whole comparison."""
-    from evaluation.lib.fit import DegenerateLayerError
+    run's model cannot have (``DegenerateModelError``: LIB of a network with a constant layer, the
+    alignment of one whose input gradients are all zero, e.g. one that collapsed in training) is
+    None with the reason as a note, so one such run does not stop a whole comparison."""
+    from evaluation.errors import DegenerateModelError
 
     ctx.used = set()
     try:
         out = metric.measure(ctx)
-    except DegenerateLayerError as err:
+    except DegenerateModelError as err:
         out = Measurement(None, notes=[f"{metric.name} not measurable on this run: {err}"])
     result = out if isinstance(out, Measurement) else Measurement(out)
     details: dict[str, Any] = {}

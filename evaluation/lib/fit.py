@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from interp_train.sites import resolve_site, run_model
+from evaluation.errors import DegenerateModelError
 from evaluation.lib.edges import (
     INTEGRATION_RULES, OUTPUT, as_positions, edges_for_batch, integration_rule, jacobian_gram_for_batch,
     rademacher, section_forward,
@@ -252,7 +253,7 @@ def _centering(mean: Tensor, center: bool) -> tuple[Tensor, Tensor]:
     return Y, Y_inv
 
 
-class DegenerateLayerError(ValueError):
+class DegenerateLayerError(DegenerateModelError):
     """A node layer with nothing to fit (constant over the data, or no function flowing through it),
     e.g. in a network that collapsed in training; a property of the model, not of the arguments."""
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from evaluation.errors import DegenerateModelError
 from interp_train.lightning import default_batch_fn
 from interp_train.losses import TARGET_KINDS, target_score
 from interp_train.sites import INPUT, check_float_input, run_model
@@ -153,7 +154,7 @@ def gradient_alignment(
         raise ValueError("gradient alignment got no batches from the data")
     fr = torch.cat(fractions)
     if fr.numel() == 0:
-        raise ValueError(f"all {n_zero} gradients were exactly zero; alignment is undefined")
+        raise DegenerateModelError(f"all {n_zero} gradients were exactly zero; alignment is undefined")
     qs = torch.quantile(fr, torch.tensor([0.1, 0.25, 0.75, 0.9], dtype=fr.dtype))
     return AlignmentResult(
         fractions=fr, mean=float(fr.mean()), median=float(fr.median()),
