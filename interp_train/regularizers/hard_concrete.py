@@ -1,5 +1,5 @@
 """Hard-concrete L0 relaxation (Louizos, Welling & Kingma 2018, "Learning sparse neural networks
-through L0 regularization"), docs/DESIGN.md §6.3: the soft, learned counterpart of WeightSparsity.
+through L0 regularization"), docs/DESIGN.md §6.4: the soft, learned counterpart of WeightSparsity.
 
 Every selected weight entry W_ij is multiplied in the forward pass by a gate z_ij ∈ [0, 1] with its
 own learned log α_ij. In training the gates are drawn from the hard-concrete distribution,
