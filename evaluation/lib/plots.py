@@ -12,6 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.collections import LineCollection  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -148,10 +149,10 @@ def plot_interaction_graph(G, path, title: str = "interaction graph", order: str
     height = max(3.5, min(14.0, 0.06 * max((p[1] for p in pos.values()), default=1) + 2.5))
     fig, ax = plt.subplots(figsize=(2.5 + 2.2 * max(len(layers), 1), height))
     w_max = max((w for *_, w in plan["edges"]), default=1.0) or 1.0
-    for u, v, w in reversed(plan["edges"]):  # strongest drawn last, on top
-        (x0, y0), (x1, y1) = pos[u], pos[v]
-        share = float(np.clip(w / w_max, 0.05, 1.0))
-        ax.plot([x0, x1], [y0, y1], color="k", lw=0.3 + 1.5 * share, alpha=share, zorder=1)
+    drawn = list(reversed(plan["edges"]))  # strongest drawn last, on top
+    share = np.clip(np.array([w for *_, w in drawn]) / w_max, 0.05, 1.0)
+    ax.add_collection(LineCollection([[pos[u], pos[v]] for u, v, _ in drawn], zorder=1, capstyle="projecting",
+                                     colors=[(0.0, 0.0, 0.0, a) for a in share], linewidths=0.3 + 1.5 * share))
     grey = [n for n in nodes if plan["colours"][n] == GREY]
     ax.scatter([pos[n][0] for n in grey], [pos[n][1] for n in grey], s=10, c=[GREY], zorder=2, linewidths=0)
     for rank, (c, size) in enumerate(plan["communities"], 1):
