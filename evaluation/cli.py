@@ -173,7 +173,7 @@ def _ablation_ks(n: int) -> list[int]:
 def run_lib(args) -> dict:
     from evaluation.lib.distributed import fit_lib_distributed, init_from_env, launched_by_torchrun
     from evaluation.lib.fit import LIBConfig, fit_lib
-    from evaluation.metrics.lib_summary import node_ablation_curve
+    from evaluation.metrics.lib_summary import edge_table, node_ablation_curve
 
     import torch
 
@@ -227,6 +227,8 @@ def run_lib(args) -> dict:
                 "data": args.data, "n_samples": sum(b[0].shape[0] for b in batches), "node_layers": layers}
     report = write_lib_report(result, out_dir, metadata, ablation)
     print(f"wrote {out_dir}: {', '.join(report['files'])}")
+    if not args.quiet:
+        print(edge_table(report["summary"]))
     return report
 
 
