@@ -1,102 +1,182 @@
-"""The study: every CPU recipe, baseline vs each regularizer family, >= 3 seeds, measured by
-``interp-eval compare`` (accuracy, LIB/PCA interaction sparsity, modularity, gradient
-alignment, off/on robustness ratio, LLC where cheap).
+"""The study: per task, standard training against each regularizer family at three strengths a
+decade apart (0.1, 1, 10 × the recipe's weight), 5 seeds per cell, measured by
+``interp-eval compare`` (accuracy, LIB/PCA interaction sparsity, modularity, gradient alignment,
+off/on robustness ratio, LLC where cheap), Holm-corrected over each task's comparisons.
 
-    python study/run_study.py                       # everything (resumable)
-    python study/run_study.py --tasks manifold digits --seeds 0 1 2
+    python study/run_study.py                                   # everything (resumable)
+    python study/run_study.py --tasks digits --train-only       # parts, in separate processes
+    python study/run_study.py --tasks digits --families grad_norm --multipliers 10 --seeds 0 1
+    python study/run_study.py --tasks digits --compare-only     # measure + report what is trained
+    python study/run_study.py --restat                          # statistics again from report.json
 
-Runs go to ``<root>/<task>/<variant>/seed<k>/`` (default root checkpoints/study); a run whose
-``metrics.json`` exists is skipped, and compare re-uses its per-checkpoint cache, so re-running
-after an interruption only does the missing work. ``--restat`` only rebuilds the reports'
-statistics from the per-seed values they hold (no checkpoints needed). Reports: ``<out>/<task>/report.md|json`` and
-plots (default out study/results), and ``<out>/summary.md`` with one table per task.
+Runs go to ``<root>/<task>/baseline/seed<k>/`` and ``<root>/<task>/<family>_x<m>/seed<k>/`` (default
+root checkpoints/study; study/sweep.py), each with its derived recipe and ``study.json`` (training
+time, command, date). A run whose ``metrics.json`` exists is skipped; compare's per-checkpoint cache
+lives in ``<root>/<task>/compare/cache`` and is reused, so a rerun only does the missing work.
+Reports: ``<out>/<task>/report.md|json``, ``tradeoff.png`` (each metric against strength) and
+``study.json`` (commands, seeds, dates, cost), key plots copied to ``<figures>/<task>_*.png``, and
+``<out>/summary.md``. ``--restat`` only rebuilds the reports' statistics from the per-seed values
+they hold (no checkpoints needed).
+
+To add a task, add a ``TaskPlan`` to ``PLANS`` (study/sweep.py documents its fields).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python study/run_study.py` puts study/, not the repository, on the path
+    sys.path.insert(0, str(ROOT))
 
-# Manifold data for the headline alignment measurement: a strongly bent manifold (scale 10)
-# in d = 128, so that reading z linearly off the chart (z = Aᵀx, the easy solution) gives
-# input gradients that are far from the tangent spaces (docs/DESIGN.md §3.8: nonlinear generator).
-MANIFOLD_DATA = ["--data.init_args.ambient_dim", "128", "--data.init_args.scale", "10.0",
-                 "--model.model.init_args.d_in", "128"]
+from study.sweep import BASELINE, DEFAULT_SEEDS, Cell, TaskPlan, cells, write_derived_recipe  # noqa: E402
 
-
-@dataclass
-class TaskPlan:
-    """One recipe folder: which variants to train and how to measure them."""
-
-    recipe: str
-    baseline: str
-    variants: list[str]
-    extra: list[str] = field(default_factory=list)  # CLI overrides applied to every run
-    llc: bool = False
-    measure: dict = field(default_factory=dict)  # MeasureOptions overrides for this task
-
+# Manifold data for the alignment measurement: a strongly bent manifold (scale 10) in d = 128, so
+# that reading z linearly off the chart (z = Aᵀx, the easy solution) gives input gradients that
+# are far from the tangent spaces (docs/DESIGN.md §3.8: nonlinear generator).
+MANIFOLD_DATA = ("--data.init_args.ambient_dim", "128", "--data.init_args.scale", "10.0",
+                 "--model.model.init_args.d_in", "128")
+DIGIT_MANIFOLD_SIZE = ("--trainer.max_epochs", "20")
+DIGIT_MANIFOLD_FAMILIES = ("adversarial", "grad_norm", "off_manifold_grad", "off_manifold_noise")
 
 PLANS: dict[str, TaskPlan] = {
+    # the headline task: decoder-generated digits, exact tangents (recipes/digit_manifold); 20 of the
+    # recipe's 30 epochs (validation accuracy has plateaued by then) and 256 measured examples, to
+    # fit 65 runs into the 2-core machine's budget
+    "digit_manifold": TaskPlan("recipes/digit_manifold", "baseline", {f: f for f in DIGIT_MANIFOLD_FAMILIES},
+                               extra=DIGIT_MANIFOLD_SIZE, measure=dict(max_samples=256)),
+    "digit_manifold_cnn": TaskPlan("recipes/digit_manifold", "cnn_baseline",
+                                   {f: f"cnn_{f}" for f in DIGIT_MANIFOLD_FAMILIES},
+                                   extra=DIGIT_MANIFOLD_SIZE, measure=dict(max_samples=256)),
     "digits": TaskPlan("recipes/digits", "baseline",
-                       ["baseline", "grad_norm", "off_manifold", "degeneracy", "interaction", "connection_cost"],
+                       {f: f for f in ("grad_norm", "off_manifold", "degeneracy", "interaction", "connection_cost")},
                        llc=True),
     "manifold": TaskPlan("recipes/manifold", "baseline",
-                         ["baseline", "grad_norm", "off_manifold_grad", "off_manifold_grad_strong",
-                          "off_manifold_noise", "adversarial", "degeneracy"],
+                         {f: f for f in ("grad_norm", "off_manifold_grad", "off_manifold_noise", "adversarial",
+                                         "degeneracy")},
                          extra=MANIFOLD_DATA, llc=True),
     "modular_addition": TaskPlan("recipes/modular_addition", "cpu",
-                                 ["cpu", "cpu_interaction_strong", "cpu_degeneracy"],
-                                 extra=["--trainer.max_steps", "1000"], llc=True),
-    "text": TaskPlan("recipes/text", "baseline", ["baseline", "grad_norm", "degeneracy"],
-                     extra=["--trainer.max_steps", "300", "--trainer.val_check_interval", "100"],
+                                 {"interaction": "cpu_interaction", "degeneracy": "cpu_degeneracy"},
+                                 extra=("--trainer.max_steps", "1000"), llc=True),
+    "text": TaskPlan("recipes/text", "baseline", {"grad_norm": "grad_norm", "degeneracy": "degeneracy"},
+                     extra=("--trainer.max_steps", "300", "--trainer.val_check_interval", "100"),
                      # 64 positions: exact LIB needs 64·k VJPs per attention section and window
-                     measure=dict(max_samples=64, lib_sources=8, lib_edge_sources=1,
-                                  lib_jacobian_dtype="float32")),
+                     measure=dict(max_samples=64, lib_sources=8, lib_edge_sources=1, lib_jacobian_dtype="float32")),
 }
 
-
-def run_dir(root: Path, task: str, variant: str, seed: int) -> Path:
-    return root / task / variant / f"seed{seed}"
+STUDY_FILE = "study.json"  # per run (training cost) and per task report (compare cost, commands)
 
 
-def fit_args(plan: TaskPlan, variant: str, seed: int, directory: Path, extra: list[str] = ()) -> list[str]:
+def command_line(argv: list[str]) -> str:
+    return "python study/run_study.py " + shlex.join(argv)
+
+
+def fit_args(plan: TaskPlan, cell: Cell, recipe: Path, extra: list[str] = ()) -> list[str]:
     """``interp-train fit`` arguments of one run (progress bar and model summary off)."""
-    return ["fit", "--config", str(ROOT / plan.recipe / f"{variant}.yaml"), "--seed_everything", str(seed),
-            "--run_dir", str(directory), *plan.extra, *extra,
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    return ["fit", "--config", str(recipe), "--seed_everything", str(cell.seed), "--run_dir", str(cell.directory),
+            *plan.extra, *extra, "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
-def train(plan: TaskPlan, task: str, seeds: list[int], root: Path, extra: list[str] = (), log=print) -> None:
-    """Trains every missing (variant, seed) in this process; a run counts as done when its
-    metrics.json exists (written atomically at the end of fit)."""
+def train(plan: TaskPlan, todo: list[Cell], command: str = "", extra: list[str] = (), log=print) -> list[Cell]:
+    """Trains every cell of ``todo`` without metrics.json, in this process, one after another;
+    writes the derived recipe and ``study.json`` (seconds, command, date) into each run directory.
+    A run that fails is logged and left out (its failure.json says why); returns the failed cells."""
     from interp_train.cli import InterpTrainCLI
+    from interp_train.io import write_json_atomic
 
-    jobs = [(v, s) for v in plan.variants for s in seeds]
-    for i, (variant, seed) in enumerate(jobs, 1):
-        directory = run_dir(root, task, variant, seed)
-        if (directory / "metrics.json").is_file():
-            log(f"[{task} {i}/{len(jobs)}] {variant} seed{seed}: done already")
+    failed = []
+    for i, cell in enumerate(todo, 1):
+        tag = f"[{cell.task} {i}/{len(todo)}] {cell.variant} seed{cell.seed}"
+        if cell.done:
+            log(f"{tag}: done already")
             continue
+        recipe = write_derived_recipe(cell)
         start = time.time()
-        InterpTrainCLI(args=fit_args(plan, variant, seed, directory, list(extra)))
-        log(f"[{task} {i}/{len(jobs)}] {variant} seed{seed}: trained in {time.time() - start:.0f} s")
+        try:
+            InterpTrainCLI(args=fit_args(plan, cell, recipe, list(extra)))
+        except Exception as err:  # one diverged strength must not stop the other runs
+            log(f"{tag}: FAILED after {time.time() - start:.0f} s: {type(err).__name__}: {err}")
+            failed.append(cell)
+            continue
+        seconds = time.time() - start
+        write_json_atomic(cell.directory / STUDY_FILE, {
+            "task": cell.task, "variant": cell.variant, "family": cell.family, "multiplier": cell.multiplier,
+            "seed": cell.seed, "recipe": str(cell.recipe), "train_seconds": seconds, "command": command,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
+        log(f"{tag}: trained in {seconds:.0f} s")
+    return failed
 
 
-def compare(plan: TaskPlan, task: str, seeds: list[int], root: Path, out: Path, llc: bool | None = None,
-            max_samples: int = 512, progress: bool = True):
-    """``interp-eval compare`` on the planned runs (cached in out/<task>/cache)."""
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def random_alignment(compare_dir: Path, variant: str, seed: int) -> dict | None:
+    """{"k", "d", "baseline"}: the tangent dimension, the input dimension and the random-direction
+    alignment √(k/d) that compare recorded for one run (None when alignment was not measured)."""
+    from evaluation.compare.cache import cache_path
+
+    entry = read_json(cache_path(compare_dir, variant, f"seed{seed}"))
+    found = ((entry.get("measured") or {}).get("alignment") or {}).get("details", {}).get("alignment")
+    return None if not found else {k: found.get(k) for k in ("k", "d", "baseline")}
+
+
+def compare(plan: TaskPlan, task: str, todo: list[Cell], root: Path, out: Path, command: str = "",
+            llc: bool | None = None, figures: Path | None = None, log=print):
+    """``interp-eval compare`` on the trained cells of ``todo`` (cache: ``<root>/<task>/compare/cache``);
+    report.json|md, plots and tradeoff.png go to ``<out>/<task>/``, cost and commands to its study.json."""
     from evaluation.compare import MeasureOptions, run_compare, runs_from_paths
+    from interp_train.io import write_json_atomic
+    from study.tradeoff import plot_tradeoff
 
-    variants = {v: runs_from_paths(v, [run_dir(root, task, v, s) for s in seeds]) for v in plan.variants}
-    options = MeasureOptions(**{"max_samples": max_samples, "llc": plan.llc if llc is None else llc,
-                                **plan.measure})
-    return run_compare(variants, out / task, options, baseline=plan.baseline, progress=progress)
+    done: dict[str, list[Cell]] = {}
+    for cell in todo:
+        if cell.done:
+            done.setdefault(cell.variant, []).append(cell)
+    missing = [f"{c.variant}/seed{c.seed}" for c in todo if not c.done]
+    if missing:
+        log(f"[{task}] not trained, left out of the report: {', '.join(missing)}")
+    if BASELINE not in done:
+        raise ValueError(f"task {task!r}: no trained baseline run under {root / task / BASELINE}; train it first")
+    variants = {v: runs_from_paths(v, [c.directory for c in cs]) for v, cs in done.items()}
+    options = MeasureOptions(**{"llc": plan.llc if llc is None else llc, **plan.measure})
+    start = time.time()
+    result = run_compare(variants, root / task / "compare", options, baseline=BASELINE, progress=False)
+    seconds = time.time() - start
+    target = out / task
+    target.mkdir(parents=True, exist_ok=True)
+    for name in result.files:
+        shutil.copyfile(result.out_dir / name, target / name)
+    files = [*result.files, plot_tradeoff(result.report, target / "tradeoff.png")]
+    runs = [c for cs in done.values() for c in cs]
+    train_seconds = [read_json(c.directory / STUDY_FILE).get("train_seconds") for c in runs]
+    info = read_json(target / STUDY_FILE)
+    history = info.get("compares", []) + [{"command": command, "seconds": seconds,
+                                           "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}]
+    write_json_atomic(target / STUDY_FILE, {
+        "task": task, "recipe": plan.recipe, "seeds": sorted({c.seed for c in runs}),
+        "cells": sorted(done), "n_runs": len(runs), "missing": missing,
+        "train_seconds": sum(t for t in train_seconds if t is not None),
+        "runs_without_time": sum(t is None for t in train_seconds),
+        "train_commands": sorted({read_json(c.directory / STUDY_FILE).get("command", "") for c in runs} - {""}),
+        "compares": history, "llc": options.llc,
+        "alignment_random_baseline": random_alignment(root / task / "compare", BASELINE, done[BASELINE][0].seed)})
+    if figures is not None:
+        figures.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            if name.endswith(".png"):
+                shutil.copyfile(target / name, figures / f"{task}_{name}")
+    log(f"[{task}] compare finished after {seconds:.0f} s: {target / 'report.md'}")
+    return result
 
 
 def measurements_from_report(report: dict) -> dict[str, list[dict]]:
@@ -109,17 +189,16 @@ def measurements_from_report(report: dict) -> dict[str, list[dict]]:
     return out
 
 
-def restat(out: Path, figures: Path | None, log=print) -> None:
-    """Rebuilds every ``out/<task>/report.{json,md}`` from the per-seed values it already holds, with the
-    current statistics (tests, multiple-comparison correction); no checkpoint is read. Re-draws
-    ``figures/<task>_metrics.png`` (its ✓/✗ marks) when ``figures`` is given."""
-    import json
-
+def restat(out: Path, figures: Path | None, tasks: list[str] | None = None, log=print) -> None:
+    """Rebuilds every ``out/<task>/report.{json,md}`` and ``tradeoff.png`` from the per-seed values
+    the report holds, with the current statistics (tests, multiple-comparison correction); no
+    checkpoint is read. Re-draws ``figures/<task>_{metrics,tradeoff}.png`` when ``figures`` is given."""
     from evaluation.compare import plots as compare_plots
     from evaluation.compare.report import build_report, render_markdown
     from interp_train.io import write_atomic, write_json_atomic
+    from study.tradeoff import plot_tradeoff
 
-    for task in PLANS:
+    for task in tasks or list(PLANS):
         path = out / task / "report.json"
         if not path.is_file():
             continue
@@ -127,92 +206,86 @@ def restat(out: Path, figures: Path | None, log=print) -> None:
         generated = ("has 1 seed; no significance test",)  # build_report adds these again
         messages = [m for m in old["messages"] if not any(g in m for g in generated)]
         report = build_report(measurements_from_report(old), old["baseline"], old["test"], old["alpha"],
-                              old["options"], messages)
-        if figures is not None:
-            compare_plots.plot_metric_bars(report, figures / f"{task}_metrics.png")
+                              old["options"], messages, correction=old.get("correction", "holm"))
         old_md = (out / task / "report.md").read_text() if (out / task / "report.md").is_file() else ""
         plots = [p for p in ("metrics.png", "alignment_hist.png", "edge_curves.png") if f"`{p}`" in old_md]
         write_json_atomic(path, report)
         write_atomic(out / task / "report.md", render_markdown(report, plots))
+        plot_tradeoff(report, out / task / "tradeoff.png")
+        if figures is not None:
+            figures.mkdir(parents=True, exist_ok=True)
+            compare_plots.plot_metric_bars(report, figures / f"{task}_metrics.png")
+            shutil.copyfile(out / task / "tradeoff.png", figures / f"{task}_tradeoff.png")
         log(f"[{task}] statistics rebuilt: {report['n_comparisons']} comparisons, {report['correction']} correction")
 
 
-def summary_table(report: dict, metrics: list[str] | None = None) -> str:
-    """Markdown table: per variant and metric "mean ± std", and for variants "Δ (p)" vs baseline,
-    p corrected for the report's number of comparisons (raw p beside) and ✓/✗ on the corrected p."""
-    names = [m["name"] for m in report["metrics"] if metrics is None or m["name"] in metrics]
-    labels = {m["name"]: m["label"] + (" ↑" if m["higher_is_better"] else " ↓") for m in report["metrics"]}
-    fmt = lambda x, d=3: "–" if x is None else f"{x:.{d}g}"  # noqa: E731
-    lines = ["| variant | " + " | ".join(labels[n] for n in names) + " |", "|---|" + "---|" * len(names)]
-    order = [report["baseline"]] + [v for v in report["variants"] if v != report["baseline"]]
-    for variant in order:  # report.json is written with sorted keys: baseline first again
-        row = report["variants"][variant]
-        cells = []
-        for n in names:
-            s = row["metrics"][n]
-            cell = f"{fmt(s['mean'])} ± {fmt(s['std'], 2)}"
-            c = s.get("comparison")
-            if c is not None and c.get("diff") is not None:
-                if c.get("p") is None:
-                    p = "–"
-                elif c.get("correction", "none") == "none":
-                    p = f"{c['p']:.2g}"
-                else:
-                    p = f"{c['p_adjusted']:.2g}, raw {c['p']:.2g}"
-                cell += f" (Δ {c['diff']:+.3g}, p={p}{' ' + c['verdict'] if c['verdict'] else ''})"
-            cells.append(cell)
-        lines.append(f"| `{variant}` | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def parse_args(argv: list[str] | None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", default=list(PLANS), choices=list(PLANS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS))
+    parser.add_argument("--families", nargs="+", default=None,
+                        help="only these families (and 'baseline' for standard training); default: all of the task's")
+    parser.add_argument("--multipliers", nargs="+", type=float, default=None,
+                        help="strengths as multiples of the recipe's regularizer weight; default: the plan's (0.1 1 10)")
+    parser.add_argument("--root", default="checkpoints/study", help="run directories (and compare's cache) go here")
+    parser.add_argument("--out", default="study/results", help="reports go here")
+    parser.add_argument("--figures", default="study/figures", help="copies of the key plots, <task>_<plot>.png")
+    parser.add_argument("--no-llc", dest="llc", action="store_false", default=None, help="skip the LLC everywhere")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--train-only", action="store_true", help="train the missing runs, measure nothing")
+    mode.add_argument("--compare-only", action="store_true", help="measure and report the runs trained so far")
+    mode.add_argument("--restat", action="store_true",
+                      help="only rebuild the reports' statistics from the values in <out>/<task>/report.json")
+    mode.add_argument("--dry-run", action="store_true", help="list the runs and whether each is done")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the box is shared)")
+    args = parser.parse_args(argv)
+    if args.families is not None and len(args.tasks) != 1:
+        parser.error("--families needs exactly one task in --tasks (family names differ between tasks)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", default=list(PLANS), choices=list(PLANS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--root", default="checkpoints/study", help="run directories go here")
-    parser.add_argument("--out", default="study/results", help="compare reports go here")
-    parser.add_argument("--figures", default="study/figures", help="copies of the key plots, <task>_<plot>.png")
-    parser.add_argument("--no-llc", dest="llc", action="store_false", default=None, help="skip the LLC everywhere")
-    parser.add_argument("--train-only", action="store_true")
-    parser.add_argument("--restat", action="store_true",
-                        help="only rebuild the reports' statistics from the values in <out>/<task>/report.json")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (the box is shared)")
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    from study.summary import write_summary
+
+    root, out, figures = Path(args.root), Path(args.out), Path(args.figures)
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    command = command_line(argv)
+    if args.restat:
+        restat(out, figures, args.tasks, log=log)
+    plans = {} if args.restat else {t: PLANS[t] for t in args.tasks}
+    todo = {}
+    for task, plan in plans.items():
+        try:
+            todo[task] = list(cells(plan, task, args.seeds, root, ROOT, args.families, args.multipliers))
+        except ValueError as err:
+            raise SystemExit(f"run_study: {err}")
+    if args.dry_run:
+        for task, cs in todo.items():
+            log(f"[{task}] {sum(c.done for c in cs)}/{len(cs)} runs done")
+            for c in cs:
+                log(f"  {'done' if c.done else 'todo'}  {c.directory}  ({c.recipe.name}"
+                    + ("" if c.multiplier is None else f" × {c.multiplier:g}") + ")")
+        return
     import torch
 
     torch.set_num_threads(args.threads)
-    root, out = Path(args.root), Path(args.out)
-    log = lambda msg: print(msg, flush=True)  # noqa: E731
-    if args.restat:
-        restat(out, Path(args.figures), log=log)
-    for task in ([] if args.restat else args.tasks):
-        plan = PLANS[task]
-        start = time.time()
-        train(plan, task, args.seeds, root, log=log)
-        log(f"[{task}] training finished after {time.time() - start:.0f} s")
+    for task, plan in plans.items():
+        if not args.compare_only:
+            start = time.time()
+            failed = train(plan, todo[task], command, log=log)
+            log(f"[{task}] training finished after {time.time() - start:.0f} s"
+                + (f"; {len(failed)} run(s) failed" if failed else ""))
         if args.train_only:
             continue
-        start = time.time()
-        result = compare(plan, task, args.seeds, root, out, llc=args.llc, progress=False)
-        log(f"[{task}] compare finished after {time.time() - start:.0f} s: {out / task / 'report.md'}")
-        log(summary_table(result.report))
-        figures = Path(args.figures)
-        figures.mkdir(parents=True, exist_ok=True)
-        for name in result.files:
-            if name.endswith(".png"):
-                shutil.copyfile(out / task / name, figures / f"{task}_{name}")
-    reports = [(t, out / t / "report.json") for t in PLANS if (out / t / "report.json").is_file()]
-    if reports:
-        import json
-
-        text = ["# Study summary (generated by study/run_study.py)", "",
-                "Δ = variant − baseline; p: Welch t-test over seeds, Holm-adjusted over each report's comparisons "
-                "(raw p beside); ✓/✗: significant after the correction, in / against the interpretable direction.", ""]
-        for task, path in reports:
-            text += [f"## {task}", "", summary_table(json.loads(path.read_text())), ""]
-        (out / "summary.md").write_text("\n".join(text))
-        log(f"wrote {out / 'summary.md'}")
+        # the report covers every trained cell of the task, not only the part selected here
+        strengths = sorted(set(plan.multipliers) | set(args.multipliers or ()))
+        everything = list(cells(plan, task, args.seeds, root, ROOT, multipliers=strengths))
+        compare(plan, task, everything, root, out, command, llc=args.llc, figures=figures, log=log)
+    if not args.train_only:
+        log(f"wrote {write_summary(out, list(PLANS))}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

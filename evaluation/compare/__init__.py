@@ -29,8 +29,9 @@ Metrics, with the direction counted as "more interpretable" (``higher_is_better`
 * robustness_ratio — Δ_off(ε)/Δ_on(ε) at one radius ε (evaluation.metrics.robustness). Lower: the
   model ignores off-manifold perturbations relative to on-manifold ones, which is the
   behaviour that aligned gradients imply.
-* llc — local learning coefficient (opt-in, SGLD via devinterp). Lower: a more degenerate,
-  effectively simpler solution.
+* llc, llc_objective — local learning coefficient (opt-in, SGLD via devinterp) on the task loss
+  and on the training objective (task loss + the run's weighted regularizer terms: the loss the
+  weights minimise). Lower: a more degenerate, effectively simpler solution.
 
 Token models (integer inputs) are measured at the embedding (site "hook_embed"): the tangent
 spaces come from ``LocalPCATangents`` fitted on the flattened token embeddings (B, T·d_model) of

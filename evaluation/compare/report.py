@@ -148,7 +148,8 @@ def render_markdown(report: Mapping[str, Any], plots: Sequence[str] = ()) -> str
               for m in metrics]
     measured = {m["name"] for m in metrics}
     if "llc" not in measured:
-        lines.append("- **LLC**: not measured (opt-in: `--llc`; SGLD sampling is slow).")
+        lines.append("- **LLC**: not measured (opt-in: `--llc`, on the task loss and on the training objective; "
+                     "SGLD sampling is slow).")
     notes = [f"`{v}`: {n}" for v, row in report["variants"].items() for n in row.get("notes", [])]
     if report["messages"] or notes:
         lines += ["", "## Messages", ""] + [f"- {m}" for m in report["messages"]] + [f"- {n}" for n in notes]

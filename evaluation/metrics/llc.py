@@ -55,7 +55,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -103,9 +103,16 @@ class LLCResult:
         return out
 
 
-def _batch_loss(model: nn.Module, batch, loss_fn) -> torch.Tensor:
-    inputs, targets, _ = default_batch_fn(batch)
-    return loss_fn(model_output(model(inputs)), targets).mean()
+def _batch_loss(model: nn.Module, batch, loss_fn, regularizers: Sequence = ()) -> torch.Tensor:
+    """The sampled loss on one batch: the mean task loss, or with ``regularizers`` the training
+    objective (task loss + Σ_r w_r Σ_t term_r,t at each regularizer's current weight)."""
+    inputs, targets, extras = default_batch_fn(batch)
+    if not regularizers:
+        return loss_fn(model_output(model(inputs)), targets).mean()
+    from interp_train.regularizers.base import regularized_loss
+
+    return regularized_loss(model, inputs, targets, list(regularizers), loss_fn=loss_fn, extras=extras,
+                            advance=False).total
 
 
 def _first_batch_size(loader: Iterable) -> int:
@@ -198,6 +205,7 @@ def estimate_llc(
     seed: int = 0,
     progress: bool = True,
     detect_equilibration: bool = True,
+    regularizers: Sequence = (),
 ) -> LLCResult:
     """λ̂ = nβ (mean over draws of L_batch(w_t) − L(w*)) per chain, over ``num_chains`` SGLD chains.
 
@@ -221,6 +229,12 @@ def estimate_llc(
     steps, benchmarks/llc_calibration.py's fallback) at these defaults it discards 60 of 200 draws
     and moves λ̂ from 4.38 ± 0.40 to 4.52 ± 0.50 (+3 %; lr/2: 4.24 → 4.62, 92 dropped), no warning:
     the study's λ̂ move by a few % (within their chain std) where the chains were already settled.
+    regularizers: estimate on the training objective instead of the task loss: L becomes the mean
+    task loss plus each regularizer's weighted terms at its current weight (``regularized_loss``
+    with ``advance=False``; a regularizer that replaces the task loss, e.g. PGDAdversarial, does
+    so here too). A regularized run's weights minimise this objective, not the task loss, so SGLD
+    on the task loss starts off the minimum of what it samples (docs/DESIGN.md §5.6). Weight
+    constraints that act after the optimizer step (WeightSparsity) add no term and are not applied.
     L(w*) is the mean loss over the first ``init_loss_batches`` batches (all by default). The
     model runs in eval mode (no dropout) and is not modified.
     """
@@ -238,14 +252,16 @@ def estimate_llc(
     elif not math.isfinite(nbeta) or nbeta <= 0:
         raise ValueError(f"nbeta must be positive and finite, got {nbeta!r}")
 
+    regularizers = list(regularizers)
     was_training = model.training
     model.eval()
-    with torch.no_grad():
+    # regularizer terms may differentiate inside (input gradients): no no_grad for the objective
+    with torch.set_grad_enabled(bool(regularizers)):
         losses = []
         for i, batch in enumerate(loader):
             if init_loss_batches is not None and i >= init_loss_batches:
                 break
-            losses.append(float(_batch_loss(model, batch, loss_fn)))
+            losses.append(float(_batch_loss(model, batch, loss_fn, regularizers).detach()))
     if not losses:
         raise ValueError("estimate_llc got no batches from the loader")
     init_loss = sum(losses) / len(losses)
@@ -257,7 +273,7 @@ def estimate_llc(
             warnings.filterwarnings("ignore", message=".*nbeta set to 1.*")
             for chain in range(num_chains):
                 traces.append(_run_chain(model, loader, loss_fn, SGMCMC, lr, localization, nbeta, num_steps,
-                                         seed + chain, chain, progress))
+                                         seed + chain, chain, progress, regularizers))
     finally:
         model.train(was_training)
 
@@ -291,7 +307,9 @@ def estimate_llc(
     std = float(good.std()) if good.numel() > 1 else math.nan
     config = dict(lr=lr, localization=localization, nbeta=nbeta, num_chains=num_chains, num_draws=num_draws,
                   num_burnin_steps=num_burnin_steps, num_steps_bw_draws=num_steps_bw_draws, seed=seed,
-                  detect_equilibration=detect_equilibration, sampler="devinterp SGMCMC.sgld")
+                  detect_equilibration=detect_equilibration, sampler="devinterp SGMCMC.sgld",
+                  loss="objective" if regularizers else "task",
+                  regularizers=[f"{r.name} (weight {r.current_weight():g})" for r in regularizers])
     return LLCResult(mean=mean, std=std, per_chain=per_chain, loss_traces=traces, init_loss=init_loss,
                      nbeta=float(nbeta), num_burnin_steps=num_burnin_steps, healthy=not messages,
                      chain_health=health, warnings=messages, config=config, equilibrated_at=start)
@@ -303,7 +321,8 @@ def _forever(loader: Iterable):
         yield from loader
 
 
-def _run_chain(model, loader, loss_fn, SGMCMC, lr, localization, nbeta, num_steps, seed, chain, progress) -> list[float]:
+def _run_chain(model, loader, loss_fn, SGMCMC, lr, localization, nbeta, num_steps, seed, chain, progress,
+               regularizers=()) -> list[float]:
     """One SGLD chain from w*; the minibatch loss before each step.
 
     The chain moves the model's own parameters and restores w* (and the gradients) afterwards,
@@ -322,7 +341,7 @@ def _run_chain(model, loader, loss_fn, SGMCMC, lr, localization, nbeta, num_step
             torch.manual_seed(seed)  # shuffling loaders draw from the global generator
             for _ in tqdm(range(num_steps), desc=f"LLC chain {chain}", disable=not progress, leave=False):
                 optimizer.zero_grad(set_to_none=True)
-                loss = _batch_loss(model, next(batches), loss_fn)
+                loss = _batch_loss(model, next(batches), loss_fn, regularizers)
                 trace.append(float(loss.detach()))
                 if not math.isfinite(trace[-1]):
                     break

@@ -1,0 +1,246 @@
+"""study/run_study.py's sweep harness: strength scaling of recipe weights, run-directory naming,
+resume skipping, trade-off curves and the summary — no real training (fit is replaced by a fake),
+except the slow end-to-end test."""
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from study import run_study  # noqa: E402
+from study.sweep import (TaskPlan, cells, multiplier_label, parse_variant, run_dir, scale_weight,  # noqa: E402
+                         scaled_recipe, variant_name)
+from study.tradeoff import best_within, plot_tradeoff, series  # noqa: E402
+
+
+def schedule_from(weight):
+    """The weight as interp_train builds it: a number, or the schedule class named by class_path."""
+    from interp_train.schedules import as_schedule
+
+    if isinstance(weight, dict):
+        module, _, name = weight["class_path"].rpartition(".")
+        return getattr(importlib.import_module(module), name)(**weight["init_args"])
+    return as_schedule(weight)
+
+
+@pytest.mark.parametrize("weight", [
+    0.01, 3,
+    {"class_path": "interp_train.schedules.LinearWarmup", "init_args": {"value": 0.1, "warmup_steps": 200}},
+    {"class_path": "interp_train.schedules.LinearWarmup", "init_args": {"value": 0.5, "warmup_steps": 10, "start": 0.2}},
+    {"class_path": "interp_train.schedules.Cosine",
+     "init_args": {"value": 1.0, "total_steps": 100, "warmup_steps": 10, "final": 0.1}},
+    {"class_path": "interp_train.schedules.Constant", "init_args": {"value": 2.0}},
+])
+@pytest.mark.parametrize("multiplier", [0.1, 1.0, 10.0])
+def test_scaled_weight_is_multiplier_times_the_schedule_at_every_step(weight, multiplier):
+    """w'(t) = m · w(t) for every step t, evaluated by the schedule classes themselves."""
+    original, scaled = schedule_from(weight), schedule_from(scale_weight(weight, multiplier))
+    for step in (0, 1, 5, 10, 50, 99, 100, 200, 1000):
+        assert scaled(step) == pytest.approx(multiplier * original(step), rel=1e-12, abs=0)
+
+
+def test_scale_weight_keeps_the_schedule_shape_and_the_input():
+    weight = {"class_path": "interp_train.schedules.LinearWarmup", "init_args": {"value": 0.1, "warmup_steps": 200}}
+    scaled = scale_weight(weight, 10.0)
+    assert scaled == {"class_path": "interp_train.schedules.LinearWarmup",
+                      "init_args": {"value": pytest.approx(1.0), "warmup_steps": 200}}
+    assert weight["init_args"]["value"] == 0.1  # not modified in place
+
+
+def test_scaled_recipe_scales_every_regularizer_and_nothing_else():
+    recipe = yaml.safe_load((REPO / "recipes/digits/degeneracy.yaml").read_text())  # two regularizers, 0.01 each
+    scaled = scaled_recipe(recipe, 10.0)
+    assert [r["init_args"]["weight"] for r in scaled["model"]["regularizers"]] == [pytest.approx(0.1)] * 2
+    assert [r["init_args"]["weight"] for r in recipe["model"]["regularizers"]] == [0.01, 0.01]
+    for reg in scaled["model"]["regularizers"]:
+        reg["init_args"]["weight"] = 0.01
+    assert scaled == recipe  # everything but the weights is the recipe's
+    no_weight = {"model": {"regularizers": [{"class_path": "x.Y", "init_args": {}}]}}
+    assert scaled_recipe(no_weight, 0.1)["model"]["regularizers"][0]["init_args"]["weight"] == pytest.approx(0.1)
+
+
+def test_bad_weights_and_recipes_are_refused():
+    with pytest.raises(ValueError, match="no model.regularizers to scale"):
+        scaled_recipe(yaml.safe_load((REPO / "recipes/digits/baseline.yaml").read_text()), 10.0)
+    with pytest.raises(ValueError, match="a weight must be a number or a schedule, got True"):
+        scale_weight(True, 10.0)
+    with pytest.raises(ValueError, match="schedule 'my.Schedule' has no 'value' to scale"):
+        scale_weight({"class_path": "my.Schedule", "init_args": {"level": 1.0}}, 10.0)
+    for bad in (0, -1.0, float("inf"), float("nan"), True, "10"):
+        with pytest.raises(ValueError, match="a strength multiplier must be a finite number > 0"):
+            variant_name("grad_norm", bad)
+
+
+def test_names_and_directories():
+    assert [multiplier_label(m) for m in (0.1, 1.0, 10.0, 1, 0.03, 100.0)] == ["x0.1", "x1", "x10", "x1", "x0.03", "x100"]
+    assert variant_name("off_manifold_grad", 0.1) == "off_manifold_grad_x0.1"
+    assert parse_variant("off_manifold_grad_x0.1") == ("off_manifold_grad", 0.1)
+    assert parse_variant("grad_norm_x10") == ("grad_norm", 10.0)
+    assert parse_variant("baseline") == ("baseline", None)
+    with pytest.raises(ValueError, match="not a study cell name"):
+        parse_variant("grad_norm")
+    assert run_dir(Path("r"), "digits", "grad_norm_x10", 3) == Path("r/digits/grad_norm_x10/seed3")
+
+
+def test_cells_of_a_plan(tmp_path):
+    plan = TaskPlan("recipes/digit_manifold", "cnn_baseline", {"adversarial": "cnn_adversarial", "grad_norm": "cnn_grad_norm"})
+    got = list(cells(plan, "dm_cnn", [0, 1, 2, 3, 4], tmp_path, REPO))
+    assert len(got) == 5 * (1 + 2 * 3)
+    names = sorted({str(c.directory.relative_to(tmp_path).parent) for c in got})
+    assert names == ["dm_cnn/adversarial_x0.1", "dm_cnn/adversarial_x1", "dm_cnn/adversarial_x10", "dm_cnn/baseline",
+                     "dm_cnn/grad_norm_x0.1", "dm_cnn/grad_norm_x1", "dm_cnn/grad_norm_x10"]
+    base = [c for c in got if c.variant == "baseline"]
+    assert [c.seed for c in base] == [0, 1, 2, 3, 4] and {c.recipe.name for c in base} == {"cnn_baseline.yaml"}
+    assert {c.recipe.name for c in got if c.family == "grad_norm"} == {"cnn_grad_norm.yaml"}
+    part = list(cells(plan, "dm_cnn", [0], tmp_path, REPO, families=["grad_norm"], multipliers=[10]))
+    assert [(c.variant, c.seed) for c in part] == [("grad_norm_x10", 0)]  # no baseline unless asked for
+    with pytest.raises(ValueError, match="no family 'interaction'; allowed: baseline, adversarial, grad_norm"):
+        list(cells(plan, "dm_cnn", [0], tmp_path, REPO, families=["interaction"]))
+    with pytest.raises(ValueError, match="may not be called 'baseline'"):
+        TaskPlan("recipes/digits", "baseline", {"baseline": "grad_norm"})
+    for task, plan in run_study.PLANS.items():  # every planned recipe file exists
+        for c in cells(plan, task, [0], tmp_path, REPO):
+            assert c.recipe.is_file(), c.recipe
+
+
+class FakeFit:
+    """Stands in for InterpTrainCLI: records the arguments, writes metrics.json (fails for one run dir)."""
+
+    calls: list = []
+    fail_in: str | None = None
+
+    def __init__(self, args):
+        FakeFit.calls.append(args)
+        directory = Path(args[args.index("--run_dir") + 1])
+        if FakeFit.fail_in and FakeFit.fail_in in str(directory):
+            raise RuntimeError("diverged")
+        (directory / "metrics.json").write_text("{}")
+
+
+def test_train_skips_done_runs_writes_the_derived_recipe_and_survives_a_failure(tmp_path, monkeypatch):
+    import interp_train.cli
+
+    monkeypatch.setattr(interp_train.cli, "InterpTrainCLI", FakeFit)
+    FakeFit.calls, FakeFit.fail_in = [], "grad_norm_x10/seed1"
+    plan = run_study.PLANS["digits"]
+    todo = list(cells(plan, "digits", [0, 1], tmp_path, REPO, families=["baseline", "grad_norm"]))
+    done = run_dir(tmp_path, "digits", "grad_norm_x0.1", 0)
+    done.mkdir(parents=True)
+    (done / "metrics.json").write_text("{}")
+    logs = []
+    failed = run_study.train(plan, todo, "cmd", log=logs.append)
+    trained = [Path(a[a.index("--run_dir") + 1]).relative_to(tmp_path) for a in FakeFit.calls]
+    assert len(trained) == 2 * 4 - 1 and Path("digits/grad_norm_x0.1/seed0") not in trained
+    assert [(c.variant, c.seed) for c in failed] == [("grad_norm_x10", 1)]
+    assert any("FAILED" in m and "diverged" in m for m in logs)
+    assert any("grad_norm_x0.1 seed0: done already" in m for m in logs)
+    args = FakeFit.calls[trained.index(Path("digits/grad_norm_x10/seed0"))]
+    assert args[args.index("--seed_everything") + 1] == "0"
+    recipe = yaml.safe_load(Path(args[args.index("--config") + 1]).read_text())
+    assert Path(args[args.index("--config") + 1]) == tmp_path / "digits/grad_norm_x10/seed0/study_recipe.yaml"
+    assert recipe["model"]["regularizers"][0]["init_args"]["weight"]["init_args"]["value"] == pytest.approx(1.0)
+    info = json.loads((tmp_path / "digits/grad_norm_x10/seed0/study.json").read_text())
+    assert info["multiplier"] == 10.0 and info["command"] == "cmd" and info["train_seconds"] >= 0
+    base = yaml.safe_load((tmp_path / "digits/baseline/seed1/study_recipe.yaml").read_text())
+    assert base == yaml.safe_load((REPO / "recipes/digits/baseline.yaml").read_text())
+    FakeFit.calls, FakeFit.fail_in = [], None
+    assert run_study.train(plan, todo, log=logs.append) == []  # a rerun trains only the failed run
+    assert [Path(a[a.index("--run_dir") + 1]).relative_to(tmp_path) for a in FakeFit.calls] == \
+        [Path("digits/grad_norm_x10/seed1")]
+
+
+def test_dry_run_and_argument_errors(tmp_path, capsys):
+    run_study.main(["--tasks", "digit_manifold", "--seeds", "0", "--root", str(tmp_path), "--dry-run"])
+    out = capsys.readouterr().out
+    assert "[digit_manifold] 0/13 runs done" in out
+    assert f"todo  {tmp_path}/digit_manifold/adversarial_x10/seed0  (adversarial.yaml × 10)" in out
+    with pytest.raises(SystemExit):
+        run_study.main(["--tasks", "digits", "manifold", "--families", "grad_norm", "--dry-run"])
+    assert "--families needs exactly one task" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="no family 'adversarial'"):
+        run_study.main(["--tasks", "digits", "--families", "adversarial", "--root", str(tmp_path), "--dry-run"])
+
+
+def sweep_report():
+    """A compare report of a sweep: baseline and two families at 0.1 / 1 / 10, 3 seeds each."""
+    from evaluation.compare import build_report
+
+    def entries(variant, acc, align):
+        return [{"seed": f"seed{i}", "run_dir": f"{variant}/seed{i}", "details": {"task": "t"},
+                 "metrics": {"accuracy": acc + 0.001 * i, "alignment": align + 0.01 * i}} for i in range(3)]
+
+    m = {"baseline": entries("baseline", 0.95, 0.30)}
+    for mult, (acc, align) in {0.1: (0.95, 0.32), 1: (0.945, 0.50), 10: (0.90, 0.70)}.items():
+        m[variant_name("noise", mult)] = entries("noise", acc, align)
+    for mult, (acc, align) in {0.1: (0.951, 0.30), 1: (0.952, 0.31), 10: (0.953, 0.33)}.items():
+        m[variant_name("wd", mult)] = entries("wd", acc, align)
+    return json.loads(json.dumps(build_report(m)))
+
+
+def test_tradeoff_series_best_cell_and_plot(tmp_path):
+    report = sweep_report()
+    got = series(report, "alignment")
+    assert list(got) == ["noise", "wd"]
+    assert [p["multiplier"] for p in got["noise"]] == [0.1, 1.0, 10.0]
+    assert [p["mean"] for p in got["noise"]] == pytest.approx([0.33, 0.51, 0.71])
+    best = best_within(report, "alignment", max_accuracy_drop=0.01)  # noise_x10 costs 5 points: excluded
+    assert best["variant"] == "noise_x1" and best["ratio"] == pytest.approx(0.51 / 0.31)
+    assert best["accuracy_diff"] == pytest.approx(-0.005)
+    assert best_within(report, "alignment", max_accuracy_drop=0.1)["variant"] == "noise_x10"
+    assert plot_tradeoff(report, tmp_path / "tradeoff.png") == "tradeoff.png"
+    assert (tmp_path / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summary_and_restat(tmp_path):
+    from study.summary import write_summary
+
+    report = sweep_report()
+    (tmp_path / "digits").mkdir()
+    (tmp_path / "digits" / "report.json").write_text(json.dumps(report))
+    (tmp_path / "digits" / "study.json").write_text(json.dumps({
+        "seeds": [0, 1, 2], "cells": ["baseline"], "n_runs": 21, "train_seconds": 600.0, "runs_without_time": 0,
+        "train_commands": ["python study/run_study.py --tasks digits --train-only"],
+        "compares": [{"command": "python study/run_study.py --tasks digits --compare-only", "seconds": 90.0,
+                      "date": "2026-12-02 06:00:00 UTC"}],
+        "alignment_random_baseline": {"k": 10, "d": 256, "baseline": 0.1976}}))
+    text = write_summary(tmp_path, ["digits", "manifold"]).read_text()
+    assert "## digits" in text and "## manifold" not in text
+    assert "21 runs, training 10.0 min" in text and "compare 1.5 min (first)" in text
+    assert "`noise_x1` 0.31 → 0.51 (×1.65" in text and "-0.50 points of accuracy" in text
+    assert "√(10/256) = 0.198" in text and "2026-12-02 06:00:00 UTC" in text
+    assert "| `noise_x10` | 3 |" in text
+    run_study.restat(tmp_path, tmp_path / "figures", ["digits"], log=lambda m: None)
+    assert json.loads((tmp_path / "digits" / "report.json").read_text()) == report
+    assert (tmp_path / "figures" / "digits_tradeoff.png").is_file()
+
+
+TINY_MANIFOLD = ["--trainer.max_steps", "3", "--trainer.accelerator", "cpu", "--data.init_args.n_train", "64",
+                 "--data.init_args.n_val", "32", "--data.init_args.n_test", "32"]
+
+
+@pytest.mark.slow
+def test_train_and_compare_end_to_end(tmp_path):
+    """Two seeds of the manifold baseline and of grad_norm at 0.1 and 10, a few steps each: the
+    report holds every cell, the trade-off plot and the cost record."""
+    plan = TaskPlan("recipes/manifold", "baseline", {"grad_norm": "grad_norm"}, multipliers=(0.1, 10.0),
+                    extra=tuple(TINY_MANIFOLD), measure={"max_samples": 16})
+    todo = list(cells(plan, "manifold", [0, 1], tmp_path / "runs", REPO))
+    assert run_study.train(plan, todo, "cmd", log=lambda m: None) == []
+    config = yaml.safe_load((tmp_path / "runs/manifold/grad_norm_x10/seed1/config.yaml").read_text())
+    weight = config["model"]["regularizers"][0]["init_args"]["weight"]
+    assert weight["init_args"]["value"] == pytest.approx(1.0)  # 10 × the recipe's 0.1, what fit trained with
+    result = run_study.compare(plan, "manifold", todo, tmp_path / "runs", tmp_path / "out", "cmd",
+                               figures=tmp_path / "fig", log=lambda m: None)
+    assert sorted(result.report["variants"]) == ["baseline", "grad_norm_x0.1", "grad_norm_x10"]
+    assert (tmp_path / "out/manifold/tradeoff.png").is_file() and (tmp_path / "fig/manifold_tradeoff.png").is_file()
+    info = json.loads((tmp_path / "out/manifold/study.json").read_text())
+    assert info["n_runs"] == 6 and info["seeds"] == [0, 1] and info["train_seconds"] > 0
+    rand = info["alignment_random_baseline"]  # the recipe's latent_dim 4 in ambient_dim 64: sqrt(4/64)
+    assert (rand["k"], rand["d"]) == (4, 64) and rand["baseline"] == pytest.approx(0.25)
