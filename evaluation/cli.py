@@ -2,11 +2,13 @@
 
     interp-eval lib CHECKPOINT [--config HT_CONFIG.json] [--layers L ...] [--data SPEC]
                     [--truncation T] [--integration RULE] [--n-intervals N] [--max-samples N]
-                    [--batch-size B] [--no-ablation] [--nproc N] --out DIR
+                    [--batch-size B] [--no-ablation] [--edge-ablation [--edge-ablation-tolerance T]
+                    [--edge-ablation-mode mean|zero]] [--nproc N] --out DIR
 
     interp-eval compare [ROOT] [--variant NAME RUN [RUN ...]]... [--baseline NAME] [--test welch|permutation]
                         [--alpha A] [--correction holm|bonferroni|none] [--max-samples N] [--layers L ...]
-                        [--tangents KIND] [--eps E ...] [--ratio-eps E] [--no-alignment] [--llc] --out DIR
+                        [--tangents KIND] [--eps E ...] [--ratio-eps E] [--no-alignment] [--llc]
+                        [--circuit ...] [--edge-ablation [--edge-ablation-tolerance T] [--edge-ablation-mode M]] --out DIR
 
 compare: ROOT is a task directory of recipe runs ``<variant>/seed<k>/`` (evaluation.compare);
 --variant adds or names runs explicitly. DIR keeps a per-checkpoint cache, so a re-run only
@@ -183,6 +185,11 @@ def run_lib(args) -> dict:
     from evaluation.lib.report import check_out_dir, write_lib_report
 
     out_dir = check_out_dir(args.out)  # fail before the expensive fit
+    edge_config = None
+    if args.edge_ablation:
+        from evaluation.metrics.edge_ablation import EdgeAblationConfig
+
+        edge_config = EdgeAblationConfig(tolerance=args.edge_ablation_tolerance, ablation=args.edge_ablation_mode)
     device = resolve_device(args.device)  # ValueError for an absent device, before anything is written
     rank = init_from_env()[0] if launched_by_torchrun() else 0
     if launched_by_torchrun() and device.type == "cuda":
@@ -204,6 +211,9 @@ def run_lib(args) -> dict:
         batches = _batches(inputs, targets, args.batch_size)
     else:
         batches = _recipe_batches(loaded.datamodule, args.max_samples)
+    if edge_config is not None and not all(len(b) == 2 for b in batches):
+        raise ValueError("--edge-ablation needs targets (it measures accuracy): give --data with targets "
+                         "or a recipe checkpoint")
     layers = args.layers or default_layers(model, last_position=all(
         len(b) == 2 and loss_reads_last_position(b[1]) for b in batches))
     lib_config = LIBConfig(truncation=args.truncation, integration=args.integration, n_intervals=args.n_intervals)
@@ -225,6 +235,11 @@ def run_lib(args) -> dict:
             ablation[layer] = curves
     metadata = {"checkpoint": str(args.checkpoint), "checkpoint_kind": loaded.kind, "model_config": loaded.config,
                 "data": args.data, "n_samples": sum(b[0].shape[0] for b in batches), "node_layers": layers}
+    if edge_config is not None:
+        from evaluation.metrics.edge_ablation import BASES, edge_ablation_sparsity
+
+        metadata["edge_ablation"] = {b: edge_ablation_sparsity(model, batches, result, b, edge_config,
+                                                               fit_data=batches).to_dict() for b in BASES}
     report = write_lib_report(result, out_dir, metadata, ablation)
     print(f"wrote {out_dir}: {', '.join(report['files'])}")
     if not args.quiet:
@@ -252,8 +267,11 @@ def run_compare_command(args):
                              ratio_eps=args.ratio_eps if args.ratio_eps is not None else eps[len(eps) // 2],
                              lib_sources=args.lib_sources, lib_edge_sources=args.lib_edge_sources,
                              lib_jacobian_dtype="float32" if args.lib_float32 else None,
-                             llc=args.llc, device=str(device), **{k: v for k, v in (("llc_draws", args.llc_draws),
-                                                                ("llc_chains", args.llc_chains)) if v is not None})
+                             llc=args.llc, edge_ablation=args.edge_ablation,
+                             edge_ablation_tolerance=args.edge_ablation_tolerance,
+                             edge_ablation_mode=args.edge_ablation_mode, device=str(device),
+                             **{k: v for k, v in (("llc_draws", args.llc_draws), ("llc_chains", args.llc_chains))
+                                if v is not None})
     result = run_compare(variants, args.out, options, baseline=args.baseline, test=args.test, alpha=args.alpha,
                          progress=not args.quiet, correction=args.correction)
     if not args.quiet:
@@ -315,6 +333,12 @@ def _add_compare_parser(sub) -> None:
                      help="circuit: allowed loss increase over the full model, nats (default 0.01)")
     cmp.add_argument("--circuit-ablation", choices=["mean", "zero"], default="mean",
                      help="circuit: pruned nodes take their mean activation (default) or zero")
+    cmp.add_argument("--edge-ablation", action="store_true",
+                     help="also measure edge-ablation sparsity in the LIB, PCA and neuron bases (bisection per section)")
+    cmp.add_argument("--edge-ablation-tolerance", type=float, default=0.001,
+                     help="edge ablation: allowed accuracy drop from the unablated model (default 0.001)")
+    cmp.add_argument("--edge-ablation-mode", choices=["mean", "zero"], default="mean",
+                     help="edge ablation: ablated basis features take their mean (default) or zero")
     cmp.add_argument("--quiet", action="store_true", help="no progress bars or table; only the report path")
     cmp.set_defaults(func=run_compare_command)
 
@@ -345,6 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
     lib.add_argument("--max-samples", type=int, help="use a random subset (seed 0) of this many inputs (default: all)")
     lib.add_argument("--batch-size", type=int, default=512)
     lib.add_argument("--no-ablation", dest="ablation", action="store_false", help="skip node-ablation curves")
+    lib.add_argument("--edge-ablation", action="store_true", help="also measure edge-ablation sparsity (LIB, PCA "
+                     "and neuron bases, bisection per section, on the same data) into lib.json's metadata")
+    lib.add_argument("--edge-ablation-tolerance", type=float, default=0.001,
+                     help="edge ablation: allowed accuracy drop from the unablated model (default 0.001)")
+    lib.add_argument("--edge-ablation-mode", choices=["mean", "zero"], default="mean",
+                     help="edge ablation: ablated basis features take their mean (default) or zero")
     lib.add_argument("--quiet", action="store_true", help="no progress bars; only the report path")
     lib.add_argument("--nproc", type=int, default=1,
                      help="fit on N local processes (re-launches itself with torch.distributed.run)")

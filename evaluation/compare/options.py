@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 TANGENT_CHOICES = ("auto", "exact", "local_pca", "global_pca")
 CIRCUIT_ABLATIONS = ("mean", "zero")
+EDGE_ABLATION_MODES = ("mean", "zero")  # evaluation.metrics.edge_ablation.ABLATIONS
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,10 @@ class MeasureOptions:
     circuit: opt-in pruned-circuit size (circuit_nodes, circuit_edges; one gradient search per run
     on the ``max_samples`` test subset); circuit_delta: allowed loss increase over the full model
     (nats); circuit_ablation: "mean" or "zero" for the pruned nodes.
+    edge_ablation: opt-in edge-ablation sparsity in the LIB, PCA and neuron bases
+    (edge_ablation_lib/_pca/_neuron; a bisection per section and basis on the ``max_samples`` test
+    subset, evaluation.metrics.edge_ablation); edge_ablation_tolerance: allowed accuracy drop;
+    edge_ablation_mode: "mean" or "zero" for the ablated basis features.
     """
 
     max_samples: int = 512
@@ -65,6 +70,9 @@ class MeasureOptions:
     circuit: bool = False
     circuit_delta: float = 0.01
     circuit_ablation: str = "mean"
+    edge_ablation: bool = False
+    edge_ablation_tolerance: float = 0.001
+    edge_ablation_mode: str = "mean"
     device: str = "cpu"  # where runs are measured ("auto", "cpu", "cuda"); no metric's value depends on it
 
     def __post_init__(self):
@@ -87,5 +95,11 @@ class MeasureOptions:
             raise ValueError(f"circuit_delta must be a finite number > 0, got {self.circuit_delta!r}")
         if self.circuit_ablation not in CIRCUIT_ABLATIONS:
             raise ValueError(f"unknown circuit_ablation {self.circuit_ablation!r}; allowed: {', '.join(CIRCUIT_ABLATIONS)}")
+        tol = self.edge_ablation_tolerance
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (math.isfinite(tol) and 0 <= tol < 1):
+            raise ValueError(f"edge_ablation_tolerance must be a number in [0, 1) (an accuracy drop), got {tol!r}")
+        if self.edge_ablation_mode not in EDGE_ABLATION_MODES:
+            raise ValueError(f"unknown edge_ablation_mode {self.edge_ablation_mode!r}; "
+                             f"allowed: {', '.join(EDGE_ABLATION_MODES)}")
         if self.ratio_eps not in self.robustness_eps:
             raise ValueError(f"ratio_eps {self.ratio_eps!r} must be one of robustness_eps {list(self.robustness_eps)}")
