@@ -75,3 +75,16 @@ def test_neuron_edges_in_the_report(tmp_path):
     assert set(report["summary"]["edges"]["1"]) == {"lib", "pca", "neuron"}
     assert report["summary"]["edges"]["1"]["neuron"]["n_edges"] == 5 * 3
     assert "neuron" in report["summary"]["modularity"]
+
+
+def test_the_edge_pass_alone_gives_the_fits_edges():
+    from evaluation.lib.fit import fit_edges
+
+    batches, _ = data()
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    layers = ["input", "1", "output"]
+    res = fit_lib(model, batches, layers, LIBConfig(), progress=False)
+    again = fit_edges(model, batches, layers, {"neuron": res.neuron, "lib": res.lib}, LIBConfig())
+    for name in layers[:-1]:
+        torch.testing.assert_close(again["neuron"][name], res.neuron_edges[name], atol=1e-14, rtol=1e-12)
+        torch.testing.assert_close(again["lib"][name], res.lib_edges[name], atol=1e-14, rtol=1e-12)

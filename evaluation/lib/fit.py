@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-from torch import nn
+from torch import Tensor, nn
 
 from interp_train.sites import resolve_site
 from evaluation.lib.activation_cache import ActivationCache
@@ -136,5 +136,29 @@ def _fit(model, data, node_layers, config, input_fn, progress, reduce=None) -> L
     return LIBResult(node_layers, bases, edges, config, {s.l_in: s.method for s in sections})
 
 
+def fit_edges(model: nn.Module, data: Iterable, node_layers: list[str], bases: dict[str, dict[str, LayerBasis]],
+              config: LIBConfig = LIBConfig(), input_fn: Callable | None = None,
+              progress: bool = False) -> dict[str, dict[str, Tensor]]:
+    """The edge pass alone (§4.6): {basis name: {section input layer: E}} for given named bases
+    ({name: {node layer: LayerBasis}}, e.g. the neuron bases of an earlier fit), normalised by the
+    rows counted over ``data``; on the model's device, returned on the CPU."""
+    if iter(data) is data:
+        raise TypeError("data must be re-iterable (e.g. a DataLoader or a list of batches), not an iterator")
+    _check_layers(model, node_layers)
+    was_training = model.training
+    model.eval()
+    try:
+        device = model_device(model)
+        runner, dtype = section_model(model, config.jacobian_dtype)
+        probes = ProbeStreams.from_seed(config.seed)
+        sections = [choose_section(runner, l_in, l_out, config, probes) for l_in, l_out in sections_of(node_layers)]
+        passes = DataPasses(data, input_fn, runner, dtype, device, None, progress)
+        on = {name: {layer: b.to(device) for layer, b in named.items()} for name, named in bases.items()}
+        edges = compute_edges(sections, passes, on, config, probes)
+    finally:
+        model.train(was_training)
+    return {name: {k: v.cpu() for k, v in named.items()} for name, named in edges.items()}
+
+
 __all__ = ["BASES", "ClosedFormFallbackWarning", "LIBConfig", "LIBResult", "LayerBasis", "Moments", "compute_edges",
-           "fit_lib", "lib_basis", "model_device", "neuron_basis", "pca_basis"]
+           "fit_edges", "fit_lib", "lib_basis", "model_device", "neuron_basis", "pca_basis"]
