@@ -173,18 +173,12 @@ def _ablation_ks(n: int) -> list[int]:
 
 
 def run_lib(args) -> dict:
-<<<<<<< HEAD
-    from evaluation.lib.distributed import fit_lib_distributed, init_from_env, launched_by_torchrun
-    from evaluation.lib.fit import LIBConfig, fit_lib
-    from evaluation.metrics.lib_summary import edge_table, node_ablation_curve
-=======
     from evaluation.startup import collector_paused
->>>>>>> main
 
     with collector_paused():  # the imports and the model load build ~0.5 M objects: see evaluation.startup
         from evaluation.lib.distributed import fit_lib_distributed, init_from_env, launched_by_torchrun
         from evaluation.lib.fit import LIBConfig, fit_lib
-        from evaluation.metrics.lib_summary import node_ablation_curve
+        from evaluation.metrics.lib_summary import edge_table, node_ablation_curve
 
         import torch
 
