@@ -265,6 +265,8 @@ def run_compare_command(args):
                              ratio_eps=args.ratio_eps if args.ratio_eps is not None else eps[len(eps) // 2],
                              lib_sources=args.lib_sources, lib_edge_sources=args.lib_edge_sources,
                              lib_jacobian_dtype="float32" if args.lib_float32 else None,
+                             circuit=args.circuit, circuit_delta=args.circuit_delta,
+                             circuit_ablation=args.circuit_ablation, circuit_zero=args.circuit_zero,
                              llc=args.llc, edge_ablation=args.edge_ablation,
                              edge_ablation_tolerance=args.edge_ablation_tolerance,
                              edge_ablation_mode=args.edge_ablation_mode, device=str(device),
@@ -331,6 +333,8 @@ def _add_compare_parser(sub) -> None:
                      help="circuit: allowed loss increase over the full model, nats (default 0.01)")
     cmp.add_argument("--circuit-ablation", choices=["mean", "zero"], default="mean",
                      help="circuit: pruned nodes take their mean activation (default) or zero")
+    cmp.add_argument("--circuit-zero", action="store_true",
+                     help="also the zero-ablation circuit (circuit_nodes_zero / circuit_edges_zero), a second search")
     cmp.add_argument("--edge-ablation", action="store_true",
                      help="also measure edge-ablation sparsity in the LIB, PCA and neuron bases (bisection per section)")
     cmp.add_argument("--edge-ablation-tolerance", type=float, default=0.001,

@@ -11,6 +11,9 @@ Every (cell, seed) is one run directory,
 
     <root>/<task>/baseline/seed<k>/                 standard training (the task's baseline recipe)
     <root>/<task>/<family>_x<multiplier>/seed<k>/   e.g. grad_norm_x0.1, adversarial_x10
+    <root>/<task>/<fixed family>_x1/seed<k>/        a family trained only as its recipe is (e.g.
+                                                    WeightSparsity, whose strength is its density,
+                                                    one recipe per density: no weight to scale)
 
 holding the derived recipe (``study_recipe.yaml``, what ``interp-train fit --config`` was given)
 next to what fit writes (config.yaml, checkpoints/, metrics.json). A run counts as done when its
@@ -38,9 +41,10 @@ class TaskPlan:
 
     recipe: folder under the repository root (e.g. "recipes/digits"); baseline: the recipe file
     (stem) of standard training; families: {family name: recipe stem whose regularizer weights are
-    scaled}; multipliers: the strengths, as multiples of the recipe's weights; extra: CLI overrides
-    for every run of the task; llc: measure the LLC in compare; measure: ``MeasureOptions``
-    overrides for this task.
+    scaled}; multipliers: the strengths, as multiples of the recipe's weights; fixed: {family
+    name: recipe stem} trained only as the recipe is (cell ``<family>_x1``, not swept: e.g.
+    WeightSparsity, whose strength is its density); extra: CLI overrides for every run of the
+    task; llc: measure the LLC in compare; measure: ``MeasureOptions`` overrides for this task.
     """
 
     recipe: str
@@ -50,10 +54,14 @@ class TaskPlan:
     extra: tuple[str, ...] = ()
     llc: bool = False
     measure: Mapping[str, Any] = field(default_factory=dict)
+    fixed: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
-        if BASELINE in self.families:
+        if BASELINE in self.families or BASELINE in self.fixed:
             raise ValueError(f"a family may not be called {BASELINE!r} (that is the standard-training cell)")
+        both = sorted(set(self.families) & set(self.fixed))
+        if both:
+            raise ValueError(f"families {both} are both swept and fixed; name each once")
         for m in self.multipliers:
             check_multiplier(m)
 
@@ -98,7 +106,7 @@ class Cell:
     task: str
     variant: str
     family: str
-    multiplier: float | None  # None: the baseline recipe as it is
+    multiplier: float | None  # None: the recipe as it is (the baseline, a fixed family)
     recipe: Path
     seed: int
     directory: Path
@@ -112,24 +120,31 @@ def cells(plan: TaskPlan, task: str, seeds: Sequence[int], root: Path, repo: Pat
           families: Sequence[str] | None = None, multipliers: Sequence[float] | None = None) -> Iterator[Cell]:
     """The baseline and every (family, multiplier) cell of ``plan`` for each seed, in that order
     (seed-major within a cell, so a partial run has whole cells). ``families`` / ``multipliers``
-    select a part (None: the plan's); an unknown family is an error naming the allowed ones."""
-    chosen = list(plan.families) if families is None else list(families)
-    unknown = [f for f in chosen if f not in plan.families and f != BASELINE]
+    select a part (None: the plan's); an unknown family is an error naming the allowed ones. Fixed
+    families (``plan.fixed``) come last, one cell ``<family>_x1`` each, whatever ``multipliers`` says."""
+    chosen = [*plan.families, *plan.fixed] if families is None else list(families)
+    unknown = [f for f in chosen if f not in plan.families and f not in plan.fixed and f != BASELINE]
     if unknown:
         raise ValueError(f"task {task!r} has no family {', '.join(map(repr, unknown))}; "
-                         f"allowed: {', '.join([BASELINE, *plan.families])}")
+                         f"allowed: {', '.join([BASELINE, *plan.families, *plan.fixed])}")
     mults = [check_multiplier(m) for m in (plan.multipliers if multipliers is None else multipliers)]
     if families is None or BASELINE in chosen:
         for s in seeds:
             yield Cell(task, BASELINE, BASELINE, None, plan.recipe_path(repo, plan.baseline), s,
                        run_dir(root, task, BASELINE, s))
     for family in chosen:
-        if family == BASELINE:
+        if family == BASELINE or family in plan.fixed:
             continue
         for m in mults:
             name = variant_name(family, m)
             for s in seeds:
                 yield Cell(task, name, family, m, plan.recipe_path(repo, plan.families[family]), s,
+                           run_dir(root, task, name, s))
+    for family in chosen:
+        if family in plan.fixed:
+            name = variant_name(family, 1.0)
+            for s in seeds:
+                yield Cell(task, name, family, None, plan.recipe_path(repo, plan.fixed[family]), s,
                            run_dir(root, task, name, s))
 
 

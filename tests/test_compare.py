@@ -106,6 +106,7 @@ def test_report_matches_the_underlying_api(runs, tmp_path):
     summary = summarize(fit_lib(model, [(x_train[idx],)], layers, LIBConfig(), progress=False))
     edges = summary["edges"].values()
     lib_frac = sum(e["lib"]["edges_90"] for e in edges) / sum(e["lib"]["n_edges"] for e in edges)
+    pca_frac = sum(e["pca"]["edges_90"] for e in edges) / sum(e["pca"]["n_edges"] for e in edges)
     features = sum(summary["layers"][l]["lib"]["features_99"] for l in layers[:-1])
     idx_test = torch.randperm(len(x_test), generator=torch.Generator().manual_seed(0))[:64]
     batch = [(x_test[idx_test], y_test[idx_test])]
@@ -116,6 +117,7 @@ def test_report_matches_the_underlying_api(runs, tmp_path):
     got = {m: s["values"][1] for m, s in report["variants"]["baseline"]["metrics"].items()}
     assert got["accuracy"] == pytest.approx(acc, abs=1e-12)
     assert got["lib_edge_fraction_90"] == pytest.approx(lib_frac, rel=1e-9)
+    assert got["lib_pca_edge_ratio"] == pytest.approx(lib_frac / pca_frac, rel=1e-9)
     assert got["lib_features_99"] == features
     assert got["modularity_q"] == pytest.approx(summary["modularity"]["lib"]["gamma_1.0"]["Q"], rel=1e-9)
     assert got["alignment"] == pytest.approx(align.mean, rel=1e-9)
@@ -172,7 +174,7 @@ def test_deterministic_cli_and_cache_reuse(runs, tmp_path, monkeypatch):
     variants["single"] = runs_from_paths("single", [runs["single"]])
     run_compare(variants, tmp_path / "a", OPTIONS, progress=False)
     assert {c.rsplit("/", 1)[0] for c in calls} == {"single/seed0"}  # only the new checkpoint, every metric
-    assert len(calls) == 7
+    assert len(calls) == 8
     calls.clear()
     run_compare(discover_runs(task), tmp_path / "a", MeasureOptions(max_samples=64, n_draws=2), progress=False)
     # n_draws enters only the robustness ratio's key: exactly that metric is measured again, on every run

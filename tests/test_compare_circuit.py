@@ -1,6 +1,8 @@
 """circuit_nodes / circuit_edges in ``interp-eval compare``: opt-in, equal to the Python call on the
 same data, one search shared by both metrics, options validated."""
 
+import json
+
 import pytest
 import torch
 
@@ -46,3 +48,34 @@ def test_circuit_metrics_are_opt_in_and_match_the_python_call(runs, monkeypatch)
 def test_bad_circuit_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MeasureOptions(**kwargs)
+
+
+def test_zero_ablation_metrics_sit_beside_the_mean_ones(runs, tmp_path, monkeypatch):  # noqa: F811
+    """circuit_zero adds circuit_nodes_zero / circuit_edges_zero (a second search, zero ablation) to
+    the mean-ablation pair, each equal to the Python call; the CLI flags reach MeasureOptions."""
+    from evaluation.cli import main as eval_main
+    from evaluation.compare import measure as measure_mod
+
+    run = discover_runs(runs["task_dir"])["baseline"][0]
+    options = MeasureOptions(max_samples=64, alignment=False, circuit=True, circuit_zero=True)
+    entry = measure_run(run, options)
+    ctx = RunContext(run, options)
+    x, y = ctx.eval_set[0], ctx.eval_set[1]
+    mean = prune_circuit(ctx.module, x, y, CircuitConfig(ablation="mean"))
+    zero = prune_circuit(ctx.module, x, y, CircuitConfig(ablation="zero"))
+    assert entry["metrics"]["circuit_nodes"] == mean.nodes_kept and entry["metrics"]["circuit_edges"] == mean.edges
+    assert entry["metrics"]["circuit_nodes_zero"] == zero.nodes_kept
+    assert entry["metrics"]["circuit_edges_zero"] == zero.edges
+    assert entry["measured"]["circuit_nodes_zero"]["details"]["circuit_zero"]["ablation"] == "zero"
+    assert entry["measured"]["circuit_nodes"]["details"]["circuit"]["ablation"] == "mean"
+
+    names = []
+    real = measure_mod.measure_metric
+    monkeypatch.setattr(measure_mod, "measure_metric", lambda metric, c: names.append(metric.name) or real(metric, c))
+    rc = eval_main(["compare", "--variant", "baseline", str(run.run_dir), "--out", str(tmp_path / "cli"),
+                    "--max-samples", "64", "--no-alignment", "--quiet", "--circuit", "--circuit-zero",
+                    "--circuit-delta", "0.05"])
+    assert rc == 0 and {"circuit_nodes", "circuit_edges", "circuit_nodes_zero", "circuit_edges_zero"} <= set(names)
+    cached = json.loads(next((tmp_path / "cli" / "cache" / "baseline").iterdir()).read_text())
+    details = cached["measured"]["circuit_nodes"]["details"]["circuit"]
+    assert details["target_loss"] - details["full_loss"] == pytest.approx(0.05)

@@ -15,7 +15,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from study import run_study  # noqa: E402
-from study.sweep import (TaskPlan, cells, multiplier_label, parse_variant, run_dir, scale_weight,  # noqa: E402
+from study.sweep import (TaskPlan, cells, derived_recipe, multiplier_label, parse_variant, run_dir, scale_weight,  # noqa: E402
                          scaled_recipe, variant_name)
 from study.tradeoff import best_within, plot_tradeoff, series  # noqa: E402
 
@@ -105,6 +105,20 @@ def test_cells_of_a_plan(tmp_path):
         list(cells(plan, "dm_cnn", [0], tmp_path, REPO, families=["interaction"]))
     with pytest.raises(ValueError, match="may not be called 'baseline'"):
         TaskPlan("recipes/digits", "baseline", {"baseline": "grad_norm"})
+    fixed = TaskPlan("recipes/modular_addition", "cpu", {"degeneracy": "cpu_degeneracy"},
+                     fixed={"weight_sparsity_d0.1": "cpu_weight_sparsity_strong"})
+    got = list(cells(fixed, "ma", [0, 1], tmp_path, REPO))
+    assert [(c.variant, c.seed, c.multiplier) for c in got[-2:]] == [("weight_sparsity_d0.1_x1", 0, None),
+                                                                      ("weight_sparsity_d0.1_x1", 1, None)]
+    assert len(got) == 2 * (1 + 3 + 1) and parse_variant("weight_sparsity_d0.1_x1") == ("weight_sparsity_d0.1", 1.0)
+    ws = got[-1]
+    assert derived_recipe(ws) == yaml.safe_load(ws.recipe.read_text())  # as it is: WeightSparsity has no weight
+    part = list(cells(fixed, "ma", [0], tmp_path, REPO, families=["weight_sparsity_d0.1"], multipliers=[10]))
+    assert [c.variant for c in part] == ["weight_sparsity_d0.1_x1"]  # not swept, whatever --multipliers says
+    with pytest.raises(ValueError, match="both swept and fixed"):
+        TaskPlan("recipes/digits", "baseline", {"a": "grad_norm"}, fixed={"a": "grad_norm"})
+    with pytest.raises(ValueError, match="no family 'x'; allowed: baseline, degeneracy, weight_sparsity_d0.1"):
+        list(cells(fixed, "ma", [0], tmp_path, REPO, families=["x"]))
     for task, plan in run_study.PLANS.items():  # every planned recipe file exists
         for c in cells(plan, task, [0], tmp_path, REPO):
             assert c.recipe.is_file(), c.recipe

@@ -38,7 +38,8 @@ class MeasureOptions:
     local (p = 59 gives 2·58 one-token neighbours).
     circuit: opt-in pruned-circuit size (circuit_nodes, circuit_edges; one gradient search per run
     on the ``max_samples`` test subset); circuit_delta: allowed loss increase over the full model
-    (nats); circuit_ablation: "mean" or "zero" for the pruned nodes.
+    (nats); circuit_ablation: "mean" or "zero" for the pruned nodes. circuit_zero: opt-in second
+    search with zero ablation (circuit_nodes_zero, circuit_edges_zero), so one report holds both.
     edge_ablation: opt-in edge-ablation sparsity in the LIB, PCA and neuron bases
     (edge_ablation_lib/_pca/_neuron; a bisection per section and basis on the ``max_samples`` test
     subset, evaluation.metrics.edge_ablation); edge_ablation_tolerance: allowed accuracy drop;
@@ -70,6 +71,7 @@ class MeasureOptions:
     circuit: bool = False
     circuit_delta: float = 0.01
     circuit_ablation: str = "mean"
+    circuit_zero: bool = False
     edge_ablation: bool = False
     edge_ablation_tolerance: float = 0.001
     edge_ablation_mode: str = "mean"

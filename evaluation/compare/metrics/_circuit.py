@@ -1,23 +1,28 @@
-"""Shared by circuit_nodes and circuit_edges: one pruning search per run and setting
+"""Shared by circuit_nodes / circuit_edges (ablation ``circuit_ablation``) and circuit_nodes_zero /
+circuit_edges_zero (zero ablation): one pruning search per run and setting
 (evaluation.metrics.circuit.prune_circuit on the seeded ``max_samples`` test subset), kept on the
-run's context so the two metrics cost one search."""
+run's context so a node count and its edge count cost one search."""
 
 from __future__ import annotations
 
 CIRCUIT_OPTIONS = ("max_samples", "seed", "circuit_delta", "circuit_ablation")
+CIRCUIT_ZERO_OPTIONS = ("max_samples", "seed", "circuit_delta")
 
 
-def circuit_result(ctx):
-    """The pruned circuit of the context's run (computed once per context and setting)."""
+def circuit_result(ctx, ablation: str | None = None):
+    """The pruned circuit of the context's run (computed once per context and setting). ``ablation``
+    None: the options' ``circuit_ablation``, details under "circuit"; "zero": details under "circuit_zero"."""
     from evaluation.metrics.circuit import CircuitConfig, prune_circuit
 
     opts = ctx.options
+    detail = "circuit" if ablation is None else f"circuit_{ablation}"
+    ablation = opts.circuit_ablation if ablation is None else ablation
     cache = ctx.__dict__.setdefault("_circuit_results", {})
-    key = (opts.circuit_delta, opts.circuit_ablation)
+    key = (opts.circuit_delta, ablation)
     if key not in cache:
         inputs, targets = ctx.eval_set[0], ctx.eval_set[1]
         cache[key] = prune_circuit(ctx.module, inputs, targets,
-                                   CircuitConfig(delta=opts.circuit_delta, ablation=opts.circuit_ablation))
+                                   CircuitConfig(delta=opts.circuit_delta, ablation=ablation))
     result = cache[key]
-    ctx._use("circuit", details={"circuit": result.to_dict()})
+    ctx._use(detail, details={detail: result.to_dict()})
     return result
