@@ -79,3 +79,13 @@ def test_all_zero_gradients_are_a_degenerate_model():
     x = torch.randn(8, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     with pytest.raises(DegenerateModelError, match="all 8 gradients were exactly zero"):
         gradient_alignment(model, [(x, torch.zeros(8, dtype=torch.long))], Tangents(), target="loss", progress=False)
+
+
+def test_edge_curves_plot_skips_a_run_without_lib(tmp_path):
+    from evaluation.compare.plots import plot_edge_curves
+
+    curve = {"n": [1, 2, 4], "c": [0.5, 0.8, 1.0]}
+    measurements = {"baseline": [{"details": {"edge_curves": {"input": curve}}}],
+                    "collapsed": [{"details": {}}, {"details": {"edge_curves": None}}]}
+    assert plot_edge_curves(measurements, tmp_path / "edge_curves.png") == "edge_curves.png"
+    assert plot_edge_curves({"collapsed": [{"details": {}}]}, tmp_path / "none.png") is None

@@ -107,7 +107,7 @@ def plot_edge_curves(measurements: Mapping[str, Sequence[Mapping]], path: Path,
     layers: list[str] = []
     for entries in measurements.values():
         for e in entries:
-            for layer in e.get("details", {}).get("edge_curves", {}):
+            for layer in e.get("details", {}).get("edge_curves") or {}:
                 if layer not in layers:
                     layers.append(layer)
     if not layers:
@@ -117,7 +117,7 @@ def plot_edge_curves(measurements: Mapping[str, Sequence[Mapping]], path: Path,
     for ax, layer in zip(axes, layers):
         for v, entries in measurements.items():
             for i, e in enumerate(entries):
-                curve = e["details"]["edge_curves"].get(layer)
+                curve = (e.get("details", {}).get("edge_curves") or {}).get(layer)  # none: LIB not measurable
                 if curve and curve["n"]:
                     ax.semilogx(curve["n"], curve["c"], color=colors[v], lw=1, alpha=0.8, label=v if i == 0 else None)
         ax.axhline(0.9, color="grey", lw=0.7, ls="--")
