@@ -175,7 +175,7 @@ def random_alignment(compare_dir: Path, variant: str, seed: int) -> dict | None:
 
 
 def compare(plan: TaskPlan, task: str, todo: list[Cell], root: Path, out: Path, command: str = "",
-            llc: bool | None = None, figures: Path | None = None, log=print):
+            llc: bool | None = None, figures: Path | None = None, log=print, cached: bool = False):
     """``interp-eval compare`` on the trained cells of ``todo`` (cache: ``<root>/<task>/compare/cache``);
     report.json|md, plots and tradeoff.png go to ``<out>/<task>/``, cost and commands to its study.json."""
     from evaluation.compare import MeasureOptions, run_compare, runs_from_paths
@@ -194,7 +194,12 @@ def compare(plan: TaskPlan, task: str, todo: list[Cell], root: Path, out: Path, 
     variants = {v: runs_from_paths(v, [c.directory for c in cs]) for v, cs in done.items()}
     options = MeasureOptions(**{"llc": plan.llc if llc is None else llc, **plan.measure})
     start = time.time()
-    result = run_compare(variants, root / task / "compare", options, baseline=BASELINE, progress=False)
+    if cached:  # nothing measured: the metrics cached for every run (study/cached.py)
+        from study.cached import cached_compare
+
+        result = cached_compare(variants, root / task / "compare", options, baseline=BASELINE)
+    else:
+        result = run_compare(variants, root / task / "compare", options, baseline=BASELINE, progress=False)
     seconds = time.time() - start
     target = out / task
     target.mkdir(parents=True, exist_ok=True)
@@ -281,6 +286,9 @@ def parse_args(argv: list[str] | None):
     mode.add_argument("--restat", action="store_true",
                       help="only rebuild the reports' statistics from the values in <out>/<task>/report.json")
     mode.add_argument("--dry-run", action="store_true", help="list the runs and whether each is done")
+    parser.add_argument("--cached", action="store_true",
+                        help="with --compare-only: report from the measurement cache alone, leaving out metrics "
+                             "not cached for every run (study/cached.py)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the box is shared)")
     args = parser.parse_args(argv)
     if args.families is not None and len(args.tasks) != 1:
@@ -326,7 +334,8 @@ def main(argv: list[str] | None = None) -> None:
         # the report covers every trained cell of the task, not only the part selected here
         strengths = sorted(set(plan.multipliers) | set(args.multipliers or ()))
         everything = list(cells(plan, task, args.seeds, root, ROOT, multipliers=strengths))
-        compare(plan, task, everything, root, out, command, llc=args.llc, figures=figures, log=log)
+        compare(plan, task, everything, root, out, command, llc=args.llc, figures=figures, log=log,
+                cached=args.cached)
     if not args.train_only:
         log(f"wrote {write_summary(out, list(PLANS))}")
 

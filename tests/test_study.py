@@ -284,5 +284,8 @@ def test_train_and_compare_end_to_end(tmp_path):
     assert (tmp_path / "out/manifold/tradeoff.png").is_file() and (tmp_path / "fig/manifold_tradeoff.png").is_file()
     info = json.loads((tmp_path / "out/manifold/study.json").read_text())
     assert info["n_runs"] == 6 and info["seeds"] == [0, 1] and info["train_seconds"] > 0
+    again = run_study.compare(plan, "manifold", todo, tmp_path / "runs", tmp_path / "out2", "cmd", log=lambda m: None,
+                              cached=True)  # from the cache alone: the same report, nothing measured
+    assert again.report["variants"] == result.report["variants"]
     rand = info["alignment_random_baseline"]  # the recipe's latent_dim 4 in ambient_dim 64: sqrt(4/64)
     assert (rand["k"], rand["d"]) == (4, 64) and rand["baseline"] == pytest.approx(0.25)
