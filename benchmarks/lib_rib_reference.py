@@ -1,6 +1,6 @@
 """LIB with the LIB paper's settings on rib's published modular-addition checkpoint, from the CLI.
 
-    python benchmarks/lib_rib_reference.py [--ref ../shared/ref/rib_modadd_seed0] [--device auto]
+    python benchmarks/lib_rib_reference.py [--ref ../shared/ref/rib_modadd_seed0] [--device auto] [--repeat 3]
 
 The checkpoint (``model_epoch_60000.pt``: seed 0, p = 113, 1 layer, d_model 128, 4 heads, d_mlp 512,
 ReLU, no LayerNorm; see the README next to it) is fitted as in the paper: rib's 3830 training pairs
@@ -8,9 +8,11 @@ ReLU, no LayerNorm; see the README next to it) is fitted as in the paper: rib's 
 ``--data modular-addition:p=113 --max-samples 3830`` draws), node layers resid_pre (every position),
 resid_mid[-1], resid_post[-1], output[-1], centred, float64 model, gradient rule, logits unrotated.
 
-1. ``interp-eval lib`` end to end in a subprocess: wall time and the child's peak RSS.
+1. ``interp-eval lib`` end to end in a subprocess, ``--repeat`` times (3): wall and CPU time of each
+   and the children's peak RSS.
 2. The same steps in this process, timed one by one: import, load (checkpoint and data), fit
-   (``fit_lib``: LIB + PCA + edges), write (the report without ablation curves) — wall and CPU time.
+   (``fit_lib``: LIB + PCA + edges), write (the report without ablation curves) — wall and CPU time
+   (the garbage collector handled as the CLI handles it, see evaluation.startup).
 3. ``interp-eval --help`` wall time (nothing heavy may be imported for it).
 
 Per layer it prints the top Λ, the features for 99 % of ΣΛ and, per section, the total edge weight
@@ -51,16 +53,18 @@ def cli_args(ref: Path, config: Path, out: Path, device: str) -> list[str]:
             "--device", device, "--no-ablation", "--quiet", "--out", str(out)]
 
 
-def end_to_end(args: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS GiB) of ``python -m evaluation.cli *args`` in a child process."""
+def end_to_end(args: list[str]) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds, peak RSS GiB) of ``python -m evaluation.cli *args`` in a child process."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "evaluation.cli", *args], env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"interp-eval failed ({proc.returncode}): {proc.stderr.strip()}")
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # Linux: KiB, the largest child so far
-    return wall, peak_kib / 2 ** 20
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return wall, cpu, after.ru_maxrss / 2 ** 20  # Linux: KiB, the largest child so far
 
 
 def help_time() -> float:
@@ -81,22 +85,26 @@ def staged(ref: Path, config: Path, out: Path, device: str) -> dict[str, tuple[f
         stages[name] = (now[0] - t[0], now[1] - t[1])
         t = now
 
-    import torch
+    from evaluation.startup import collector_paused, release
 
-    from evaluation.cli import _batches, _subsample, parse_data
-    from evaluation.io.checkpoints import load_checkpoint
-    from evaluation.io.device import resolve_device
-    from evaluation.lib.fit import LIBConfig, fit_lib
-    from evaluation.lib.report import write_lib_report
-    mark("import")
-    loaded = load_checkpoint(ref / "model_epoch_60000.pt", config=json.loads(config.read_text()))
-    model = loaded.model.to(resolve_device(device)).to(torch.float64)
+    with collector_paused():  # as the CLI does (evaluation.startup)
+        import torch
+
+        from evaluation.cli import _batches, _subsample, parse_data
+        from evaluation.io.checkpoints import load_checkpoint
+        from evaluation.io.device import resolve_device
+        from evaluation.lib.fit import LIBConfig, fit_lib
+        from evaluation.lib.report import write_lib_report
+        mark("import")
+        loaded = load_checkpoint(ref / "model_epoch_60000.pt", config=json.loads(config.read_text()))
+        model = loaded.model.to(resolve_device(device)).to(torch.float64)
     batches = _batches(*_subsample(*parse_data("modular-addition:p=113"), 3830), 512)  # the CLI default
     mark("load")
     result = fit_lib(model, batches, LAYERS, LIBConfig(), progress=False)
     mark("fit")
     write_lib_report(result, out, {"node_layers": LAYERS}, {})
     mark("write")
+    release()
     return stages
 
 
@@ -126,6 +134,7 @@ def main() -> int:
     parser.add_argument("--ref", default=str(ROOT / ".." / "shared" / "ref" / "rib_modadd_seed0"),
                         help="folder holding rib's model_epoch_60000.pt")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--repeat", type=int, default=3, help="end-to-end runs (the fastest is compared with the target)")
     args = parser.parse_args()
     ref = Path(args.ref)
     if not (ref / "model_epoch_60000.pt").is_file():
@@ -136,10 +145,11 @@ def main() -> int:
         config.write_text(json.dumps(CONFIG))
         load_before = load_average()
         help_s = help_time()
-        cli_s, rss = end_to_end(cli_args(ref, config, tmp / "cli", args.device))
+        runs = [end_to_end(cli_args(ref, config, tmp / f"cli{i}", args.device)) for i in range(max(1, args.repeat))]
+        rss = max(r[2] for r in runs)
         stages = staged(ref, config, tmp / "staged", args.device)
         load_after = load_average()
-        figures(tmp / "cli")
+        figures(tmp / "cli0")
     import torch
 
     print(f"\nmachine: {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, device {args.device}, "
@@ -149,7 +159,10 @@ def main() -> int:
         wall, cpu = stages[name]
         target = f"≤ {TARGETS['fit_s']} s (wall, idle 2-core CPU)" if name == "fit" else ""
         print(f"{'in process: ' + name:34s} {wall:8.2f} {cpu:8.2f}   {target}")
-    print(f"{'interp-eval lib, end to end':34s} {cli_s:8.2f} {'':>8s}   ≤ {TARGETS['cli_s']} s")
+    for i, (wall, cpu, _) in enumerate(runs):
+        label = f"interp-eval lib, end to end ({i + 1})"
+        target = f"≤ {TARGETS['cli_s']} s (fastest: {min(r[0] for r in runs):.2f} s)" if i == 0 else ""
+        print(f"{label:34s} {wall:8.2f} {cpu:8.2f}   {target}")
     print(f"{'interp-eval --help':34s} {help_s:8.2f} {'':>8s}   ≤ {TARGETS['help_s']} s")
     print(f"{'peak RSS of interp-eval lib (GiB)':34s} {rss:8.2f} {'':>8s}   ≤ {TARGETS['rss_gib']} GiB")
     return 0

@@ -173,37 +173,40 @@ def _ablation_ks(n: int) -> list[int]:
 
 
 def run_lib(args) -> dict:
-    from evaluation.lib.distributed import fit_lib_distributed, init_from_env, launched_by_torchrun
-    from evaluation.lib.fit import LIBConfig, fit_lib
-    from evaluation.metrics.lib_summary import node_ablation_curve
+    from evaluation.startup import collector_paused
 
-    import torch
+    with collector_paused():  # the imports and the model load build ~0.5 M objects: see evaluation.startup
+        from evaluation.lib.distributed import fit_lib_distributed, init_from_env, launched_by_torchrun
+        from evaluation.lib.fit import LIBConfig, fit_lib
+        from evaluation.metrics.lib_summary import edge_table, node_ablation_curve
 
-    from evaluation.io.checkpoints import load_checkpoint
-    from evaluation.io.device import resolve_device
-    from evaluation.lib.positions import loss_reads_last_position
-    from evaluation.lib.report import check_out_dir, write_lib_report
+        import torch
 
-    out_dir = check_out_dir(args.out)  # fail before the expensive fit
-    edge_config = None
-    if args.edge_ablation:
-        from evaluation.metrics.edge_ablation import EdgeAblationConfig
+        from evaluation.io.checkpoints import load_checkpoint
+        from evaluation.io.device import resolve_device
+        from evaluation.lib.positions import loss_reads_last_position
+        from evaluation.lib.report import check_out_dir, write_lib_report
 
-        edge_config = EdgeAblationConfig(tolerance=args.edge_ablation_tolerance, ablation=args.edge_ablation_mode)
-    device = resolve_device(args.device)  # ValueError for an absent device, before anything is written
-    rank = init_from_env()[0] if launched_by_torchrun() else 0
-    if launched_by_torchrun() and device.type == "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())  # this process's GPU (init_from_env: LOCAL_RANK)
-    config = None
-    if args.config is not None:
-        try:
-            config = json.loads(Path(args.config).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"cannot read --config {args.config!r} as JSON: {err}") from err
-    loaded = load_checkpoint(resolve_checkpoint(args.checkpoint), config=config)
-    model = loaded.model.to(device)
-    if args.dtype is not None:
-        model = model.to(getattr(torch, args.dtype))
+        out_dir = check_out_dir(args.out)  # fail before the expensive fit
+        edge_config = None
+        if args.edge_ablation:
+            from evaluation.metrics.edge_ablation import EdgeAblationConfig
+
+            edge_config = EdgeAblationConfig(tolerance=args.edge_ablation_tolerance, ablation=args.edge_ablation_mode)
+        device = resolve_device(args.device)  # ValueError for an absent device, before anything is written
+        rank = init_from_env()[0] if launched_by_torchrun() else 0
+        if launched_by_torchrun() and device.type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())  # this process's GPU (init_from_env: LOCAL_RANK)
+        config = None
+        if args.config is not None:
+            try:
+                config = json.loads(Path(args.config).read_text())
+            except (OSError, json.JSONDecodeError) as err:
+                raise ValueError(f"cannot read --config {args.config!r} as JSON: {err}") from err
+        loaded = load_checkpoint(resolve_checkpoint(args.checkpoint), config=config)
+        model = loaded.model.to(device)
+        if args.dtype is not None:
+            model = model.to(getattr(torch, args.dtype))
     if args.data is not None:
         inputs, targets = parse_data(args.data)
         check_data_fits(model, inputs, targets, args.data)
@@ -238,15 +241,20 @@ def run_lib(args) -> dict:
     if edge_config is not None:
         from evaluation.metrics.edge_ablation import BASES, edge_ablation_sparsity
 
-        metadata["edge_ablation"] = {b: edge_ablation_sparsity(model, batches, result, b, edge_config,
-                                                               fit_data=batches).to_dict() for b in BASES}
+        metadata["edge_ablation"] = {b: edge_ablation_sparsity(model, batches, result, b, edge_config).to_dict()
+                                     for b in BASES}
     report = write_lib_report(result, out_dir, metadata, ablation)
     print(f"wrote {out_dir}: {', '.join(report['files'])}")
+    if not args.quiet:
+        print(edge_table(report["summary"]))
     return report
 
 
 def run_compare_command(args):
-    from evaluation.compare import MeasureOptions, discover_runs, run_compare, runs_from_paths
+    from evaluation.startup import collector_paused
+
+    with collector_paused():  # torch, Lightning, matplotlib, scipy: see evaluation.startup
+        from evaluation.compare import MeasureOptions, discover_runs, run_compare, runs_from_paths
 
     if args.root is None and not args.variant:
         raise ValueError("give a task directory of runs (ROOT) or at least one --variant NAME RUN [RUN ...]")
@@ -394,6 +402,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_command("interp-eval", _run, argv)
     finally:
         _end_process_group()
+        from evaluation.startup import release, skip_exit_collection
+
+        release()  # objects frozen by run_lib's collector_paused: collectable again in a long-lived process
+        skip_exit_collection()  # a command line exits next: no collection walks the imported libraries
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 

@@ -35,31 +35,40 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python study/run_study.py` puts study/, not the repository, on the path
     sys.path.insert(0, str(ROOT))
 
-from study.sweep import BASELINE, DEFAULT_SEEDS, Cell, TaskPlan, cells, write_derived_recipe  # noqa: E402
+from study.sweep import BASELINE, DEFAULT_SEEDS, RECIPE_FILE, Cell, Family, TaskPlan, cells, write_derived_recipe  # noqa: E402
 
 # Manifold data for the alignment measurement: a strongly bent manifold (scale 10) in d = 128, so
 # that reading z linearly off the chart (z = Aᵀx, the easy solution) gives input gradients that
 # are far from the tangent spaces (docs/DESIGN.md §3.8: nonlinear generator).
 MANIFOLD_DATA = ("--data.init_args.ambient_dim", "128", "--data.init_args.scale", "10.0",
                  "--model.model.init_args.d_in", "128")
-DIGIT_MANIFOLD_SIZE = ("--trainer.max_epochs", "20")
+
+
+def adversarial(recipe: str) -> Family:
+    """PGD adversarial training replaces the task loss: its strength is the attack radius ε (study/sweep.py)."""
+    return Family(recipe, "epsilon")
+
+
+DIGIT_MANIFOLD_SIZE = ("--trainer.max_epochs", "12")
 DIGIT_MANIFOLD_FAMILIES = ("adversarial", "grad_norm", "off_manifold_grad", "off_manifold_noise")
 
 PLANS: dict[str, TaskPlan] = {
-    # the headline task: decoder-generated digits, exact tangents (recipes/digit_manifold); 20 of the
-    # recipe's 30 epochs (validation accuracy has plateaued by then) and 256 measured examples, to
-    # fit 65 runs into the 2-core machine's budget
-    "digit_manifold": TaskPlan("recipes/digit_manifold", "baseline", {f: f for f in DIGIT_MANIFOLD_FAMILIES},
+    # the headline task: decoder-generated digits, exact tangents (recipes/digit_manifold); 12 of the
+    # recipe's 30 epochs (384 steps: validation accuracy ~1.5 points below its plateau, the 200-step
+    # warm-ups end in the first half) and 256 measured examples, for the 2-core machine's budget
+    "digit_manifold": TaskPlan("recipes/digit_manifold", "baseline",
+                               {**{f: f for f in DIGIT_MANIFOLD_FAMILIES}, "adversarial": adversarial("adversarial")},
                                extra=DIGIT_MANIFOLD_SIZE, measure=dict(max_samples=256)),
     "digit_manifold_cnn": TaskPlan("recipes/digit_manifold", "cnn_baseline",
-                                   {f: f"cnn_{f}" for f in DIGIT_MANIFOLD_FAMILIES},
+                                   {**{f: f"cnn_{f}" for f in DIGIT_MANIFOLD_FAMILIES},
+                                    "adversarial": adversarial("cnn_adversarial")},
                                    extra=DIGIT_MANIFOLD_SIZE, measure=dict(max_samples=256)),
     "digits": TaskPlan("recipes/digits", "baseline",
                        {f: f for f in ("grad_norm", "off_manifold", "degeneracy", "interaction", "connection_cost")},
                        llc=True),
     "manifold": TaskPlan("recipes/manifold", "baseline",
-                         {f: f for f in ("grad_norm", "off_manifold_grad", "off_manifold_noise", "adversarial",
-                                         "degeneracy")},
+                         {**{f: f for f in ("grad_norm", "off_manifold_grad", "off_manifold_noise", "degeneracy")},
+                          "adversarial": adversarial("adversarial")},
                          extra=MANIFOLD_DATA, llc=True),
     # WeightSparsity's strength is its density (one recipe each, not swept); circuits with mean and
     # zero ablation (issue 15); 1000 full-batch steps: every cpu recipe groks by step ~650
@@ -93,6 +102,22 @@ def fit_args(plan: TaskPlan, cell: Cell, recipe: Path, extra: list[str] = ()) ->
             *plan.extra, *extra, "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
+def changed_settings(cell: Cell, args: list[str]) -> str:
+    """How a trained run's settings differ from what the plan would train now ('' if they do not, or
+    if the run has no record): the derived recipe, or the ``interp-train fit`` arguments."""
+    import yaml
+
+    from study.sweep import derived_recipe
+
+    info, recipe = read_json(cell.directory / STUDY_FILE), cell.directory / RECIPE_FILE
+    if recipe.is_file() and yaml.safe_load(recipe.read_text()) != derived_recipe(cell):
+        return f"{RECIPE_FILE} differs from {cell.recipe}" + (
+            "" if cell.multiplier is None else f" x {cell.multiplier:g}")
+    if info.get("fit_args") not in (None, args):
+        return f"fit arguments {shlex.join(info['fit_args'])!r}, now {shlex.join(args)!r}"
+    return ""
+
+
 def train(plan: TaskPlan, todo: list[Cell], command: str = "", extra: list[str] = (), log=print) -> list[Cell]:
     """Trains every cell of ``todo`` without metrics.json, in this process, one after another;
     writes the derived recipe and ``study.json`` (seconds, command, date) into each run directory.
@@ -103,13 +128,16 @@ def train(plan: TaskPlan, todo: list[Cell], command: str = "", extra: list[str] 
     failed = []
     for i, cell in enumerate(todo, 1):
         tag = f"[{cell.task} {i}/{len(todo)}] {cell.variant} seed{cell.seed}"
+        args = fit_args(plan, cell, cell.directory / RECIPE_FILE, list(extra))
         if cell.done:
-            log(f"{tag}: done already")
+            changed = changed_settings(cell, args)
+            log(f"{tag}: done already" + (f" (WARNING: trained with other settings: {changed}; delete "
+                                          f"{cell.directory} to retrain)" if changed else ""))
             continue
-        recipe = write_derived_recipe(cell)
+        write_derived_recipe(cell)
         start = time.time()
         try:
-            InterpTrainCLI(args=fit_args(plan, cell, recipe, list(extra)))
+            InterpTrainCLI(args=args)
         except Exception as err:  # one diverged strength must not stop the other runs
             log(f"{tag}: FAILED after {time.time() - start:.0f} s: {type(err).__name__}: {err}")
             failed.append(cell)
@@ -118,6 +146,7 @@ def train(plan: TaskPlan, todo: list[Cell], command: str = "", extra: list[str] 
         write_json_atomic(cell.directory / STUDY_FILE, {
             "task": cell.task, "variant": cell.variant, "family": cell.family, "multiplier": cell.multiplier,
             "seed": cell.seed, "recipe": str(cell.recipe), "train_seconds": seconds, "command": command,
+            "fit_args": args,
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
         log(f"{tag}: trained in {seconds:.0f} s")
     return failed

@@ -1,11 +1,16 @@
 """The study's plan: per task, standard training against each regularizer family at several strengths.
 
 A family is one recipe file whose regularizers are trained at ``multiplier × `` the recipe's
-weight (a decade apart by default: 0.1, 1, 10). The weight is a number or a schedule
-(``interp_train.schedules``); a schedule's levels (``value``, and ``start`` / ``final`` where set)
-are all multiplied, so a warm-up keeps its shape and only its height changes:
+strength (a decade apart by default: 0.1, 1, 10). The strength is the regularizer weight, a
+number or a schedule (``interp_train.schedules``); a schedule's levels (``value``, and ``start`` /
+``final`` where set) are all multiplied, so a warm-up keeps its shape and only its height changes:
 
     w'(t) = multiplier · w(t).
+
+A regularizer that replaces the task loss (adversarial training: the model trains on the attacked
+loss alone) has no strength in its weight — w only rescales the whole loss, which Adam's update
+ignores — so its family names another numeric argument to scale (``Family(recipe, "epsilon")``,
+the attack radius); scaling such a weight is refused.
 
 Every (cell, seed) is one run directory,
 
@@ -36,20 +41,29 @@ SCHEDULE_LEVELS = ("value", "start", "final")  # the weight levels of interp_tra
 
 
 @dataclass(frozen=True)
+class Family:
+    """A regularizer family: its recipe file (stem) and the ``init_args`` entry that is its strength."""
+
+    recipe: str
+    strength: str = "weight"
+
+
+@dataclass(frozen=True)
 class TaskPlan:
     """One task of the study: a recipe folder, its standard-training recipe, the regularizer families.
 
     recipe: folder under the repository root (e.g. "recipes/digits"); baseline: the recipe file
     (stem) of standard training; families: {family name: recipe stem whose regularizer weights are
-    scaled}; multipliers: the strengths, as multiples of the recipe's weights; fixed: {family
-    name: recipe stem} trained only as the recipe is (cell ``<family>_x1``, not swept: e.g.
-    WeightSparsity, whose strength is its density); extra: CLI overrides for every run of the
-    task; llc: measure the LLC in compare; measure: ``MeasureOptions`` overrides for this task.
+    scaled, or a ``Family`` naming another strength argument}; multipliers: the strengths, as
+    multiples of the recipe's; fixed: {family name: recipe stem} trained only as the recipe is
+    (cell ``<family>_x1``, not swept: e.g. WeightSparsity, whose strength is its density); extra:
+    CLI overrides for every run of the task; llc: measure the LLC in compare; measure:
+    ``MeasureOptions`` overrides for this task.
     """
 
     recipe: str
     baseline: str
-    families: Mapping[str, str]
+    families: Mapping[str, str | Family]
     multipliers: tuple[float, ...] = DEFAULT_MULTIPLIERS
     extra: tuple[str, ...] = ()
     llc: bool = False
@@ -67,6 +81,10 @@ class TaskPlan:
 
     def recipe_path(self, root: Path, stem: str) -> Path:
         return Path(root) / self.recipe / f"{stem}.yaml"
+
+    def family(self, name: str) -> Family:
+        spec = self.families[name]
+        return spec if isinstance(spec, Family) else Family(spec)
 
 
 def check_multiplier(m: float) -> float:
@@ -110,6 +128,7 @@ class Cell:
     recipe: Path
     seed: int
     directory: Path
+    strength: str = "weight"  # the init_args entry the multiplier scales
 
     @property
     def done(self) -> bool:
@@ -136,10 +155,10 @@ def cells(plan: TaskPlan, task: str, seeds: Sequence[int], root: Path, repo: Pat
         if family == BASELINE or family in plan.fixed:
             continue
         for m in mults:
-            name = variant_name(family, m)
+            name, spec = variant_name(family, m), plan.family(family)
             for s in seeds:
-                yield Cell(task, name, family, m, plan.recipe_path(repo, plan.families[family]), s,
-                           run_dir(root, task, name, s))
+                yield Cell(task, name, family, m, plan.recipe_path(repo, spec.recipe), s, run_dir(root, task, name, s),
+                           spec.strength)
     for family in chosen:
         if family in plan.fixed:
             name = variant_name(family, 1.0)
@@ -167,18 +186,47 @@ def scale_weight(weight: Any, multiplier: float, where: str = "weight") -> Any:
     raise ValueError(f"{where}: a weight must be a number or a schedule with init_args.value, got {weight!r}")
 
 
-def scaled_recipe(recipe: Mapping[str, Any], multiplier: float, name: str = "recipe") -> dict:
-    """A copy of the recipe (parsed YAML) with every regularizer's weight × ``multiplier``
-    (a regularizer without a ``weight`` has the class default 1.0, made explicit). A recipe
-    without regularizers is an error: there is nothing to scale."""
+def replaces_task_loss(regularizer: Mapping[str, Any]) -> bool:
+    """Whether the recipe's regularizer (class_path + init_args) trains on its own loss instead of
+    the task loss — asked of the regularizer itself (``replaces_task_loss``, built from its arguments)."""
+    import importlib
+
+    module, _, cls = str(regularizer.get("class_path", "")).rpartition(".")
+    try:
+        built = getattr(importlib.import_module(module), cls)(**dict(regularizer.get("init_args") or {}))
+    except Exception:  # not buildable on its own (e.g. a schedule dict as weight): read the argument
+        return bool((regularizer.get("init_args") or {}).get("replace_task_loss", False))
+    return bool(getattr(built, "replaces_task_loss", False))
+
+
+def scaled_recipe(recipe: Mapping[str, Any], multiplier: float, name: str = "recipe", strength: str = "weight") -> dict:
+    """A copy of the recipe (parsed YAML) with each regularizer's ``strength`` argument × ``multiplier``.
+
+    strength "weight": every regularizer's weight (a regularizer without one has the class default
+    1.0, made explicit); refused for a regularizer that replaces the task loss (module docstring).
+    Another name (e.g. "epsilon"): every regularizer that sets it in the recipe; at least one must.
+    A recipe without regularizers is an error: there is nothing to scale."""
     multiplier = check_multiplier(multiplier)
     out = copy.deepcopy(dict(recipe))
     regs = ((out.get("model") or {}).get("regularizers")) or []
     if not regs:
         raise ValueError(f"{name}: no model.regularizers to scale (a family needs a recipe with regularizers)")
+    scaled = 0
     for i, reg in enumerate(regs):
         args = reg.setdefault("init_args", {})
-        args["weight"] = scale_weight(args.get("weight", 1.0), multiplier, f"{name}: regularizer {i} weight")
+        if strength == "weight":
+            if replaces_task_loss(reg):
+                raise ValueError(f"{name}: regularizer {i} ({reg.get('class_path')}) replaces the task loss, so its "
+                                 "weight only rescales the loss (Adam ignores that); sweep another argument, "
+                                 "e.g. Family(recipe, 'epsilon')")
+            args["weight"] = scale_weight(args.get("weight", 1.0), multiplier, f"{name}: regularizer {i} weight")
+            scaled += 1
+        elif strength in args:
+            args[strength] = scale_weight(args[strength], multiplier, f"{name}: regularizer {i} {strength}")
+            scaled += 1
+    if not scaled:
+        raise ValueError(f"{name}: no regularizer sets {strength!r} in its init_args (write the recipe's value "
+                         "explicitly to sweep it)")
     return out
 
 
@@ -187,7 +235,7 @@ def derived_recipe(cell: Cell) -> dict:
     import yaml
 
     recipe = yaml.safe_load(cell.recipe.read_text()) or {}
-    return recipe if cell.multiplier is None else scaled_recipe(recipe, cell.multiplier, str(cell.recipe))
+    return recipe if cell.multiplier is None else scaled_recipe(recipe, cell.multiplier, str(cell.recipe), cell.strength)
 
 
 def write_derived_recipe(cell: Cell) -> Path:
@@ -198,6 +246,7 @@ def write_derived_recipe(cell: Cell) -> Path:
 
     path = cell.directory / RECIPE_FILE
     header = (f"# study cell {cell.variant} seed{cell.seed}: {cell.recipe.name}"
-              + ("" if cell.multiplier is None else f" with regularizer weights x{cell.multiplier:g}") + "\n")
+              + ("" if cell.multiplier is None else f" with the regularizers' {cell.strength} x{cell.multiplier:g}")
+              + "\n")
     write_atomic(path, header + yaml.safe_dump(derived_recipe(cell), sort_keys=False))
     return path

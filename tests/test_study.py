@@ -15,8 +15,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from study import run_study  # noqa: E402
-from study.sweep import (TaskPlan, cells, derived_recipe, multiplier_label, parse_variant, run_dir, scale_weight,  # noqa: E402
-                         scaled_recipe, variant_name)
+from study.sweep import (Family, TaskPlan, cells, derived_recipe, multiplier_label, parse_variant, run_dir,  # noqa: E402
+                         scale_weight, scaled_recipe, variant_name)
 from study.tradeoff import best_within, plot_tradeoff, series  # noqa: E402
 
 
@@ -64,6 +64,24 @@ def test_scaled_recipe_scales_every_regularizer_and_nothing_else():
     assert scaled == recipe  # everything but the weights is the recipe's
     no_weight = {"model": {"regularizers": [{"class_path": "x.Y", "init_args": {}}]}}
     assert scaled_recipe(no_weight, 0.1)["model"]["regularizers"][0]["init_args"]["weight"] == pytest.approx(0.1)
+
+
+def test_adversarial_training_is_swept_by_its_radius_not_its_weight():
+    """PGD adversarial training replaces the task loss, so its weight only rescales the loss (AdamW's
+    update is invariant to that): scaling it is refused; the family scales epsilon instead."""
+    recipe = yaml.safe_load((REPO / "recipes/digit_manifold/adversarial.yaml").read_text())  # epsilon 1.0
+    with pytest.raises(ValueError, match="replaces the task loss, so its weight only rescales the loss"):
+        scaled_recipe(recipe, 10.0)
+    scaled = scaled_recipe(recipe, 0.1, strength="epsilon")["model"]["regularizers"][0]["init_args"]
+    assert scaled["epsilon"] == pytest.approx(0.1) and scaled["weight"] == 1.0
+    with pytest.raises(ValueError, match="no regularizer sets 'sigma' in its init_args"):
+        scaled_recipe(recipe, 0.1, strength="sigma")
+    for task, plan in run_study.PLANS.items():
+        if "adversarial" in plan.families:
+            assert plan.family("adversarial").strength == "epsilon", task
+    plan = TaskPlan("recipes/digit_manifold", "baseline", {"adversarial": Family("adversarial", "epsilon")})
+    (cell,) = cells(plan, "t", [0], Path("r"), REPO, families=["adversarial"], multipliers=[10])
+    assert cell.strength == "epsilon" and cell.recipe == REPO / "recipes/digit_manifold/adversarial.yaml"
 
 
 def test_bad_weights_and_recipes_are_refused():
@@ -164,10 +182,20 @@ def test_train_skips_done_runs_writes_the_derived_recipe_and_survives_a_failure(
     assert info["multiplier"] == 10.0 and info["command"] == "cmd" and info["train_seconds"] >= 0
     base = yaml.safe_load((tmp_path / "digits/baseline/seed1/study_recipe.yaml").read_text())
     assert base == yaml.safe_load((REPO / "recipes/digits/baseline.yaml").read_text())
+    assert info["fit_args"] == args
     FakeFit.calls, FakeFit.fail_in = [], None
-    assert run_study.train(plan, todo, log=logs.append) == []  # a rerun trains only the failed run
+    logs.clear()
+    assert run_study.train(plan, todo, "cmd", log=logs.append) == []  # a rerun trains only the failed run
     assert [Path(a[a.index("--run_dir") + 1]).relative_to(tmp_path) for a in FakeFit.calls] == \
         [Path("digits/grad_norm_x10/seed1")]
+    assert not any("WARNING" in m for m in logs)
+    changed = TaskPlan(plan.recipe, plan.baseline, plan.families, extra=("--trainer.max_epochs", "5"))
+    run_study.train(changed, todo[:1], "cmd", log=logs.append)  # a finished run trained with other settings
+    assert "WARNING: trained with other settings: fit arguments" in logs[-1] and "--trainer.max_epochs 5" in logs[-1]
+    recipe_file = tmp_path / "digits/grad_norm_x10/seed0/study_recipe.yaml"
+    recipe_file.write_text(recipe_file.read_text().replace("value: 1.0", "value: 2.0"))
+    run_study.train(plan, [c for c in todo if c.directory == recipe_file.parent], "cmd", log=logs.append)
+    assert "study_recipe.yaml differs from" in logs[-1] and "grad_norm.yaml x 10" in logs[-1]
 
 
 def test_dry_run_and_argument_errors(tmp_path, capsys):

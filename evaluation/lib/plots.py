@@ -12,10 +12,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.collections import LineCollection  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-LIB_COLOR, PCA_COLOR = "tab:blue", "tab:orange"
+LIB_COLOR, PCA_COLOR, NEURON_COLOR = "tab:blue", "tab:orange", "tab:green"
 
 
 def _np(x) -> np.ndarray:
@@ -24,18 +25,30 @@ def _np(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def _save(fig, path) -> Path:
+def _save(fig, path, tight: bool = True) -> Path:
+    """tight: lay the figure out with ``tight_layout`` (one more text-measuring draw than the save;
+    the panel grids place their axes themselves, see ``_grid``)."""
     path = Path(path)
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def _grid(n: int, width: float = 4.2, height: float = 3.4):
+def _grid(n: int, width: float = 4.2, height: float = 3.4, left: float = 1.0):
+    """A figure of n panels, 3 a row, with fixed margins in inches (what ``tight_layout`` chooses for
+    these panels: ``left`` for the y tick labels and label, room for a title above each panel and the
+    figure's title) -- fixed so that saving needs no extra layout pass."""
     cols = min(n, 3)
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    W, H = width * cols, height * rows
+    right, bottom, top, gap_w, gap_h = 0.15, 0.6, 0.66, left - 0.05, 0.8
+    axis_w = (W - left - right - (cols - 1) * gap_w) / cols
+    axis_h = (H - bottom - top - (rows - 1) * gap_h) / rows
+    fig.subplots_adjust(left=left / W, right=1 - right / W, bottom=bottom / H, top=1 - top / H,
+                        wspace=gap_w / axis_w, hspace=gap_h / axis_h)
     for ax in axes.ravel()[n:]:
         ax.set_visible(False)
     return fig, axes.ravel()
@@ -57,7 +70,7 @@ def plot_spectra(result, path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("Spectra: LIB vs PCA")
-    return _save(fig, path)
+    return _save(fig, path, tight=False)
 
 
 def cumulative_edge_weight(E) -> np.ndarray:
@@ -70,9 +83,12 @@ def cumulative_edge_weight(E) -> np.ndarray:
 def plot_edge_curves(result, path) -> Path:
     """Per edge layer: cumulative share of edge weight against the number of edges kept."""
     layers = [l for l in result.node_layers[:-1] if l in result.lib_edges]
-    fig, axes = _grid(len(layers))
+    fig, axes = _grid(len(layers), left=0.7)  # linear y axis: narrower tick labels
     for ax, layer in zip(axes, layers):
-        for side, edges, color in (("LIB", result.lib_edges, LIB_COLOR), ("PCA", result.pca_edges, PCA_COLOR)):
+        named = getattr(result, "edges", None) or {"lib": result.lib_edges, "pca": result.pca_edges}
+        colors = {"lib": LIB_COLOR, "pca": PCA_COLOR, "neuron": NEURON_COLOR}
+        for side, edges in named.items():
+            side, color = side.upper(), colors.get(side, "grey")
             c = cumulative_edge_weight(edges[layer])
             ax.semilogx(np.arange(1, c.size + 1), c, color=color, label=side)
         for frac in (0.9, 0.99):
@@ -83,8 +99,9 @@ def plot_edge_curves(result, path) -> Path:
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("Interaction sparsity: LIB vs PCA")
-    return _save(fig, path)
+    fig.suptitle("Interaction sparsity: LIB vs PCA" + (" vs neuron" if "neuron" in (getattr(result, "edges", None) or {})
+                                                          else ""))
+    return _save(fig, path, tight=False)
 
 
 GREY = (0.82, 0.82, 0.82, 1.0)
@@ -136,10 +153,10 @@ def plot_interaction_graph(G, path, title: str = "interaction graph", order: str
     height = max(3.5, min(14.0, 0.06 * max((p[1] for p in pos.values()), default=1) + 2.5))
     fig, ax = plt.subplots(figsize=(2.5 + 2.2 * max(len(layers), 1), height))
     w_max = max((w for *_, w in plan["edges"]), default=1.0) or 1.0
-    for u, v, w in reversed(plan["edges"]):  # strongest drawn last, on top
-        (x0, y0), (x1, y1) = pos[u], pos[v]
-        share = float(np.clip(w / w_max, 0.05, 1.0))
-        ax.plot([x0, x1], [y0, y1], color="k", lw=0.3 + 1.5 * share, alpha=share, zorder=1)
+    drawn = list(reversed(plan["edges"]))  # strongest drawn last, on top
+    share = np.clip(np.array([w for *_, w in drawn]) / w_max, 0.05, 1.0)
+    ax.add_collection(LineCollection([[pos[u], pos[v]] for u, v, _ in drawn], zorder=1, capstyle="projecting",
+                                     colors=[(0.0, 0.0, 0.0, a) for a in share], linewidths=0.3 + 1.5 * share))
     grey = [n for n in nodes if plan["colours"][n] == GREY]
     ax.scatter([pos[n][0] for n in grey], [pos[n][1] for n in grey], s=10, c=[GREY], zorder=2, linewidths=0)
     for rank, (c, size) in enumerate(plan["communities"], 1):
