@@ -178,7 +178,7 @@ def run_lib(args) -> dict:
     with collector_paused():  # the imports and the model load build ~0.5 M objects: see evaluation.startup
         from evaluation.lib.distributed import fit_lib_distributed, init_from_env, launched_by_torchrun
         from evaluation.lib.fit import LIBConfig, fit_lib
-        from evaluation.metrics.lib_summary import node_ablation_curve
+        from evaluation.metrics.lib_summary import edge_table, node_ablation_curve
 
         import torch
 
@@ -245,6 +245,8 @@ def run_lib(args) -> dict:
                                                                fit_data=batches).to_dict() for b in BASES}
     report = write_lib_report(result, out_dir, metadata, ablation)
     print(f"wrote {out_dir}: {', '.join(report['files'])}")
+    if not args.quiet:
+        print(edge_table(report["summary"]))
     return report
 
 

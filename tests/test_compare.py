@@ -174,7 +174,7 @@ def test_deterministic_cli_and_cache_reuse(runs, tmp_path, monkeypatch):
     variants["single"] = runs_from_paths("single", [runs["single"]])
     run_compare(variants, tmp_path / "a", OPTIONS, progress=False)
     assert {c.rsplit("/", 1)[0] for c in calls} == {"single/seed0"}  # only the new checkpoint, every metric
-    assert len(calls) == 8
+    assert len(calls) == 9  # accuracy, lib/pca/neuron edge fractions, lib/pca ratio, features, modularity, alignment, robustness
     calls.clear()
     run_compare(discover_runs(task), tmp_path / "a", MeasureOptions(max_samples=64, n_draws=2), progress=False)
     # n_draws enters only the robustness ratio's key: exactly that metric is measured again, on every run

@@ -200,6 +200,13 @@ def assert_same_fit(res, ref):
         assert res.lib_edges[name].abs().max() > 1e-6
         torch.testing.assert_close(res.lib_edges[name], ref.lib_edges[name], atol=1e-13, rtol=1e-9)
         torch.testing.assert_close(res.pca_edges[name], ref.pca_edges[name], atol=1e-13, rtol=1e-9)
+    # the neuron basis (C = I) and its edges, wherever both fits computed them
+    for name in res.node_layers:
+        torch.testing.assert_close(res.neuron[name].Lambda, ref.neuron[name].Lambda, atol=1e-12, rtol=1e-9)
+        assert torch.equal(res.neuron[name].C, torch.eye(res.neuron[name].C.shape[0], dtype=torch.float64))
+    for name in res.node_layers[:-1] if "neuron" in res.edges and "neuron" in ref.edges else []:
+        assert res.neuron_edges[name].abs().max() > 1e-6
+        torch.testing.assert_close(res.neuron_edges[name], ref.neuron_edges[name], atol=1e-13, rtol=1e-9)
 
 
 @pytest.mark.parametrize("integration,n", [("gradient", 1), ("trapezoid", 3), ("gauss-legendre", 2)])

@@ -90,7 +90,7 @@ def test_repeated_rows_are_counted_once_but_weighted():
 ])
 def test_a_section_failing_its_check_falls_back_to_autograd(monkeypatch, break_it, message):
     """A wrong closed form (a mis-read attention scale, a wrong Gram) is caught on the first batch."""
-    import evaluation.lib.fit as lib
+    import evaluation.lib.sections as lib
     model, data, layers = bridge(n_layers=1), tokens(), resid_layers(1)
 
     def wrong(model, l_in, l_out):

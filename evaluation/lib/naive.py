@@ -165,19 +165,27 @@ def naive_fit_lib(model, data, node_layers, config: LIBConfig = LIBConfig(), inp
         C = R @ V_full @ torch.diag(scale.sqrt())
         C_pinv = torch.diag(scale.rsqrt()) @ V_full.T @ R_pinv
         lib[l_in] = LayerBasis(l_in, C, C_pinv, Lam, mu)
-    lib_edges, pca_edges = {}, {}
+    # the neuron basis: the unrotated layer, C = C⁺ = I, Lambda = [1, E[f_k²]]
+    neuron = {}
+    for name in node_layers:
+        rows = acts[name].reshape(-1, acts[name].shape[-1])
+        eye = torch.eye(rows.shape[1] + 1, dtype=F64)
+        neuron[name] = LayerBasis(name, eye, eye.clone(), torch.cat([torch.ones(1, dtype=F64), rows.pow(2).mean(0)]),
+                                  rows.mean(0))
+    named = {"lib": lib, "pca": pca, "neuron": neuron}
+    edges = {name: {} for name in named if name != "neuron" or config.neuron_edges}
     alphas, weights = _rule(config)
     for l_in, l_out in zip(node_layers[:-1], node_layers[1:]):
-        for bases, store in ((lib, lib_edges), (pca, pca_edges)):
-            C_in, C_pinv, C_out = bases[l_in].C, bases[l_in].C_pinv, bases[l_out].C
-            P = acts[l_in].shape[1]
-            E = torch.zeros(C_out.shape[1], C_in.shape[1], dtype=F64)
-            for n in range(N):
-                f = acts[l_in][n]
+        P = acts[l_in].shape[1]
+        E = {name: 0.0 for name in edges}
+        for n in range(N):
+            f = acts[l_in][n]
+            Js = [forward.jacobian(x[n:n + 1], l_in, l_out, alpha * f).to(F64) for alpha in alphas]
+            for name in edges:  # every basis from the same dense Jacobians
+                C_in, C_pinv, C_out = named[name][l_in].C, named[name][l_in].C_pinv, named[name][l_out].C
                 f_hat = torch.cat([torch.ones(P, 1, dtype=F64), f], 1) @ C_in  # (P, k_in)
                 total = 0.0
-                for alpha, w in zip(alphas, weights):
-                    J = forward.jacobian(x[n:n + 1], l_in, l_out, alpha * f).to(F64)
+                for J, w in zip(Js, weights):
                     # ∂ĥ_{t,i}/∂f̂_{s,j} = ∑_{o,d} C_out[1+o, i] J[t,o,s,d] C⁺[j, 1+d]
                     J_hat = torch.einsum("oi,toSd,jd->tiSj", C_out[1:], J, C_pinv[:, 1:])
                     term = torch.zeros(J_hat.shape[0], J_hat.shape[1], J_hat.shape[3], dtype=F64)
@@ -185,9 +193,10 @@ def naive_fit_lib(model, data, node_layers, config: LIBConfig = LIBConfig(), inp
                         term += J_hat[:, :, s, :] * f_hat[s]
                     total = total + w * term
                 for t in range(total.shape[0]):
-                    E += total[t] ** 2
-            store[l_in] = E / (N * P)
-    return LIBResult(list(node_layers), lib, pca, lib_edges, pca_edges, config)
+                    E[name] = E[name] + total[t] ** 2
+        for name, store in edges.items():
+            store[l_in] = E[name] / (N * P)
+    return LIBResult(list(node_layers), {"lib": lib, "pca": pca, "neuron": neuron}, edges, config)
 
 
 def model_dtype(model) -> torch.dtype:

@@ -16,7 +16,7 @@ from matplotlib.collections import LineCollection  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-LIB_COLOR, PCA_COLOR = "tab:blue", "tab:orange"
+LIB_COLOR, PCA_COLOR, NEURON_COLOR = "tab:blue", "tab:orange", "tab:green"
 
 
 def _np(x) -> np.ndarray:
@@ -85,7 +85,10 @@ def plot_edge_curves(result, path) -> Path:
     layers = [l for l in result.node_layers[:-1] if l in result.lib_edges]
     fig, axes = _grid(len(layers), left=0.7)  # linear y axis: narrower tick labels
     for ax, layer in zip(axes, layers):
-        for side, edges, color in (("LIB", result.lib_edges, LIB_COLOR), ("PCA", result.pca_edges, PCA_COLOR)):
+        named = getattr(result, "edges", None) or {"lib": result.lib_edges, "pca": result.pca_edges}
+        colors = {"lib": LIB_COLOR, "pca": PCA_COLOR, "neuron": NEURON_COLOR}
+        for side, edges in named.items():
+            side, color = side.upper(), colors.get(side, "grey")
             c = cumulative_edge_weight(edges[layer])
             ax.semilogx(np.arange(1, c.size + 1), c, color=color, label=side)
         for frac in (0.9, 0.99):
@@ -96,7 +99,8 @@ def plot_edge_curves(result, path) -> Path:
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("Interaction sparsity: LIB vs PCA")
+    fig.suptitle("Interaction sparsity: LIB vs PCA" + (" vs neuron" if "neuron" in (getattr(result, "edges", None) or {})
+                                                          else ""))
     return _save(fig, path, tight=False)
 
 

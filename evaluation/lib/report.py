@@ -2,8 +2,9 @@
 
 Layout of ``out_dir``:
     lib.json              metrics summary (metrics.summarize), config, run metadata, ablation curves
-    bases.safetensors     "<lib|pca>/<layer>/<C|C_pinv|Lambda|mean>" (float64)
-    edges.safetensors     "<lib|pca>/<input layer>" -> E (k_{l+1}, k_l) (float64)
+    bases.safetensors     "<lib|pca>/<layer>/<C|C_pinv|Lambda|mean>", "neuron/<layer>/<Lambda|mean>"
+                          (the neuron basis is C = C_pinv = I) (float64)
+    edges.safetensors     "<lib|pca|neuron>/<input layer>" -> E (k_{l+1}, k_l) (float64)
     graph.graphml         LIB interaction graph (node attributes layer, layer_index, index,
                           community at γ = 1); graph_pca.graphml the same for PCA
     spectra.png, edge_curves.png, graph_lib.png, graph_pca.png, ablation_<layer>.png
@@ -33,7 +34,7 @@ from safetensors.torch import save_file
 from evaluation.lib import plots
 from interp_train.io import current_umask, json_safe
 from evaluation.metrics.graph import interaction_graph, modularity, set_communities, write_graphml
-from evaluation.metrics.lib_summary import summarize
+from evaluation.metrics.lib_summary import named_edges, summarize
 
 
 def check_out_dir(out_dir) -> Path:
@@ -68,17 +69,21 @@ def _process_alive(pid: int) -> bool:
 
 
 def bases_tensors(result) -> dict[str, torch.Tensor]:
+    """lib/pca: C, C_pinv, Lambda, mean per layer; neuron (C = C_pinv = I): Lambda and mean only."""
     out = {}
-    for side, bases in (("lib", result.lib), ("pca", result.pca)):
+    neuron = getattr(result, "bases", {}).get("neuron", {})
+    for side, bases, fields in (("lib", result.lib, ("C", "C_pinv", "Lambda", "mean")),
+                                ("pca", result.pca, ("C", "C_pinv", "Lambda", "mean")),
+                                ("neuron", neuron, ("Lambda", "mean"))):
         for layer, b in bases.items():
-            for field in ("C", "C_pinv", "Lambda", "mean"):
+            for field in fields:
                 out[f"{side}/{layer}/{field}"] = torch.as_tensor(getattr(b, field)).detach().cpu().clone().contiguous()
     return out
 
 
 def edges_tensors(result) -> dict[str, torch.Tensor]:
     return {f"{side}/{layer}": torch.as_tensor(E).detach().cpu().clone().contiguous()
-            for side, edges in (("lib", result.lib_edges), ("pca", result.pca_edges)) for layer, E in edges.items()}
+            for side, edges in named_edges(result).items() for layer, E in edges.items()}
 
 
 def _write_all(result, tmp: Path, metadata: Mapping[str, Any], ablation: Mapping[str, Any] | None, seed: int):

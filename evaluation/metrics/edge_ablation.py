@@ -269,7 +269,7 @@ def basis_set(result, name: str, model: nn.Module | None = None, fit_data=None) 
     if name not in BASES:
         raise ValueError(f"unknown basis {name!r}; allowed: {', '.join(BASES)}")
     named_bases, named_edges = getattr(result, "bases", None), getattr(result, "edges", None)
-    if isinstance(named_bases, dict) and name in named_bases:
+    if isinstance(named_bases, dict) and name in named_bases and isinstance(named_edges, dict) and name in named_edges:
         return named_bases[name], named_edges[name]
     if name == "lib":
         return result.lib, result.lib_edges
@@ -277,7 +277,7 @@ def basis_set(result, name: str, model: nn.Module | None = None, fit_data=None) 
         return result.pca, result.pca_edges
     if model is None or fit_data is None:
         raise ValueError("the neuron basis's edges need the model and the fit data (model=, fit_data=)")
-    from evaluation.lib.fit import LayerBasis, compute_edges
+    from evaluation.lib.fit import LayerBasis, fit_edges
 
     bases = {}
     for layer in result.node_layers:
@@ -287,7 +287,7 @@ def basis_set(result, name: str, model: nn.Module | None = None, fit_data=None) 
     was_training = model.training
     model.eval()
     try:
-        edges, _ = compute_edges(model, fit_data, result.node_layers, bases, result.pca, result.config)
+        edges = fit_edges(model, fit_data, result.node_layers, {"neuron": bases}, result.config)["neuron"]
     finally:
         model.train(was_training)
     return bases, {k: torch.as_tensor(v).cpu() for k, v in edges.items()}

@@ -109,30 +109,47 @@ def _modularity_stats(edges, layers, seed: int) -> dict:
     return out
 
 
+def named_edges(result) -> dict:
+    """{basis name: {input layer: E}} of a fit: ``result.edges`` (lib, pca and, where computed,
+    neuron), or lib and pca for a result without named edges."""
+    edges = getattr(result, "edges", None)
+    return dict(edges) if edges else {"lib": result.lib_edges, "pca": result.pca_edges}
+
+
 def summarize(result, seed: int = 0) -> dict:
-    """Per node layer, per edge layer and for the whole graph, LIB next to PCA:
+    """Per node layer, per edge layer and for the whole graph, in each named basis (LIB, PCA and,
+    where the fit computed its edges, the neuron basis, C = I):
 
     {"layers": {layer: {"lib": {n_features, sum_Lambda, features_90, features_99}, "pca": ...}},
      "edges": {input_layer: {"lib": {n_edges, total_weight, gini, edges_90, fraction_90,
-                                     edges_99, fraction_99}, "pca": ...}},
+                                     edges_99, fraction_99}, "pca": ..., "neuron": ...}},
      "modularity": {"lib": {"gamma_0.5": {Q, n_communities, community_sizes}, "gamma_1.0": ...},
-                    "pca": ...}}
+                    "pca": ..., "neuron": ...}}
     (Q is None where the graph has no edges.)
     """
     layers = list(result.node_layers)
+    sides = named_edges(result)
     summary = {"node_layers": layers, "layers": {}, "edges": {}, "modularity": {}}
     for layer in layers:
         if layer in result.lib:
             summary["layers"][layer] = {"lib": _layer_stats(result.lib[layer]),
                                         "pca": _layer_stats(result.pca[layer])}
     for layer in layers[:-1]:
-        if layer in result.lib_edges:
-            summary["edges"][layer] = {"lib": _edge_stats(result.lib_edges[layer]),
-                                       "pca": _edge_stats(result.pca_edges[layer])}
+        if layer in sides["lib"]:
+            summary["edges"][layer] = {side: _edge_stats(edges[layer]) for side, edges in sides.items()}
     if len(layers) >= 3:  # the graph needs one section between non-output layers
-        for side, edges in (("lib", result.lib_edges), ("pca", result.pca_edges)):
+        for side, edges in sides.items():
             summary["modularity"][side] = _modularity_stats(edges, layers, seed)
     return summary
+
+
+def edge_table(summary: dict) -> str:
+    """Per edge layer, the edges holding 90 % of the edge weight in each basis, as text lines."""
+    rows = []
+    for layer, sides in summary["edges"].items():
+        cells = [f"{side.upper()} {e['edges_90']}/{e['n_edges']}" for side, e in sides.items()]
+        rows.append(f"  {layer}: edges for 90 %: " + ", ".join(cells))
+    return "\n".join(rows)
 
 
 # ---------------------------------------------------------------- node ablation

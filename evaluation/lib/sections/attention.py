@@ -26,7 +26,10 @@ over every position, which the attention reads whether or not it is a node).
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from evaluation.lib.sections.base import recognizer
+from evaluation.lib.sections.transformer_lens import bridge_of, inner, residual_step
 
 F64 = torch.float64
 
@@ -183,3 +186,21 @@ def _scaled(x: Tensor, alpha: float, positions: list[int]) -> Tensor:
     scale = torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
     scale[positions] = alpha
     return x * scale[:, None]
+
+
+@recognizer(order=10)
+def recognize(model: nn.Module, l_in: str, l_out: str):
+    """TransformerLens native attention without LayerNorm (resid_pre -> resid_mid)."""
+    bridge, step = bridge_of(model), residual_step(l_in, l_out)
+    if bridge is None or step is None or step[1] != "attention":
+        return None
+    block = bridge.blocks[step[0]]
+    attn = inner(block.attn)
+    if not isinstance(inner(block.ln1), nn.Identity):
+        return None, "attention behind a LayerNorm"
+    if (type(attn).__name__ != "NativeAttention" or getattr(attn, "rotary", None) is not None
+            or getattr(attn, "attn_scores_soft_cap", 0) > 0 or getattr(attn, "kv_repeats", 1) != 1):
+        return None, f"attention {type(attn).__name__} is not plain multi-head attention"
+    a = block.attn
+    return AttentionSection(a.W_Q, a.b_Q, a.W_K, a.b_K, a.W_V, a.b_V, a.W_O, a.b_O, attn.scale,
+                            bool(getattr(attn, "causal", True))), "attention"

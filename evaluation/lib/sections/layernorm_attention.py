@@ -24,11 +24,15 @@ term (ℓ_s = L_stackᵀ Γ v_s); everything else is the LayerNorm-free closed f
 
 from __future__ import annotations
 
+import math
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from evaluation.lib.sections.attention import AttentionSection
-from evaluation.lib.sections.layernorm_position_wise import LayerNormParams
+from evaluation.lib.sections.base import recognizer
+from evaluation.lib.sections.layernorm_position_wise import LayerNormParams, layer_norm_params
+from evaluation.lib.sections.transformer_lens import bridge_of, inner, residual_step
 
 F64 = torch.float64
 GRAM_CHUNK = 2 ** 22  # elements of the largest per-chunk tensor (examples × heads² × T² × d_head) in the Gram
@@ -197,3 +201,37 @@ class LayerNormAttentionSection:
                 E_acc += M.square_().sum((0, 2)).to(F64)
             out.append(E_acc)
         return out
+
+
+def _attention_scale(attn: nn.Module, d_head: int, layer: int) -> float | None:
+    if type(attn).__name__ == "NativeAttention":
+        return float(attn.scale)
+    if type(attn).__name__ == "GPT2Attention":
+        if getattr(attn, "reorder_and_upcast_attn", False) or getattr(attn, "is_cross_attention", False):
+            return None
+        scale = math.sqrt(d_head) if getattr(attn, "scale_attn_weights", True) else 1.0
+        return scale * (layer + 1) if getattr(attn, "scale_attn_by_inverse_layer_idx", False) else scale
+    return None
+
+
+@recognizer(order=20)
+def recognize(model: nn.Module, l_in: str, l_out: str):
+    """A TransformerLens bridge's LN1 + attention + residual (resid_pre -> resid_mid); natively
+    booted (NativeAttention) or Hugging Face GPT-2 (GPT2Attention)."""
+    bridge, step = bridge_of(model), residual_step(l_in, l_out)
+    if bridge is None or step is None or step[1] != "attention":
+        return None
+    i, cfg = step[0], bridge.cfg
+    block = bridge.blocks[i]
+    ln = layer_norm_params(block.ln1, cfg.d_model)
+    if ln is None:
+        return None, "attention not behind a LayerNorm"
+    attn = inner(block.attn)
+    scale = _attention_scale(attn, cfg.d_head, i)
+    if (scale is None or getattr(attn, "rotary", None) is not None
+            or getattr(attn, "attn_scores_soft_cap", 0) > 0 or getattr(attn, "kv_repeats", 1) != 1
+            or str(getattr(cfg, "positional_embedding_type", "standard")) == "rotary"):
+        return None, f"attention {type(attn).__name__} is not plain multi-head attention"
+    a = block.attn
+    return LayerNormAttentionSection(ln, a.W_Q, a.b_Q, a.W_K, a.b_K, a.W_V, a.b_V, a.W_O, a.b_O, scale,
+                                     bool(getattr(attn, "causal", True))), "layernorm attention"

@@ -29,9 +29,11 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from evaluation.lib.sections.base import recognizer
 from evaluation.lib.sections.position_wise import activation_derivative, unique_rows
+from evaluation.lib.sections.transformer_lens import bridge_of, inner, residual_step
 
 F64 = torch.float64
 
@@ -197,3 +199,53 @@ class LayerNormPositionWiseSection:
                 E += G.mul_(weight_rows[sl][:, None, :]).square_().sum(0).to(F64)
             out.append(E)
         return out
+
+
+def layer_norm_params(norm_bridge: nn.Module, d: int) -> LayerNormParams | None:
+    """γ, β, ε of a bridge's LayerNorm component as the bridge applies it; None if it is not a LayerNorm."""
+    ln = inner(norm_bridge)
+    if not isinstance(ln, nn.LayerNorm) or getattr(norm_bridge, "uses_rms_norm", False):
+        return None
+    if tuple(ln.normalized_shape) != (d,):
+        return None
+    weight = ln.weight
+    if weight is not None and getattr(norm_bridge, "uses_weight_offset", False):
+        weight = 1.0 + weight
+    config = getattr(norm_bridge, "config", None)
+    native = getattr(norm_bridge, "use_native_layernorm_autograd", False) or getattr(config, "layer_norm_folding", False)
+    eps = ln.eps if native or config is None else getattr(config, "eps", ln.eps)
+    return LayerNormParams(weight, ln.bias, eps, d, device=ln.weight.device if ln.weight is not None else None)
+
+
+MLPS = ("NativeMLP", "GPT2MLP")
+
+
+@recognizer(order=20)
+def recognize(model: nn.Module, l_in: str, l_out: str):
+    """A TransformerLens bridge's LN2 + element-wise MLP + residual (resid_mid -> resid_post), or its
+    final LayerNorm + unembedding (last resid_post -> output); natively booted or Hugging Face GPT-2."""
+    bridge, step = bridge_of(model), residual_step(l_in, l_out)
+    if bridge is None or step is None or step[1] not in ("mlp", "unembed"):
+        return None
+    (i, kind), cfg = step, bridge.cfg
+    d = cfg.d_model
+    if kind == "mlp":
+        block = bridge.blocks[i]
+        ln = layer_norm_params(block.ln2, d)
+        if ln is None:
+            return None, "MLP not behind a LayerNorm"
+        mlp = inner(block.mlp)
+        act_fn = str(getattr(cfg, "act_fn", "")).lower()
+        act = getattr(mlp, "act", None)
+        if (type(mlp).__name__ not in MLPS or act is None or getattr(mlp, "ln", None) is not None
+                or act_fn.startswith("solu") or getattr(cfg, "gated_mlp", False)):
+            return None, f"MLP {type(mlp).__name__} ({act_fn}) is not an element-wise MLP"
+        m = block.mlp
+        eye = torch.eye(d, dtype=torch.float64, device=m.W_in.device)
+        return LayerNormPositionWiseSection(ln, eye, None, m.b_out, m.W_in, m.b_in, act, m.W_out), "layernorm mlp"
+    if i != len(bridge.blocks) - 1:
+        return None
+    ln = layer_norm_params(bridge.ln_final, d)
+    if ln is None:
+        return None, "unembedding not behind a LayerNorm"
+    return LayerNormPositionWiseSection(ln, None, bridge.unembed.W_U, bridge.unembed.b_U), "layernorm unembed"

@@ -15,9 +15,13 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from evaluation.lib.sections.base import recognizer
+from evaluation.lib.sections.transformer_lens import OUTPUT, bridge_of, inner, residual_step
 
 F64 = torch.float64
+ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.GELU, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Softplus)
 
 
 def activation_derivative(act: Callable[[Tensor], Tensor], pre: Tensor) -> Tensor:
@@ -172,3 +176,77 @@ def unique_rows(x: Tensor, with_index: bool = False):
     first = torch.full((rows.shape[0],), flat.shape[0], dtype=torch.long, device=x.device).scatter_reduce(
         0, inverse, torch.arange(flat.shape[0], device=x.device), reduce="amin")
     return rows, counts, first
+
+
+@recognizer(order=10)
+def recognize_transformer_lens(model: nn.Module, l_in: str, l_out: str):
+    """TransformerLens MLP block without LayerNorm, resid_post -> next resid_pre, unembedding without final LayerNorm."""
+    bridge, step = bridge_of(model), residual_step(l_in, l_out)
+    if bridge is None or step is None or step[1] == "attention":
+        return None
+    i, kind = step
+    if kind == "mlp":
+        block = bridge.blocks[i]
+        mlp = inner(block.mlp)
+        if not isinstance(inner(block.ln2), nn.Identity):
+            return None, "MLP behind a LayerNorm"
+        act_fn = str(getattr(bridge.cfg, "act_fn", "")).lower()
+        if type(mlp).__name__ != "NativeMLP" or getattr(mlp, "ln", None) is not None or act_fn.startswith("solu"):
+            return None, f"MLP {type(mlp).__name__} ({act_fn}) is not an element-wise MLP"
+        eye = torch.eye(block.mlp.W_in.shape[0], dtype=F64, device=block.mlp.W_in.device)
+        return PositionWiseSection(eye, block.mlp.b_out, block.mlp.W_in, block.mlp.b_in, mlp.act, block.mlp.W_out), "mlp"
+    if kind == "identity":
+        d = bridge.cfg.d_model
+        return PositionWiseSection(torch.eye(d, dtype=F64, device=bridge.unembed.W_U.device), None), "identity"
+    if i != len(bridge.blocks) - 1:  # unembed from an earlier block
+        return None
+    if not isinstance(inner(bridge.ln_final), nn.Identity):
+        return None, "unembedding behind a LayerNorm"
+    return PositionWiseSection(bridge.unembed.W_U, bridge.unembed.b_U), "unembed"
+
+
+@recognizer(order=30)
+def recognize_sequential(model: nn.Module, l_in: str, l_out: str):
+    """Children i+1..j of one nn.Sequential: [Linear], [act], [Linear, act], [act, Linear], [Linear, act, Linear]."""
+    if bridge_of(model) is not None:
+        return None
+    modules = dict(model.named_modules())
+    parent, _, first = l_out.rpartition(".") if l_out != OUTPUT else ("", "", "")
+    if l_out == OUTPUT:
+        if not isinstance(model, nn.Sequential):
+            return None, "output of a model that is not an nn.Sequential"
+        seq, stop = model, len(model)
+    else:
+        seq = modules.get(parent) if parent else model
+        if not isinstance(seq, nn.Sequential) or not first.isdigit():
+            return None, f"{l_out} is not a child of an nn.Sequential"
+        stop = int(first) + 1
+    prefix = parent + "." if parent else ""
+    if l_in == "input" and seq is model:
+        start = 0
+    elif l_in.startswith(prefix) and l_in[len(prefix):].isdigit():
+        start = int(l_in[len(prefix):]) + 1
+    else:
+        return None, f"{l_in} and {l_out} are not in the same nn.Sequential"
+    chain = [m for m in list(seq)[start:stop] if not isinstance(m, (nn.Identity, nn.Dropout))]
+    kinds = "".join("L" if isinstance(m, nn.Linear) else "a" if isinstance(m, ELEMENTWISE) else "?" for m in chain)
+    if kinds not in ("L", "a", "La", "aL", "LaL"):
+        return None, f"modules {[type(m).__name__ for m in chain]} have no closed form here"
+    lin = [m for m in chain if isinstance(m, nn.Linear)]
+    act = next((m for m in chain if isinstance(m, ELEMENTWISE)), None)
+    if kinds == "L":
+        return PositionWiseSection(lin[0].weight.T, lin[0].bias), "linear"
+    if kinds == "a":  # a lone activation: its width from the nearest Linear before or after it
+        before = [m for m in list(seq)[:start] if isinstance(m, nn.Linear)]
+        after = [m for m in list(seq)[stop:] if isinstance(m, nn.Linear)]
+        if not before and not after:
+            return None, "an activation whose width no neighbouring nn.Linear gives"
+        near = before[-1] if before else after[0]
+        eye = torch.eye(near.out_features if before else near.in_features, dtype=F64, device=near.weight.device)
+        return PositionWiseSection(None, None, eye, None, act, eye), "activation"
+    d_in = lin[0].in_features if kinds[0] == "L" else lin[0].out_features
+    device = lin[0].weight.device
+    W_in, b_in = (lin[0].weight.T, lin[0].bias) if kinds[0] == "L" else (torch.eye(d_in, dtype=F64, device=device), None)
+    W_out, b_out = ((lin[-1].weight.T, lin[-1].bias) if kinds[-1] == "L"
+                    else (torch.eye(W_in.shape[1], dtype=F64, device=device), None))
+    return PositionWiseSection(None, b_out, W_in, b_in, act, W_out), "mlp"
