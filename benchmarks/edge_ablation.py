@@ -11,7 +11,7 @@ then resid_mid, resid_post and the logits at the last position). ``--rib-ref DIR
 p = 113 checkpoint (its README), fitted and measured on seeded subsets of all 113² pairs. Prints, per
 basis and ablation: n*/N per section, the total and its fraction, the accuracy kept, the number of
 accuracy evaluations, CPU and wall seconds (the fit, and the neuron basis's edge pass, timed
-apart), with the load average (timings on a shared machine are inflated).
+apart; it includes the neuron basis's edges), with the load average (timings on a shared machine are inflated).
 """
 
 from __future__ import annotations
@@ -76,11 +76,7 @@ def measure(name, model, fit, test, layers, args) -> None:
           "CPU s | wall s |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for basis in args.bases:
-        c0, w0 = clock()
-        bases, edges = basis_set(result, basis, model, fit_batches)
-        c1, w1 = clock()
-        if basis == "neuron" and not hasattr(result, "bases"):
-            print(f"(neuron basis edges: CPU {c1 - c0:.1f} s, wall {w1 - w0:.1f} s)")
+        bases, edges = basis_set(result, basis)
         for ablation in args.ablation:
             c0, w0 = clock()
             out = edge_ablation(model, [test], layers, bases, edges,

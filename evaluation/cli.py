@@ -241,8 +241,8 @@ def run_lib(args) -> dict:
     if edge_config is not None:
         from evaluation.metrics.edge_ablation import BASES, edge_ablation_sparsity
 
-        metadata["edge_ablation"] = {b: edge_ablation_sparsity(model, batches, result, b, edge_config,
-                                                               fit_data=batches).to_dict() for b in BASES}
+        metadata["edge_ablation"] = {b: edge_ablation_sparsity(model, batches, result, b, edge_config).to_dict()
+                                     for b in BASES}
     report = write_lib_report(result, out_dir, metadata, ablation)
     print(f"wrote {out_dir}: {', '.join(report['files'])}")
     if not args.quiet:

@@ -5,7 +5,6 @@ import pytest
 
 from evaluation.compare import MeasureOptions, discover_runs
 from evaluation.compare.context import RunContext
-from evaluation.compare.data import subset
 from evaluation.compare.measure import measure_run
 from evaluation.metrics.edge_ablation import EdgeAblationConfig, edge_ablation_sparsity
 from tests.test_compare import runs  # noqa: F401 - the tiny digits runs fixture
@@ -22,11 +21,10 @@ def test_edge_ablation_metrics_are_opt_in_and_match_the_python_call(runs):  # no
                              edge_ablation_tolerance=0.02)
     entry = measure_run(run, options)
     ctx = RunContext(run, options)
-    fit_data = [b[:1] for b in ctx.batches(subset(ctx.train, 64, 0))]
     data = [b[:2] for b in ctx.batches(ctx.eval_set)]
     for basis in ("lib", "pca", "neuron"):
         direct = edge_ablation_sparsity(ctx.module, data, ctx.lib, basis,
-                                        EdgeAblationConfig(tolerance=0.02, ablation="zero"), fit_data=fit_data)
+                                        EdgeAblationConfig(tolerance=0.02, ablation="zero"))
         assert entry["metrics"][f"edge_ablation_{basis}"] == direct.total_kept
         assert 0 <= direct.fraction <= 1 and direct.total_edges > 0
         details = entry["measured"][f"edge_ablation_{basis}"]["details"]["edge_ablation"][basis]

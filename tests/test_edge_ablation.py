@@ -51,7 +51,7 @@ def planted_two_sections():
 def test_planted_network_needs_exactly_its_edges(basis):
     model, x, y = planted_two_sections()
     result = fit_lib(model, [(x, y)], ["input", "0", "output"], LIBConfig(), progress=False)
-    out = edge_ablation_sparsity(model, (x, y), result, basis, fit_data=[(x, y)])
+    out = edge_ablation_sparsity(model, (x, y), result, basis)
     assert out.accuracy == 1.0
     needed = 1 if basis == "lib" else 3
     assert {k: s.n_kept for k, s in out.sections.items()} == {"input": needed, "0": needed}
@@ -61,7 +61,7 @@ def test_planted_network_needs_exactly_its_edges(basis):
         failing = [n for n, acc in s.probes.items() if n < needed]
         assert failing and all(s.probes[n] < 0.9 for n in failing)
     assert out.fraction == pytest.approx(2 * needed / sum((E.shape[0] - 1) * (E.shape[1] - 1)
-                                                 for E in basis_set(result, basis, model, [(x, y)])[1].values()))
+                                                 for E in basis_set(result, basis)[1].values()))
 
 
 def planted_offset():
@@ -85,8 +85,7 @@ def planted_offset():
 def test_mean_and_zero_ablation_differ_in_the_neuron_basis_only():
     model, x, y = planted_offset()
     result = fit_lib(model, [(x, y)], ["input", "output"], LIBConfig(), progress=False)
-    neuron = {a: edge_ablation_sparsity(model, (x, y), result, "neuron", EdgeAblationConfig(ablation=a),
-                                        fit_data=[(x, y)]) for a in ("mean", "zero")}
+    neuron = {a: edge_ablation_sparsity(model, (x, y), result, "neuron", EdgeAblationConfig(ablation=a)) for a in ("mean", "zero")}
     assert neuron["mean"].total_kept == 3
     assert neuron["zero"].total_kept == 4
     for basis in ("lib", "pca"):  # centred: every non-constant feature has mean 0, so mean = zero exactly
@@ -124,7 +123,7 @@ def test_ablated_forward_matches_a_naive_per_output_reference(basis, ablation):
     y = torch.randint(0, 6, (200,))
     layers = ["input", "1", "output"]
     result = fit_lib(mlp, [(x, y)], layers, LIBConfig(), progress=False)
-    bases, edges = basis_set(result, basis, mlp, [(x, y)])
+    bases, edges = basis_set(result, basis)
     assert bases["input"].C.shape == (5, 5) and bases["1"].C.shape == (6, 6)  # square: no truncation
     for n in (0, 3, 7, 19):
         keep = keep_mask(edges["input"], n)
@@ -133,6 +132,21 @@ def test_ablated_forward_matches_a_naive_per_output_reference(basis, ablation):
         torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
     full = keep_mask(edges["input"], 20)
     torch.testing.assert_close(ablated_logits(mlp, x, "input", "1", bases["input"], bases["1"], full, ablation), mlp(x))
+
+
+def test_neuron_edges_of_a_fit_without_them_come_from_one_edge_pass():
+    model, x, y = planted_two_sections()
+    layers = ["input", "0", "output"]
+    full = fit_lib(model, [(x, y)], layers, LIBConfig(), progress=False)
+    bare = fit_lib(model, [(x, y)], layers, LIBConfig(neuron_edges=False), progress=False)
+    with pytest.raises(ValueError, match="no neuron edges"):
+        basis_set(bare, "neuron")
+    _, edges = basis_set(bare, "neuron", model, [(x, y)])
+    for layer in layers[:-1]:
+        torch.testing.assert_close(edges[layer], full.edges["neuron"][layer])
+    # the neuron basis's edges of this linear network: E_ij = W_ij² E[x_j²] (gradient rule)
+    W = model[0].weight.detach()
+    torch.testing.assert_close(edges["input"][1:, 1:], W ** 2 * (x ** 2).mean(0))
 
 
 def test_keep_mask_takes_the_largest_non_constant_edges():
@@ -178,7 +192,7 @@ def test_transformer_sections_keeping_every_edge_are_the_model(tmp_path):
     model, x, batches, layers, result = tiny_transformer(tmp_path)
     with torch.no_grad():
         for basis in ("lib", "pca", "neuron"):
-            bases, edges = basis_set(result, basis, model, batches)
+            bases, edges = basis_set(result, basis)
             for l_in, l_out in zip(layers[:-1], layers[1:]):
                 keep = torch.ones(edges[l_in].shape[0] - 1, edges[l_in].shape[1] - 1, dtype=torch.bool)
                 torch.testing.assert_close(ablated_logits(model, x, l_in, l_out, bases[l_in], bases[l_out], keep,
@@ -201,8 +215,7 @@ def test_lib_command_writes_the_python_calls_figures(tmp_path, capsys):
     assert rc == 0
     written = json.loads((tmp_path / "report" / "lib.json").read_text())["metadata"]["edge_ablation"]
     for basis in ("lib", "pca", "neuron"):
-        direct = edge_ablation_sparsity(model, batches, result, basis, EdgeAblationConfig(tolerance=0.0),
-                                        fit_data=batches)
+        direct = edge_ablation_sparsity(model, batches, result, basis, EdgeAblationConfig(tolerance=0.0))
         assert written[basis]["total_kept"] == direct.total_kept
         assert [s["n_kept"] for s in written[basis]["sections"].values()] == [s.n_kept for s in direct.sections.values()]
     rc = main(["lib", str(tmp_path / "model.pt"), "--config", str(tmp_path / "config.json"), "--data",

@@ -263,42 +263,29 @@ def edge_ablation(model: nn.Module, data, node_layers: list[str], bases: dict, e
 
 
 def basis_set(result, name: str, model: nn.Module | None = None, fit_data=None) -> tuple[dict, dict]:
-    """(bases, edges) named ``name`` ("lib", "pca" or "neuron") of a ``fit_lib`` result. The neuron
-    basis (C = I) and its edges are read from ``result.bases``/``result.edges`` when the result has
-    them, else computed here (one edge pass of ``model`` over ``fit_data``)."""
+    """(bases, edges) named ``name`` ("lib", "pca" or "neuron") of a ``fit_lib`` result
+    (``result.bases[name]``, ``result.edges[name]``). A fit without neuron edges
+    (``LIBConfig(neuron_edges=False)``) gets them here from one edge pass of ``model`` over
+    ``fit_data`` (evaluation.lib.fit.fit_edges)."""
     if name not in BASES:
         raise ValueError(f"unknown basis {name!r}; allowed: {', '.join(BASES)}")
-    named_bases, named_edges = getattr(result, "bases", None), getattr(result, "edges", None)
-    if isinstance(named_bases, dict) and name in named_bases and isinstance(named_edges, dict) and name in named_edges:
-        return named_bases[name], named_edges[name]
-    if name == "lib":
-        return result.lib, result.lib_edges
-    if name == "pca":
-        return result.pca, result.pca_edges
+    if name in result.edges:
+        return result.bases[name], result.edges[name]
     if model is None or fit_data is None:
-        raise ValueError("the neuron basis's edges need the model and the fit data (model=, fit_data=)")
-    from evaluation.lib.fit import LayerBasis, fit_edges
+        raise ValueError(f"the fit has no {name} edges (LIBConfig(neuron_edges=False)); pass model= and fit_data= "
+                         "(the fit's data) to compute them")
+    from evaluation.lib.fit import fit_edges
 
-    bases = {}
-    for layer in result.node_layers:
-        mean = result.pca[layer].mean.to(torch.float64)
-        eye = torch.eye(mean.shape[0] + 1, dtype=torch.float64)
-        bases[layer] = LayerBasis(layer, eye, eye.clone(), torch.ones(mean.shape[0] + 1, dtype=torch.float64), mean)
-    was_training = model.training
-    model.eval()
-    try:
-        edges = fit_edges(model, fit_data, result.node_layers, {"neuron": bases}, result.config)["neuron"]
-    finally:
-        model.train(was_training)
-    return bases, {k: torch.as_tensor(v).cpu() for k, v in edges.items()}
+    edges = fit_edges(model, fit_data, result.node_layers, {name: result.bases[name]}, result.config)[name]
+    return result.bases[name], edges
 
 
 def edge_ablation_sparsity(model: nn.Module, data, result, basis: str = "lib",
                            config: EdgeAblationConfig = EdgeAblationConfig(), fit_data=None,
                            sections: Iterable[str] | None = None) -> EdgeAblationResult:
     """Edge-ablation sparsity of ``model`` on ``data`` ((inputs, targets) or batches) in basis
-    ``basis`` of the ``fit_lib`` result ``result`` (``fit_data``: the fit's data, needed for the
-    neuron basis's edges until the result carries them)."""
+    ``basis`` of the ``fit_lib`` result ``result`` (``fit_data``: the fit's data, needed only for
+    the neuron basis of a fit without neuron edges, see ``basis_set``)."""
     bases, edges = basis_set(result, basis, model, fit_data)
     return edge_ablation(model, data, result.node_layers, bases, edges, config, basis, sections)
 

@@ -12,7 +12,6 @@ EDGE_ABLATION_OPTIONS = (*LIB_OPTIONS, "edge_ablation_tolerance", "edge_ablation
 
 def edge_ablation_measurement(ctx, basis: str) -> Measurement:
     """Σ_l n*_l in ``basis``; details: the fraction, per-section n*_l, N_l and the probed accuracies."""
-    from evaluation.compare.data import subset
     from evaluation.metrics.edge_ablation import EdgeAblationConfig, basis_set, edge_ablation
 
     import torch
@@ -24,8 +23,7 @@ def edge_ablation_measurement(ctx, basis: str) -> Measurement:
     key = (basis, opts.edge_ablation_tolerance, opts.edge_ablation_mode)
     if key not in cache:
         result = ctx.lib
-        fit_data = [b[:1] for b in ctx.batches(subset(ctx.train, opts.max_samples, opts.seed))]  # as RunContext._lib
-        bases, edges = basis_set(result, basis, ctx.module, fit_data)
+        bases, edges = basis_set(result, basis)
         data = [b[:2] for b in ctx.batches(ctx.eval_set)]
         config = EdgeAblationConfig(tolerance=opts.edge_ablation_tolerance, ablation=opts.edge_ablation_mode)
         cache[key] = edge_ablation(ctx.module, data, result.node_layers, bases, edges, config, basis)
