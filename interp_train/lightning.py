@@ -69,6 +69,8 @@ class RegularizedMixin:
                 raise TypeError(f"expected Regularizer instances, got {type(reg).__name__}")
         check_sites(self, declared_sites(regularizers))
         self.regularizers = nn.ModuleList(regularizers)
+        for reg in regularizers:  # e.g. gates in the forward pass: part of the module before weights are loaded
+            reg.attach(self)
         self._regularizer_loss_fn = loss_fn
         self._regularizer_batch_fn = batch_fn
 

@@ -88,7 +88,11 @@ class ClassifierModule(L.LightningModule):
         self.log("test/acc", acc)
 
     def configure_optimizers(self):
-        params = self.model.parameters()
+        # parameters flagged no_weight_decay (HardConcreteL0's log α) are not decayed
+        own = list(self.model.parameters())
+        exempt = [p for p in own if getattr(p, "no_weight_decay", False)]
+        params = own if not exempt else [{"params": [p for p in own if not getattr(p, "no_weight_decay", False)]},
+                                         {"params": exempt, "weight_decay": 0.0}]
         if self.optimizer_name == "sgd":
             opt = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         elif self.optimizer_name == "adam":

@@ -7,7 +7,8 @@ Families (formulas in each class docstring and in docs/DESIGN.md §3):
   ``interp_train.tangents``)
 * degeneracy: ActivationDegeneracy, GradientDegeneracy, FiringPatternDegeneracy
 * interaction: InteractionSparsity; connection cost: ConnectionCost (+ NeuronSwapCallback)
-* weight sparsity: WeightSparsity (top-k projection after each optimizer step), WeightL1
+* weight sparsity: WeightSparsity (top-k projection after each optimizer step), WeightL1,
+  HardConcreteL0 (learned hard-concrete gates on the weights, expected-L0 term)
 """
 
 from interp_train.regularizers.base import (
@@ -20,6 +21,7 @@ from interp_train.regularizers.base import (
     regularized_loss,
 )
 from interp_train.regularizers.connection_cost import ConnectionCost
+from interp_train.regularizers.hard_concrete import HardConcreteL0
 from interp_train.regularizers.degeneracy import ActivationDegeneracy, FiringPatternDegeneracy, GradientDegeneracy
 from interp_train.regularizers.interaction import InteractionSparsity
 from interp_train.regularizers.manifold import OffManifoldGradientPenalty, OffManifoldNoisePenalty
@@ -40,6 +42,7 @@ __all__ = [
     "FiringPatternDegeneracy",
     "GradientDegeneracy",
     "GradientNorm",
+    "HardConcreteL0",
     "InteractionSparsity",
     "JacobianNorm",
     "NoisePenalty",

@@ -11,7 +11,9 @@ task loss from the total; it is still logged). The training step of each regular
 in its ``extra_state``, so it is saved in and restored from (Lightning) checkpoints.
 
 Regularizers that act on the weights instead of the loss (``WeightSparsity``) implement
-``after_optimizer_step(model)``, which runs after every optimizer step.
+``after_optimizer_step(model)``, which runs after every optimizer step; regularizers that change
+the model's forward pass (``HardConcreteL0``'s gates) implement ``attach(model)``, which runs when
+they are bound to the model, before its weights are loaded.
 
 Two ways to use regularizers:
 * plain PyTorch: ``out = regularized_loss(model, x, y, regs); out.total.backward(); opt.step();
@@ -143,6 +145,11 @@ class Regularizer(nn.Module):
 
     def current_weight(self) -> float:
         return self.schedule(self.step)
+
+    def attach(self, model: nn.Module) -> None:
+        """Called when the regularizer is bound to ``model`` (the Lightning mixin's ``set_regularizers``,
+        i.e. when the module is built, before any checkpoint is loaded), for regularizers that change
+        the model itself (HardConcreteL0's gates); must be idempotent. Default: nothing."""
 
     def setup(self, model: nn.Module, datamodule: Any = None) -> None:
         """Called once before training (Lightning: in ``setup('fit')``); e.g. to fit tangent

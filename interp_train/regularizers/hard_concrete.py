@@ -1,0 +1,162 @@
+"""Hard-concrete L0 relaxation (Louizos, Welling & Kingma 2018, "Learning sparse neural networks
+through L0 regularization"), docs/DESIGN.md §6.4: the soft, learned counterpart of WeightSparsity.
+
+Every selected weight entry W_ij is multiplied in the forward pass by a gate z_ij ∈ [0, 1] with its
+own learned log α_ij. In training the gates are drawn from the hard-concrete distribution,
+
+    u ~ U(0, 1),   s = sigmoid((log u − log(1 − u) + log α) / β),   s̄ = s (ζ − γ) + γ,
+    z = min(1, max(0, s̄)),
+
+(a binary concrete stretched to (γ, ζ) ⊃ [0, 1] and clipped, so z is exactly 0 or 1 with positive
+probability, and differentiable in log α through s); at evaluation the gates are deterministic,
+z = min(1, max(0, sigmoid(log α) (ζ − γ) + γ)) (Louizos et al.'s test-time estimator). The loss term
+is the expected number of non-zero gates, as a fraction of the N selected entries,
+
+    l0 = (1/N) Σ_ij P(z_ij ≠ 0) = (1/N) Σ_ij sigmoid(log α_ij − β log(−γ / ζ)),
+
+which is differentiable in log α, does not depend on the batch (no per-example scale to
+normalise) and lies in [0, 1] whatever the model's size. Defaults β = 2/3, γ = −0.1, ζ = 1.1 (the
+paper's); log α starts at ``init_log_alpha`` = 2 (P(z ≠ 0) ≈ 0.97, evaluation gate ≈ 0.96), so a
+model starts close to dense.
+
+Mechanism: the gates are a ``torch.nn.utils.parametrize`` parametrization ``W ↦ W ⊙ z`` of each
+selected weight (``HardConcreteGate``, holding log α), registered by ``attach(model)`` — which the
+Lightning mixin calls when the regularizers are bound to the module (before any checkpoint is
+loaded, so checkpoints and resumed runs carry ``…parametrizations.weight.original`` and ``….0.
+log_alpha``); in a plain loop ``setup(model)`` attaches. The gates belong to the model: the
+optimizer of the model's parameters trains log α (without weight decay: log α has the attribute
+``no_weight_decay``), ``model.eval()`` makes them deterministic, and every later reader of
+``module.weight`` (LIB, circuits, compare) sees the gated weights. Parametrized modules are
+saved by ``state_dict`` only (``torch.save(model)`` of the whole object is refused by PyTorch).
+
+Selection as WeightSparsity: weight tensors (ndim ≥ 2) whose ``named_parameters()`` name matches
+an fnmatch pattern of ``params``; embeddings and unembedding only with ``include_embeddings``; a
+pattern that matches none raises a ValueError listing the candidates.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from interp_train.regularizers.base import Regularizer, RegularizerContext
+from interp_train.regularizers.weight_sparsity import _check_patterns, select_parameters
+from interp_train.schedules import WeightLike
+
+_U_EPS = 1e-6  # u is drawn from U(eps, 1 - eps): log u and log(1 - u) stay finite
+
+
+class HardConcreteGate(nn.Module):
+    """Parametrization W ↦ W ⊙ z with hard-concrete gates z (module docstring); one log α per entry."""
+
+    def __init__(self, shape: Sequence[int], init_log_alpha: float, beta: float, gamma: float, zeta: float):
+        super().__init__()
+        self.log_alpha = nn.Parameter(torch.full(tuple(shape), float(init_log_alpha)))
+        self.log_alpha.no_weight_decay = True
+        self.beta, self.gamma, self.zeta = float(beta), float(gamma), float(zeta)
+
+    def gates(self, sample: bool | None = None) -> torch.Tensor:
+        """z: a draw when ``sample`` (default: in training mode), else the deterministic gate."""
+        sample = self.training if sample is None else sample
+        if sample:
+            u = torch.rand_like(self.log_alpha).clamp(_U_EPS, 1 - _U_EPS)
+            s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.beta)
+        else:
+            s = torch.sigmoid(self.log_alpha)
+        return (s * (self.zeta - self.gamma) + self.gamma).clamp(0.0, 1.0)
+
+    def prob_nonzero(self) -> torch.Tensor:
+        """P(z ≠ 0) = sigmoid(log α − β log(−γ/ζ)), entrywise."""
+        return torch.sigmoid(self.log_alpha - self.beta * math.log(-self.gamma / self.zeta))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.gates()
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.log_alpha.shape)}, beta={self.beta:g}, gamma={self.gamma:g}, zeta={self.zeta:g}"
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, attr = name.rsplit(".", 1) if "." in name else ("", name)
+    return model.get_submodule(path), attr
+
+
+class HardConcreteL0(Regularizer):
+    """Term ``l0``: the expected fraction of non-zero hard-concrete gates on the selected weights
+    (module docstring); the gates multiply the weights in the forward pass once attached.
+
+    Args:
+        weight: the penalty's weight (number or Schedule).
+        params, include_embeddings: the selection, as for WeightSparsity.
+        init_log_alpha: starting log α of every gate.
+        beta, gamma, zeta: temperature and stretch interval (γ < 0, ζ > 1).
+    """
+
+    def __init__(self, weight: WeightLike = 1e-2, params: Sequence[str] = ("*",), include_embeddings: bool = False,
+                 init_log_alpha: float = 2.0, beta: float = 2 / 3, gamma: float = -0.1, zeta: float = 1.1,
+                 name: str | None = None):
+        super().__init__(weight, name)
+        self.params = _check_patterns(params)
+        self.include_embeddings = bool(include_embeddings)
+        for label, value in (("init_log_alpha", init_log_alpha), ("beta", beta), ("gamma", gamma), ("zeta", zeta)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{label} must be a finite number, got {value!r}")
+        if beta <= 0:
+            raise ValueError(f"beta (the concrete temperature) must be > 0, got {beta!r}")
+        if not (gamma < 0 and zeta > 1):
+            raise ValueError(f"the stretch interval must contain [0, 1]: gamma < 0 < 1 < zeta, got gamma={gamma!r}, "
+                             f"zeta={zeta!r}")
+        self.init_log_alpha, self.beta, self.gamma, self.zeta = float(init_log_alpha), float(beta), float(gamma), \
+            float(zeta)
+        self._gates: tuple[int, list[tuple[str, HardConcreteGate]]] | None = None
+
+    # ------------------------------------------------------------------ attaching the gates
+    def attach(self, model: nn.Module) -> None:
+        """Registers a HardConcreteGate on every selected weight of ``model`` (once per model)."""
+        if self._gates is not None and self._gates[0] == id(model):
+            return
+        gates = []
+        seen: set[int] = set()
+        for name, param in select_parameters(model, self.params, self.include_embeddings).items():
+            if id(param) in seen or ".parametrizations." in name:  # listed twice; already gated (or a log α)
+                continue
+            seen.add(id(param))
+            module, attr = _owner(model, name)
+            gate = HardConcreteGate(param.shape, self.init_log_alpha, self.beta, self.gamma, self.zeta)
+            parametrize.register_parametrization(module, attr, gate.to(device=param.device, dtype=param.dtype))
+            gates.append((name, gate))
+        if not gates:
+            raise ValueError(f"regularizer {self.name!r}: every weight matched by {list(self.params)} is already "
+                             "gated (parametrized) by another regularizer")
+        self._gates = (id(model), gates)
+
+    def setup(self, model: nn.Module, datamodule=None) -> None:
+        self.attach(model)
+
+    def gates(self, model: nn.Module) -> list[tuple[str, HardConcreteGate]]:
+        """(weight name, gate) pairs attached to ``model``."""
+        if self._gates is None or self._gates[0] != id(model):
+            raise RuntimeError(f"regularizer {self.name!r} has no gates on this model: call reg.attach(model) (or "
+                               "reg.setup(model)) before training; the Lightning mixin does so when the regularizers "
+                               "are set")
+        return self._gates[1]
+
+    @torch.no_grad()
+    def density(self, model: nn.Module) -> float:
+        """Fraction of selected entries whose evaluation gate is non-zero."""
+        gates = [g for _, g in self.gates(model)]
+        return sum(int((g.gates(sample=False) > 0).sum()) for g in gates) / sum(g.log_alpha.numel() for g in gates)
+
+    # ------------------------------------------------------------------ the loss term
+    def terms(self, ctx: RegularizerContext) -> dict[str, torch.Tensor]:
+        gates = [g for _, g in self.gates(ctx.model)]
+        expected = sum(g.prob_nonzero().sum() for g in gates)
+        return {"l0": expected / sum(g.log_alpha.numel() for g in gates)}
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, params={list(self.params)}, include_embeddings={self.include_embeddings}, "
+                f"init_log_alpha={self.init_log_alpha:g}, beta={self.beta:g}, gamma={self.gamma:g}, zeta={self.zeta:g}")
