@@ -124,3 +124,53 @@ def test_hugging_face_directory_from_the_cli(tmp_path):
     import json
     methods = json.loads((out / "lib.json").read_text())["methods"]
     assert [m.split(": ")[-1] for m in methods.values()] == LN_KINDS
+
+
+LN_PAPER = ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid[-1]", "blocks.0.hook_resid_post[-1]", "output[-1]"]
+
+
+@pytest.mark.parametrize("integration,n", [("gradient", 1), ("gauss-legendre", 2)])
+def test_layernorm_paper_layout_in_closed_form_matches_naive(integration, n):
+    """resid_pre at every position, then the last position only, through LayerNorm sections."""
+    model, data = ln_bridge(n_layers=1), tokens()
+    cfg = LIBConfig(integration=integration, n_intervals=n, jacobians="structured")
+    res = fit_lib(model, data, LN_PAPER, cfg, progress=False)
+    assert [m.split(": ")[-1] for m in res.methods.values()] == ["layernorm attention", "layernorm mlp",
+                                                                 "layernorm unembed"]
+    naive = naive_fit_lib(model, data, LN_PAPER, cfg)
+    assert_same_fit(res, naive)
+    assert_same_fit(fit_lib(model, data, LN_PAPER, LIBConfig(integration=integration, n_intervals=n,
+                                                              jacobians="autograd"), progress=False), naive)
+
+
+@pytest.mark.parametrize("layers,closed", [
+    # an earlier output position (attention rows t < T − 1 only); the second attention reads one
+    # indexed input position, which the LayerNorm attention closed form leaves to autograd
+    (["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid[2]", "blocks.0.hook_resid_post[2]",
+      "blocks.1.hook_resid_mid[-1]", "blocks.1.hook_resid_post[-1]", "output[-1]"],
+     [True, True, False, True, True]),
+    # the first position: the attention's output there reads position 0 only
+    (["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid[0]", "blocks.0.hook_resid_post[0]", "output[0]"],
+     [True, True, True]),
+    # every position out of one: the MLP passes it to its own position only
+    (["blocks.0.hook_resid_mid[0]", "blocks.0.hook_resid_post", "blocks.1.hook_resid_mid", "blocks.1.hook_resid_post",
+      "output[-2]"], [True, True, True, True]),
+])
+def test_layernorm_mixed_positions_match_naive_in_closed_form_and_by_autograd(layers, closed):
+    model, data = ln_bridge(n_layers=2 if len(layers) > 4 else 1), tokens()
+    res = fit_lib(model, data, layers, LIBConfig(), progress=False)
+    assert [m.startswith("closed form") for m in res.methods.values()] == closed
+    naive = naive_fit_lib(model, data, layers, LIBConfig())
+    assert_same_fit(res, naive)
+    assert_same_fit(fit_lib(model, data, layers, LIBConfig(jacobians="autograd"), progress=False), naive)
+
+
+def test_layernorm_attention_at_one_output_position_is_that_row_of_the_full_closed_form():
+    """Property: the Gram at t₀ summed over every t₀ is the Gram over all positions."""
+    model, layers = ln_bridge(n_layers=1), ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid"]
+    section, _ = find_section(model, *layers)
+    x = torch.randn(3, 6, 12, dtype=F64, generator=torch.Generator().manual_seed(7))
+    W = torch.randn(12, 5, dtype=F64, generator=torch.Generator().manual_seed(8))
+    per_t = sum(section.gram(x, W, outputs_at=[t]) for t in range(6))
+    torch.testing.assert_close(per_t, section.gram(x, W), rtol=1e-10, atol=1e-10 * section.gram(x, W).abs().max())
+    torch.testing.assert_close(section.forward(x, outputs_at=[4]), section.forward(x)[:, [4]])

@@ -52,9 +52,10 @@ def find_section(model: nn.Module, l_in: str, l_out: str):
 
     Node layers may carry position indices (evaluation.lib.positions); the section is recognised
     from their sites, and a kind that cannot restrict positions (no ``supports_positions``
-    attribute) is not used for position-indexed layers.
+    attribute, or ``supports_positions(input_indexed, output_indexed)`` False) is not used for
+    position-indexed layers.
     """
-    indexed = site_of(l_in) != l_in or site_of(l_out) != l_out
+    in_indexed, out_indexed = site_of(l_in) != l_in, site_of(l_out) != l_out
     l_in, l_out = site_of(l_in), site_of(l_out)
     section, why = None, None
     try:
@@ -70,7 +71,8 @@ def find_section(model: nn.Module, l_in: str, l_out: str):
         return None, f"not recognised ({type(err).__name__}: {err})"
     if section is None:
         return None, why or f"no closed form for {l_in} -> {l_out}"
-    if indexed and not getattr(section, "supports_positions", False):
+    supports = getattr(section, "supports_positions", False)
+    if (in_indexed or out_indexed) and not (supports(in_indexed, out_indexed) if callable(supports) else supports):
         return None, f"the {why} closed form does not restrict positions"
     return section, why
 

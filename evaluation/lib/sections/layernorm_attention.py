@@ -50,13 +50,57 @@ class LayerNormAttentionSection:
         self.L_stack = torch.stack([a.W_V, a.W_Q, a.W_K], 1).permute(2, 0, 1, 3).reshape(self.d, -1)
         self.L_proj = ln.projected(self.L_stack)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def supports_positions(self, input_indexed: bool, output_indexed: bool) -> bool:
+        """An output position t₀ restricts causal attention exactly (see ``gram``); an input position does not."""
+        return self.attn.causal and not input_indexed
+
+    def forward(self, x: Tensor, inputs_at: list[int] | None = None, outputs_at: list[int] | None = None) -> Tensor:
+        """x (B, T, d) float64 -> (B, T', d) at the output positions (all when None)."""
         y, _, _ = self.ln.parts(x)
         *_, o = self.attn._heads(y)
-        return x + torch.einsum("bhta,hae->bte", o, self.attn.W_O) + self.attn.b_O
+        out = x + torch.einsum("bhta,hae->bte", o, self.attn.W_O) + self.attn.b_O
+        return out if outputs_at is None else out[:, outputs_at]
 
-    def gram(self, x: Tensor, W: Tensor) -> Tensor:
-        """∑_x ∑_{t,s} J_ts A J_tsᵀ (d × d), A = W Wᵀ."""
+    @staticmethod
+    def _output_position(inputs_at, outputs_at) -> int | None:
+        if inputs_at is not None:
+            raise ValueError("the LayerNorm attention closed form takes every input position (no input position index)")
+        if outputs_at is None:
+            return None
+        if len(outputs_at) != 1:
+            raise ValueError(f"one output position expected, got {outputs_at}")
+        return outputs_at[0]
+
+    def gram(self, x: Tensor, W: Tensor, inputs_at: list[int] | None = None,
+             outputs_at: list[int] | None = None) -> Tensor:
+        """∑_x ∑_{t,s} J_ts A J_tsᵀ (d × d), A = W Wᵀ, over every input position s and the output
+        positions t (all, or one t₀).
+
+        Causal attention: row t of the output reads positions ≤ t only, and the LayerNorm is per
+        position, so the terms of t < t₀ are the same on the prefix x[:, :t₀] as on x[:, :t₀+1]:
+        the sum at t₀ alone is gram(x[:, :t₀+1]) − gram(x[:, :t₀]) (both exact closed forms)."""
+        t0 = self._output_position(inputs_at, outputs_at)
+        if t0 is None:
+            return self._gram_all(x, W)
+        out = self._gram_all(x[:, :t0 + 1], W)
+        return out - self._gram_all(x[:, :t0], W) if t0 > 0 else out
+
+    def edges(self, x: Tensor, rule: tuple[list[float], list[float]], bases: list[tuple[Tensor, Tensor, Tensor]],
+              chunk_elements: int, dtype: torch.dtype = F64, inputs_at: list[int] | None = None,
+              outputs_at: list[int] | None = None) -> list[Tensor]:
+        """∑_x ∑_t M_t² per basis over the output positions (all, or one t₀: as in ``gram``, the prefix
+        through t₀ minus the prefix before it; M_t reads f̂_s for s ≤ t only)."""
+        t0 = self._output_position(inputs_at, outputs_at)
+        if t0 is None:
+            return self._edges_all(x, rule, bases, chunk_elements, dtype)
+        upto = self._edges_all(x[:, :t0 + 1], rule, [(f[:, :t0 + 1], C, W) for f, C, W in bases], chunk_elements, dtype)
+        if t0 == 0:
+            return upto
+        before = self._edges_all(x[:, :t0], rule, [(f[:, :t0], C, W) for f, C, W in bases], chunk_elements, dtype)
+        return [a - b for a, b in zip(upto, before)]
+
+    def _gram_all(self, x: Tensor, W: Tensor) -> Tensor:
+        """∑_x ∑_{t,s} J_ts A J_tsᵀ (d × d), A = W Wᵀ, every position."""
         B, T, d = x.shape
         H, d_h = self.H, self.d_h
         Omega = self.attn.W_O @ W                                       # (H, d_h, k)
@@ -139,9 +183,9 @@ class LayerNormAttentionSection:
         for tau, phi in enumerate((phi_V, phi_Q, phi_K)):
             acc["Phi"][:, tau] += torch.einsum("bhsa,bsd->had", phi * w2[:, None, :, None], v)
 
-    def edges(self, x: Tensor, rule: tuple[list[float], list[float]], bases: list[tuple[Tensor, Tensor, Tensor]],
-              chunk_elements: int, dtype: torch.dtype = F64) -> list[Tensor]:
-        """∑_x ∑_t M_t² per basis, (k_out − 1, k_in); bases are (f̂ (B, T, k_in), C̃ (k_in, d_in), W (d_out, k_out − 1)).
+    def _edges_all(self, x: Tensor, rule: tuple[list[float], list[float]], bases: list[tuple[Tensor, Tensor, Tensor]],
+                   chunk_elements: int, dtype: torch.dtype = F64) -> list[Tensor]:
+        """∑_x ∑_t M_t² per basis, every position, (k_out − 1, k_in); bases are (f̂ (B, T, k_in), C̃ (k_in, d_in), W (d_out, k_out − 1)).
 
         M_t = Wᵀ C̃ᵀ diag(f̂_t) + ∑_h Ω_hᵀ N^h_t with N^h_t (d_head × k_in) summed over the rule's points
         before the one product with Ω = W_O W per position (see the module docstring for its terms).

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from evaluation.lib.sections.base import recognizer
-from evaluation.lib.sections.position_wise import activation_derivative, unique_rows
+from evaluation.lib.sections.position_wise import activation_derivative, shared_positions, unique_rows
 from evaluation.lib.sections.transformer_lens import bridge_of, inner, residual_step
 
 F64 = torch.float64
@@ -80,8 +80,12 @@ class LayerNormPositionWiseSection:
         self.d_in = ln.d
         self.d_out = (self.S_lin if S_lin is not None else self.W_out).shape[1]
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x (B, T, d_in) float64 -> (B, T, d_out)."""
+    supports_positions = True  # a row's output depends on that row only: positions restrict the rows
+
+    def forward(self, x: Tensor, inputs_at: list[int] | None = None, outputs_at: list[int] | None = None) -> Tensor:
+        """x (B, T, d_in) float64 -> (B, T', d_out) at the output positions (all when None)."""
+        if outputs_at is not None:
+            x = x[:, outputs_at]
         y, _, _ = self.ln.parts(x)
         out = torch.zeros(*x.shape[:-1], self.d_out, dtype=F64, device=x.device)
         if self.S_res is not None:
@@ -109,9 +113,13 @@ class LayerNormPositionWiseSection:
             out = out + (d_scaled * p_bar) @ self.W_out
         return out
 
-    def gram(self, x: Tensor, W: Tensor) -> Tensor:
-        """∑_rows J A Jᵀ (d_in × d_in) for A = W Wᵀ."""
-        rows, n = unique_rows(x)
+    def gram(self, x: Tensor, W: Tensor, inputs_at: list[int] | None = None,
+             outputs_at: list[int] | None = None) -> Tensor:
+        """∑_rows J A Jᵀ (d_in × d_in) for A = W Wᵀ, over the positions both layers take."""
+        common, _ = shared_positions(x.shape[1], inputs_at, outputs_at)
+        if not common:
+            return torch.zeros(self.d_in, self.d_in, dtype=F64, device=x.device)
+        rows, n = unique_rows(x[:, common])
         A = W @ W.T
         rho, v_bar, d, p_bar = self._pieces(rows)
         v = v_bar * rho[:, None]
@@ -152,9 +160,15 @@ class LayerNormPositionWiseSection:
         return M
 
     def edges(self, x: Tensor, rule: tuple[list[float], list[float]], bases: list[tuple[Tensor, Tensor, Tensor]],
-              chunk_elements: int, dtype: torch.dtype = F64) -> list[Tensor]:
-        """∑_rows M_r² per basis, (k_out − 1, k_in); bases are (f̂ (B, T, k_in), C̃ (k_in, d_in), W (d_out, k_out − 1))."""
-        rows, counts, first = unique_rows(x, with_index=True)
+              chunk_elements: int, dtype: torch.dtype = F64, inputs_at: list[int] | None = None,
+              outputs_at: list[int] | None = None) -> list[Tensor]:
+        """∑_rows M_r² per basis, (k_out − 1, k_in); bases are (f̂ (B, S, k_in) at the input positions,
+        C̃ (k_in, d_in), W (d_out, k_out − 1)); x (B, T, d_in) holds every position. J_ts = 0 for
+        s ≠ t, so only the positions both layers take have rows."""
+        common, index = shared_positions(x.shape[1], inputs_at, outputs_at)
+        if not common:
+            return [torch.zeros(W.shape[1], C_t.shape[0], dtype=F64, device=x.device) for _, C_t, W in bases]
+        rows, counts, first = unique_rows(x[:, common], with_index=True)
         alphas, weights = rule
         n_rows = rows.shape[0]
         rho_bar = torch.zeros(n_rows, dtype=F64, device=x.device)
@@ -171,7 +185,7 @@ class LayerNormPositionWiseSection:
         b_bar = self._b_tilde(s_bar, v_bar, e_bar, p_bar)                         # (n, d_out)
         out = []
         for f_hat, C_t, W in bases:
-            f = f_hat.reshape(-1, f_hat.shape[-1])[first]
+            f = f_hat[:, index].reshape(-1, f_hat.shape[-1])[first]
             k_out, k_in = W.shape[1], C_t.shape[0]
             fixed = torch.zeros(k_out, k_in, dtype=F64, device=x.device)
             if self.S_res is not None:
