@@ -9,7 +9,7 @@ ReLU, no LayerNorm; see the README next to it) is fitted as in the paper: rib's 
 resid_mid[-1], resid_post[-1], output[-1], centred, float64 model, gradient rule, logits unrotated.
 
 1. ``interp-eval lib`` end to end in a subprocess, ``--repeat`` times (3): wall and CPU time of each
-   and the children's peak RSS.
+   and the children's peak RSS; once more with ``--no-neuron-edges`` (LIB + PCA edges only).
 2. The same steps in this process, timed one by one: import, load (checkpoint and data), fit
    (``fit_lib``: LIB + PCA + edges), write (the report without ablation curves) — wall and CPU time
    (the garbage collector handled as the CLI handles it, see evaluation.startup). The fit, as
@@ -151,6 +151,7 @@ def main() -> int:
         help_s = help_time()
         runs = [end_to_end(cli_args(ref, config, tmp / f"cli{i}", args.device)) for i in range(max(1, args.repeat))]
         rss = max(r[2] for r in runs)
+        lean = end_to_end([*cli_args(ref, config, tmp / "lean", args.device), "--no-neuron-edges"])
         stages = staged(ref, config, tmp / "staged", args.device)
         load_after = load_average()
         figures(tmp / "cli0")
@@ -167,6 +168,7 @@ def main() -> int:
         label = f"interp-eval lib, end to end ({i + 1})"
         target = f"≤ {TARGETS['cli_s']} s (fastest: {min(r[0] for r in runs):.2f} s)" if i == 0 else ""
         print(f"{label:34s} {wall:8.2f} {cpu:8.2f}   {target}")
+    print(f"{'end to end, --no-neuron-edges':34s} {lean[0]:8.2f} {lean[1]:8.2f}   ≤ {TARGETS['cli_s']} s (LIB + PCA)")
     print(f"{'interp-eval --help':34s} {help_s:8.2f} {'':>8s}   ≤ {TARGETS['help_s']} s")
     print(f"{'peak RSS of interp-eval lib (GiB)':34s} {rss:8.2f} {'':>8s}   ≤ {TARGETS['rss_gib']} GiB")
     return 0

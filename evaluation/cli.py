@@ -219,7 +219,8 @@ def run_lib(args) -> dict:
                          "or a recipe checkpoint")
     layers = args.layers or default_layers(model, last_position=all(
         len(b) == 2 and loss_reads_last_position(b[1]) for b in batches))
-    lib_config = LIBConfig(truncation=args.truncation, integration=args.integration, n_intervals=args.n_intervals)
+    lib_config = LIBConfig(truncation=args.truncation, integration=args.integration, n_intervals=args.n_intervals,
+                           neuron_edges=args.neuron_edges)
     if launched_by_torchrun():
         result = fit_lib_distributed(model, batches, layers, lib_config, progress=not args.quiet and rank == 0)
         if rank != 0:  # every rank holds the same result; rank 0 writes it
@@ -379,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     lib.add_argument("--max-samples", type=int, help="use a random subset (seed 0) of this many inputs (default: all)")
     lib.add_argument("--batch-size", type=int, default=512)
     lib.add_argument("--no-ablation", dest="ablation", action="store_false", help="skip node-ablation curves")
+    lib.add_argument("--no-neuron-edges", dest="neuron_edges", action="store_false",
+                     help="skip the edges in the neuron (unrotated) basis: LIB and PCA edges only, ~1.4x faster fit")
     lib.add_argument("--edge-ablation", action="store_true", help="also measure edge-ablation sparsity (LIB, PCA "
                      "and neuron bases, bisection per section, on the same data) into lib.json's metadata")
     lib.add_argument("--edge-ablation-tolerance", type=float, default=0.001,

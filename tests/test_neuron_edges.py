@@ -88,3 +88,23 @@ def test_the_edge_pass_alone_gives_the_fits_edges():
     for name in layers[:-1]:
         torch.testing.assert_close(again["neuron"][name], res.neuron_edges[name], atol=1e-14, rtol=1e-12)
         torch.testing.assert_close(again["lib"][name], res.lib_edges[name], atol=1e-14, rtol=1e-12)
+
+
+@pytest.mark.parametrize("flag", [[], ["--no-neuron-edges"]])
+def test_interp_eval_lib_writes_neuron_edges_unless_told_not_to(tmp_path, flag):
+    import json
+
+    from safetensors.torch import load_file
+
+    from evaluation.cli import main
+    from tests.test_cli_errors import HT_CFG, P
+    from tests.test_checkpoints import random_ht_state_dict
+
+    torch.save(random_ht_state_dict(HT_CFG), tmp_path / "model.pt")
+    (tmp_path / "config.json").write_text(json.dumps(HT_CFG))
+    out = tmp_path / "out"
+    rc = main(["lib", str(tmp_path / "model.pt"), "--config", str(tmp_path / "config.json"),
+               "--data", f"modular-addition:p={P}", "--no-ablation", "--quiet", "--out", str(out), *flag])
+    assert rc in (0, None)
+    prefixes = {key.split("/")[0] for key in load_file(str(out / "edges.safetensors"))}
+    assert prefixes == ({"lib", "pca"} if flag else {"lib", "pca", "neuron"})
