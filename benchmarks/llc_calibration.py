@@ -5,7 +5,7 @@
         [--out results.json]
 
 Models: the digits MLP baseline (checkpoints/study/digits/baseline/seed0) and the modular-addition
-CPU transformer (checkpoints/study/modular_addition/cpu/seed0) when those runs exist, otherwise
+CPU transformer (checkpoints/study/modular_addition/baseline/seed0) when those runs exist, otherwise
 the recipe trained briefly (``--train-steps``) through ``interp-train fit`` into a temporary folder.
 The estimator sees exactly what ``interp-eval compare`` gives it: the training split in fixed
 batches of ``--batch-size``, per-example cross-entropy, nβ = B / log B.
@@ -32,7 +32,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = {"digits": ROOT / "checkpoints/study/digits/baseline/seed0",
-        "modular": ROOT / "checkpoints/study/modular_addition/cpu/seed0"}
+        "modular": ROOT / "checkpoints/study/modular_addition/baseline/seed0"}
 RECIPES = {"digits": ROOT / "recipes/digits/baseline.yaml", "modular": ROOT / "recipes/modular_addition/cpu.yaml"}
 STABLE_REL = 0.2
 
