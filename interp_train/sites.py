@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -152,6 +152,17 @@ def _edit_resid_mid_through_attention(pre_hook: nn.Module, attn_out_hook: nn.Mod
         return _replace_first(out, fn(pre + _first_tensor(out)) - pre)
 
     return [pre_hook.register_forward_hook(keep_pre), attn_out_hook.register_forward_hook(edit_sum)]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Puts the model in eval mode (no dropout, batch-norm running stats) and restores it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def run_model(

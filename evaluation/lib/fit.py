@@ -42,7 +42,7 @@ from typing import Callable, Iterable
 
 from torch import Tensor, nn
 
-from interp_train.sites import resolve_site
+from interp_train.sites import eval_mode, resolve_site
 from evaluation.lib.activation_cache import ActivationCache
 from evaluation.lib.bases import (  # noqa: F401 - DegenerateLayerError: re-exported
     DegenerateLayerError, LayerBasis, Moments, Reduce, lib_basis, neuron_basis, pca_basis, reduced_moments,
@@ -56,8 +56,11 @@ from evaluation.lib.result import BASES, LIBResult
 from evaluation.lib.sections import ClosedFormFallbackWarning, ProbeStreams, choose_section, fall_back
 
 
-def _check_layers(model: nn.Module, node_layers: list[str]) -> None:
-    """Names, sites and index syntax; the index range is checked on the first batch (_gather_moments)."""
+def _check_inputs(model: nn.Module, data: Iterable, node_layers: list[str]) -> None:
+    """Re-iterable data; layer names, sites and index syntax (the index range is checked on the
+    first batch, _gather_moments)."""
+    if iter(data) is data:
+        raise TypeError("data must be re-iterable (e.g. a DataLoader or a list of batches), not an iterator")
     if not isinstance(node_layers, (list, tuple)) or len(node_layers) < 2:
         raise ValueError(f"node_layers must list at least two layers, got {node_layers!r}")
     if len(set(node_layers)) != len(node_layers):
@@ -69,7 +72,6 @@ def _check_layers(model: nn.Module, node_layers: list[str]) -> None:
         resolve_site(model, site)  # KeyError listing the available names
     if sites[-1] != OUTPUT:
         resolve_site(model, sites[-1])
-
 
 
 def fit_lib(model: nn.Module, data: Iterable, node_layers: list[str], config: LIBConfig = LIBConfig(),
@@ -89,15 +91,9 @@ def fit_lib(model: nn.Module, data: Iterable, node_layers: list[str], config: LI
     accumulator lives there in float64; the returned bases and edges are on the CPU.
     Node layers may carry a position index, e.g. "blocks.0.hook_resid_mid[-1]" (evaluation.lib.positions).
     """
-    if iter(data) is data:
-        raise TypeError("data must be re-iterable (e.g. a DataLoader or a list of batches), not an iterator")
-    _check_layers(model, node_layers)
-    was_training = model.training
-    model.eval()
-    try:
+    _check_inputs(model, data, node_layers)
+    with eval_mode(model):
         return _fit(model, data, list(node_layers), config, input_fn, progress, reduce).to("cpu")
-    finally:
-        model.train(was_training)
 
 
 def _fit(model, data, node_layers, config, input_fn, progress, reduce=None) -> LIBResult:
@@ -144,12 +140,8 @@ def fit_edges(model: nn.Module, data: Iterable, node_layers: list[str], bases: d
     """The edge pass alone (§4.6): {basis name: {section input layer: E}} for given named bases
     ({name: {node layer: LayerBasis}}, e.g. the neuron bases of an earlier fit), normalised by the
     rows counted over ``data``; on the model's device, returned on the CPU."""
-    if iter(data) is data:
-        raise TypeError("data must be re-iterable (e.g. a DataLoader or a list of batches), not an iterator")
-    _check_layers(model, node_layers)
-    was_training = model.training
-    model.eval()
-    try:
+    _check_inputs(model, data, node_layers)
+    with eval_mode(model):
         device = model_device(model)
         runner, dtype = section_model(model, config.jacobian_dtype)
         probes = ProbeStreams.from_seed(config.seed)
@@ -157,8 +149,6 @@ def fit_edges(model: nn.Module, data: Iterable, node_layers: list[str], bases: d
         passes = DataPasses(data, input_fn, runner, dtype, device, None, progress)
         on = {name: {layer: b.to(device) for layer, b in named.items()} for name, named in bases.items()}
         edges = compute_edges(sections, passes, on, config, probes)
-    finally:
-        model.train(was_training)
     return {name: {k: v.cpu() for k, v in named.items()} for name, named in edges.items()}
 
 

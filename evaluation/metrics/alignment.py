@@ -13,7 +13,6 @@ so for ``site="hook_embed"`` the provider must be built on flattened embeddings 
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping
@@ -25,19 +24,8 @@ from tqdm.auto import tqdm
 from evaluation.errors import DegenerateModelError
 from interp_train.lightning import default_batch_fn
 from interp_train.losses import TARGET_KINDS, target_score
-from interp_train.sites import INPUT, check_float_input, run_model
+from interp_train.sites import INPUT, check_float_input, eval_mode, run_model
 from interp_train.tangents import project_on
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Puts the model in eval mode (no dropout, batch-norm running stats) and restores it."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 def iterate_batches(

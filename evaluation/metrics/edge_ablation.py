@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from evaluation.lib.edges import OUTPUT, as_positions
 from evaluation.lib.positions import insert, select, site_of
-from interp_train.sites import run_model
+from interp_train.sites import eval_mode, run_model
 
 ABLATIONS = ("mean", "zero")
 BASES = ("lib", "pca", "neuron")
@@ -228,9 +228,7 @@ def edge_ablation(model: nn.Module, data, node_layers: list[str], bases: dict, e
     unknown = [s for s in chosen if s not in pairs]
     if unknown:
         raise ValueError(f"unknown section(s) {unknown}; sections are named by their input layer: {list(pairs)}")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         base = section_accuracy(model, data, None, None, None, None, None)
         out = {}
         for l_in in chosen:
@@ -245,11 +243,9 @@ def edge_ablation(model: nn.Module, data, node_layers: list[str], bases: dict, e
                                                  config.ablation, config.chunk_elements)
                 return probes[n]
 
-            lo, hi = -1, N          # acc(hi) within tolerance; lo: last n known to fail (−1: none yet)
+            lo, hi = 0, N           # acc(hi) within tolerance; acc(lo) fails unless lo == hi == 0
             if acc(0) >= base - config.tolerance:
                 hi = 0
-            else:
-                lo = 0
             while hi - lo > 1:
                 mid = (lo + hi) // 2
                 if acc(mid) >= base - config.tolerance:
@@ -257,8 +253,6 @@ def edge_ablation(model: nn.Module, data, node_layers: list[str], bases: dict, e
                 else:
                     lo = mid
             out[l_in] = SectionAblation(hi, N, probes[hi], dict(sorted(probes.items())))
-    finally:
-        model.train(was_training)
     return EdgeAblationResult(basis, config.ablation, float(config.tolerance), base, out)
 
 
