@@ -1,6 +1,13 @@
 """Shared by edge_ablation_lib, _pca and _neuron: edge-ablation sparsity of one basis per run and
 setting (evaluation.metrics.edge_ablation on the seeded ``max_samples`` test subset, bases and
-edges from the run's LIB fit), kept on the run's context."""
+edges from the run's LIB fit), kept on the run's context.
+
+The value is Σ_l n*_l, n*_l the fewest top-weight edges of section l whose retention, the other
+edges ablated in that basis (mean ablation, or zero with ``edge_ablation_mode="zero"``), keeps the
+accuracy on the test subset within ``edge_ablation_tolerance`` of the unablated model (bisection).
+A count, not a fraction: the number of candidate edges N_l depends on the basis's truncation, which
+a regularizer moves (the fraction Σ n*_l / Σ N_l is in the details). Lower: fewer interactions
+carry the task."""
 
 from __future__ import annotations
 

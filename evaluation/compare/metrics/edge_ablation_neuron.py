@@ -1,10 +1,5 @@
-"""Edge-ablation sparsity in the neuron basis (opt-in: ``MeasureOptions.edge_ablation``): Σ_l n*_l,
-n*_l the fewest top-weight edges of section l whose retention, the other edges ablated in the neuron
-basis (mean ablation, or zero with ``edge_ablation_mode="zero"``), keeps the accuracy on the test
-subset within ``edge_ablation_tolerance`` of the unablated model (bisection; evaluation.metrics.edge_ablation).
-A count, not a fraction: the number of candidate edges N_l depends on the basis's truncation, which
-a regularizer moves (the fraction Σ n*_l / Σ N_l is in the details). Lower: fewer interactions
-carry the task."""
+"""Edge-ablation sparsity in the neuron basis (opt-in: ``MeasureOptions.edge_ablation``); the
+definition, Σ_l n*_l, is in evaluation.compare.metrics._edge_ablation."""
 
 from evaluation.compare.metrics._edge_ablation import EDGE_ABLATION_OPTIONS, edge_ablation_measurement
 from evaluation.compare.metrics.base import CompareMetric, register
