@@ -306,6 +306,14 @@ class _Parser(argparse.ArgumentParser):
 HELP = argparse.ArgumentDefaultsHelpFormatter
 
 
+def _add_edge_ablation_settings(parser) -> None:
+    """--edge-ablation-tolerance and --edge-ablation-mode, shared by `lib` and `compare`."""
+    parser.add_argument("--edge-ablation-tolerance", type=float, default=0.001,
+                        help="edge ablation: allowed accuracy drop from the unablated model (default 0.001)")
+    parser.add_argument("--edge-ablation-mode", choices=["mean", "zero"], default="mean",
+                        help="edge ablation: ablated basis features take their mean (default) or zero")
+
+
 def _add_compare_parser(sub) -> None:
     cmp = sub.add_parser("compare", help="compare regularized variants with the baseline over seeds",
                          formatter_class=HELP)
@@ -346,10 +354,7 @@ def _add_compare_parser(sub) -> None:
                      help="also the zero-ablation circuit (circuit_nodes_zero / circuit_edges_zero), a second search")
     cmp.add_argument("--edge-ablation", action="store_true",
                      help="also measure edge-ablation sparsity in the LIB, PCA and neuron bases (bisection per section)")
-    cmp.add_argument("--edge-ablation-tolerance", type=float, default=0.001,
-                     help="edge ablation: allowed accuracy drop from the unablated model (default 0.001)")
-    cmp.add_argument("--edge-ablation-mode", choices=["mean", "zero"], default="mean",
-                     help="edge ablation: ablated basis features take their mean (default) or zero")
+    _add_edge_ablation_settings(cmp)
     cmp.add_argument("--quiet", action="store_true", help="no progress bars or table; only the report path")
     cmp.set_defaults(func=run_compare_command)
 
@@ -384,10 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="skip the edges in the neuron (unrotated) basis: LIB and PCA edges only (the fit was 1.6-2x faster on the rib model)")
     lib.add_argument("--edge-ablation", action="store_true", help="also measure edge-ablation sparsity (LIB, PCA "
                      "and neuron bases, bisection per section, on the same data) into lib.json's metadata")
-    lib.add_argument("--edge-ablation-tolerance", type=float, default=0.001,
-                     help="edge ablation: allowed accuracy drop from the unablated model (default 0.001)")
-    lib.add_argument("--edge-ablation-mode", choices=["mean", "zero"], default="mean",
-                     help="edge ablation: ablated basis features take their mean (default) or zero")
+    _add_edge_ablation_settings(lib)
     lib.add_argument("--quiet", action="store_true", help="no progress bars; only the report path")
     lib.add_argument("--nproc", type=int, default=1,
                      help="fit on N local processes (re-launches itself with torch.distributed.run)")
