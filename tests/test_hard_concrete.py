@@ -63,6 +63,18 @@ def test_evaluation_gates_are_deterministic_and_training_gates_are_not():
     assert not torch.equal(model(x), model(x))
     assert 0.0 < reg.density(model) <= 1.0
 
+def _train(model, reg, x, y, steps):
+    """Adam (lr 0.05) on the mean-squared error plus ``reg``'s terms, then eval mode (deterministic gates)."""
+    reg.setup(model)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        regularized_loss(model, x, y, [reg], loss_fn=per_example_mse).total.backward()
+        opt.step()
+    model.eval()
+
+
 
 def test_l0_keeps_the_k_weights_a_regression_needs_and_gates_off_the_rest():
     # y = x_0·2 − x_1·1.5 + x_2 + noise: only 3 of 10 weights matter
@@ -74,14 +86,7 @@ def test_l0_keeps_the_k_weights_a_regression_needs_and_gates_off_the_rest():
     y = (x @ w_true + 0.05 * torch.randn(n)).unsqueeze(1)
     model = nn.Linear(d, 1, bias=False)
     reg = HardConcreteL0(weight=0.5)
-    reg.setup(model)
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    model.train()
-    for _ in range(800):
-        opt.zero_grad()
-        regularized_loss(model, x, y, [reg], loss_fn=per_example_mse).total.backward()
-        opt.step()
-    model.eval()
+    _train(model, reg, x, y, steps=800)
     gate = dict(reg.gates(model))["weight"]
     z = gate.gates(sample=False)[0]
     assert torch.all(z[3:] == 0), z  # the irrelevant weights are gated off exactly
@@ -91,14 +96,7 @@ def test_l0_keeps_the_k_weights_a_regression_needs_and_gates_off_the_rest():
     # without the penalty nothing is gated off
     dense = nn.Linear(d, 1, bias=False)
     free = HardConcreteL0(weight=0.0)
-    free.setup(dense)
-    opt = torch.optim.Adam(dense.parameters(), lr=0.05)
-    dense.train()
-    for _ in range(300):
-        opt.zero_grad()
-        regularized_loss(dense, x, y, [free], loss_fn=per_example_mse).total.backward()
-        opt.step()
-    dense.eval()
+    _train(dense, free, x, y, steps=300)
     assert free.density(dense) == 1.0
 
 
