@@ -145,10 +145,10 @@ def test_layernorm_paper_layout_in_closed_form_matches_naive(integration, n):
 
 @pytest.mark.parametrize("layers,closed", [
     # an earlier output position (attention rows t < T − 1 only); the second attention reads one
-    # indexed input position, which the LayerNorm attention closed form leaves to autograd
+    # indexed input position (2) into another output position (the last)
     (["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid[2]", "blocks.0.hook_resid_post[2]",
       "blocks.1.hook_resid_mid[-1]", "blocks.1.hook_resid_post[-1]", "output[-1]"],
-     [True, True, False, True, True]),
+     [True, True, True, True, True]),
     # the first position: the attention's output there reads position 0 only
     (["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid[0]", "blocks.0.hook_resid_post[0]", "output[0]"],
      [True, True, True]),
@@ -163,6 +163,21 @@ def test_layernorm_mixed_positions_match_naive_in_closed_form_and_by_autograd(la
     naive = naive_fit_lib(model, data, layers, LIBConfig())
     assert_same_fit(res, naive)
     assert_same_fit(fit_lib(model, data, layers, LIBConfig(jacobians="autograd"), progress=False), naive)
+
+
+@pytest.mark.parametrize("layers", [
+    ["blocks.0.hook_resid_pre[1]", "blocks.0.hook_resid_mid"],        # one input position into every output position
+    ["blocks.0.hook_resid_pre[-1]", "blocks.0.hook_resid_mid[-1]"],   # the same position in and out
+    ["blocks.0.hook_resid_pre[0]", "blocks.0.hook_resid_mid[3]"],     # an earlier input position into a later output
+])
+@pytest.mark.parametrize("integration,n", [("gradient", 1), ("gauss-legendre", 2)])
+def test_layernorm_attention_from_an_indexed_input_position_matches_naive(layers, integration, n):
+    """The input position masks ρ_s (Gram) and f̂_s (edges); the rule's points scale that position only."""
+    model, data = ln_bridge(n_layers=1), tokens()
+    cfg = LIBConfig(integration=integration, n_intervals=n, jacobians="structured")
+    res = fit_lib(model, data, layers, cfg, progress=False)
+    assert list(res.methods.values()) == ["closed form: layernorm attention"]
+    assert_same_fit(res, naive_fit_lib(model, data, layers, cfg))
 
 
 def test_layernorm_attention_at_one_output_position_is_that_row_of_the_full_closed_form():

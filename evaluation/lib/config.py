@@ -39,9 +39,10 @@ class LIBConfig:
     chunk_elements: bound on the elements of one batched vector-Jacobian product
         (cotangents × batch × positions × width); bounds memory, not the result.
     jacobians: how section Jacobians are computed. "auto": in closed form for the sections
-        evaluation.lib.sections recognises (TransformerLens attention and MLP blocks without
-        LayerNorm, the unembedding, Linear/activation chains in an nn.Sequential), each checked
-        against autograd on the first batch, and by autograd (backward passes) elsewhere;
+        evaluation.lib.sections recognises (TransformerLens attention and MLP blocks with or
+        without a LayerNorm in front, the unembedding, Linear/activation chains in an
+        nn.Sequential), each checked against autograd on the first batch, and by autograd
+        (backward passes) elsewhere;
         "structured": closed form or an error; "autograd": backward passes everywhere. The closed
         form is exact (float64, or ``jacobian_dtype`` float32 for the per-example edge products), so
         ``stochastic_sources`` and ``edge_sources`` only apply to the sections computed by autograd.

@@ -20,6 +20,8 @@ term (ℓ_s = L_stackᵀ Γ v_s); everything else is the LayerNorm-free closed f
   M_t = Wᵀ C̃ᵀ diag(f̂_t) + ∑_α w_α ∑_h [Ωᵀ Λ̃_Vᵀ diag(∑_s A_ts ρ_s f̂_s) − ∑_s A_ts ρ_s (Ωᵀ g^V_s)(b_s ⊙ f̂_s)ᵀ
         − c ρ_t (Ωᵀ G_tᵀ g^Q_t)(b_t ⊙ f̂_t)ᵀ + c ∑_s (Ωᵀ e_tsᵀ) ⊗ V_ts],
   V_ts = ρ_t (k_s Λ̃_Qᵀ) ⊙ f̂_t + ρ_s (q_t Λ̃_Kᵀ − (q_t·g^K_s) b_s) ⊙ f̂_s;   E += ∑_t M_t².
+* Positions (evaluation.lib.positions): one output position t₀ (causal attention) is the prefix
+  through t₀ minus the prefix before it; input positions mask ρ_s in the Gram and f̂_s in the edges.
 """
 
 from __future__ import annotations
@@ -51,8 +53,9 @@ class LayerNormAttentionSection:
         self.L_proj = ln.projected(self.L_stack)
 
     def supports_positions(self, input_indexed: bool, output_indexed: bool) -> bool:
-        """An output position t₀ restricts causal attention exactly (see ``gram``); an input position does not."""
-        return self.attn.causal and not input_indexed
+        """An output position t₀ restricts causal attention exactly (see ``gram``); input positions
+        restrict any attention (a mask on ρ_s in the Gram, f̂ zero elsewhere in the edges)."""
+        return self.attn.causal or not output_indexed
 
     def forward(self, x: Tensor, inputs_at: list[int] | None = None, outputs_at: list[int] | None = None) -> Tensor:
         """x (B, T, d) float64 -> (B, T', d) at the output positions (all when None)."""
@@ -62,45 +65,68 @@ class LayerNormAttentionSection:
         return out if outputs_at is None else out[:, outputs_at]
 
     @staticmethod
-    def _output_position(inputs_at, outputs_at) -> int | None:
-        if inputs_at is not None:
-            raise ValueError("the LayerNorm attention closed form takes every input position (no input position index)")
+    def _output_position(outputs_at) -> int | None:
         if outputs_at is None:
             return None
         if len(outputs_at) != 1:
             raise ValueError(f"one output position expected, got {outputs_at}")
         return outputs_at[0]
 
+    @staticmethod
+    def _input_mask(x: Tensor, inputs_at) -> Tensor | None:
+        """m_s (T,) float64: 1 at the input positions, 0 elsewhere; None for every position."""
+        if inputs_at is None:
+            return None
+        mask = torch.zeros(x.shape[1], dtype=F64, device=x.device)
+        mask[inputs_at] = 1.0
+        return mask
+
     def gram(self, x: Tensor, W: Tensor, inputs_at: list[int] | None = None,
              outputs_at: list[int] | None = None) -> Tensor:
-        """∑_x ∑_{t,s} J_ts A J_tsᵀ (d × d), A = W Wᵀ, over every input position s and the output
-        positions t (all, or one t₀).
+        """∑_x ∑_{t,s} J_ts A J_tsᵀ (d × d), A = W Wᵀ, over the input positions s (all, or
+        ``inputs_at``) and the output positions t (all, or one t₀).
 
+        Input positions: every term of J_ts but the residual δ_ts I carries one LayerNorm Jacobian
+        L_s, hence one factor ρ_s, so the sum over s ∈ inputs_at is the full closed form with ρ_s
+        replaced by m_s ρ_s (m_s = 1 at the input positions, else 0) and B·T·A by B·∑_s m_s·A.
         Causal attention: row t of the output reads positions ≤ t only, and the LayerNorm is per
         position, so the terms of t < t₀ are the same on the prefix x[:, :t₀] as on x[:, :t₀+1]:
         the sum at t₀ alone is gram(x[:, :t₀+1]) − gram(x[:, :t₀]) (both exact closed forms)."""
-        t0 = self._output_position(inputs_at, outputs_at)
+        t0, mask = self._output_position(outputs_at), self._input_mask(x, inputs_at)
         if t0 is None:
-            return self._gram_all(x, W)
-        out = self._gram_all(x[:, :t0 + 1], W)
-        return out - self._gram_all(x[:, :t0], W) if t0 > 0 else out
+            return self._gram_all(x, W, mask)
+        out = self._gram_all(x[:, :t0 + 1], W, None if mask is None else mask[:t0 + 1])
+        return out - self._gram_all(x[:, :t0], W, None if mask is None else mask[:t0]) if t0 > 0 else out
 
     def edges(self, x: Tensor, rule: tuple[list[float], list[float]], bases: list[tuple[Tensor, Tensor, Tensor]],
               chunk_elements: int, dtype: torch.dtype = F64, inputs_at: list[int] | None = None,
               outputs_at: list[int] | None = None) -> list[Tensor]:
         """∑_x ∑_t M_t² per basis over the output positions (all, or one t₀: as in ``gram``, the prefix
-        through t₀ minus the prefix before it; M_t reads f̂_s for s ≤ t only)."""
-        t0 = self._output_position(inputs_at, outputs_at)
+        through t₀ minus the prefix before it; M_t reads f̂_s for s ≤ t only).
+
+        Input positions (``inputs_at``; f̂ (B, S, k_in) holds those positions): f̂ is zero-padded to
+        every position, so that the others contribute no term, and the rule's points scale the input
+        positions only (the other positions stay clean in the LayerNorm and the attention pattern)."""
+        t0, mask = self._output_position(outputs_at), self._input_mask(x, inputs_at)
+        if mask is not None:
+            padded = []
+            for f_in, C, W in bases:
+                f_hat = torch.zeros(*x.shape[:2], f_in.shape[-1], dtype=f_in.dtype, device=f_in.device)
+                f_hat[:, inputs_at] = f_in
+                padded.append((f_hat, C, W))
+            bases = padded
         if t0 is None:
-            return self._edges_all(x, rule, bases, chunk_elements, dtype)
-        upto = self._edges_all(x[:, :t0 + 1], rule, [(f[:, :t0 + 1], C, W) for f, C, W in bases], chunk_elements, dtype)
+            return self._edges_all(x, rule, bases, chunk_elements, dtype, mask)
+        upto = self._edges_all(x[:, :t0 + 1], rule, [(f[:, :t0 + 1], C, W) for f, C, W in bases], chunk_elements,
+                               dtype, None if mask is None else mask[:t0 + 1])
         if t0 == 0:
             return upto
-        before = self._edges_all(x[:, :t0], rule, [(f[:, :t0], C, W) for f, C, W in bases], chunk_elements, dtype)
+        before = self._edges_all(x[:, :t0], rule, [(f[:, :t0], C, W) for f, C, W in bases], chunk_elements, dtype,
+                                 None if mask is None else mask[:t0])
         return [a - b for a, b in zip(upto, before)]
 
-    def _gram_all(self, x: Tensor, W: Tensor) -> Tensor:
-        """∑_x ∑_{t,s} J_ts A J_tsᵀ (d × d), A = W Wᵀ, every position."""
+    def _gram_all(self, x: Tensor, W: Tensor, mask: Tensor | None = None) -> Tensor:
+        """∑_x ∑_{t,s} J_ts A J_tsᵀ (d × d), A = W Wᵀ, every t, s with mask[s] = 1 (None: every s)."""
         B, T, d = x.shape
         H, d_h = self.H, self.d_h
         Omega = self.attn.W_O @ W                                       # (H, d_h, k)
@@ -114,19 +140,22 @@ class LayerNormAttentionSection:
                "vv": torch.zeros(d, d, dtype=F64, device=x.device)}
         size = max(1, GRAM_CHUNK // max(1, T * T * H * d_h * 4))
         for start in range(0, B, size):
-            self._gram_chunk(x[start:start + size], Khg, K, acc)
+            self._gram_chunk(x[start:start + size], Khg, K, acc, mask)
         S = acc["S"].reshape(3 * H * d_h, 3 * H * d_h)
         Lp = self.L_proj
         Rm = torch.einsum("eha,hxca->ehxc", Bmat.reshape(-1, H, d_h), acc["R"]).reshape(-1, 3 * H * d_h)
         X = Rm @ Lp.T - Bmat @ acc["zv"].reshape(H * d_h, d)
         LPhi = Lp @ acc["Phi"].reshape(3 * H * d_h, d)
-        return B * T * (W @ W.T) + X + X.T + Lp @ S @ Lp.T - LPhi - LPhi.T + acc["vv"]
+        count = T if mask is None else mask.sum()
+        return B * count * (W @ W.T) + X + X.T + Lp @ S @ Lp.T - LPhi - LPhi.T + acc["vv"]
 
-    def _gram_chunk(self, x, Khg, K, acc):
+    def _gram_chunk(self, x, Khg, K, acc, mask=None):
         c, H, d_h = self.c, self.H, self.d_h
         b, T, _ = x.shape
         y, rho, v_bar = self.ln.parts(x)
         v = v_bar * rho[..., None]                                      # (b, T, d)
+        if mask is not None:
+            rho = rho * mask                                             # the factor ρ_s of L_s, 0 off the inputs
         w1, w2 = rho, rho.pow(2)
         q, k, A, E, _ = self.attn._heads(y)
         idx = torch.arange(T, device=x.device)
@@ -184,8 +213,9 @@ class LayerNormAttentionSection:
             acc["Phi"][:, tau] += torch.einsum("bhsa,bsd->had", phi * w2[:, None, :, None], v)
 
     def _edges_all(self, x: Tensor, rule: tuple[list[float], list[float]], bases: list[tuple[Tensor, Tensor, Tensor]],
-                   chunk_elements: int, dtype: torch.dtype = F64) -> list[Tensor]:
+                   chunk_elements: int, dtype: torch.dtype = F64, mask: Tensor | None = None) -> list[Tensor]:
         """∑_x ∑_t M_t² per basis, every position, (k_out − 1, k_in); bases are (f̂ (B, T, k_in), C̃ (k_in, d_in), W (d_out, k_out − 1)).
+        mask (T,): the positions the rule's points scale (the others stay at α = 1); None: every position.
 
         M_t = Wᵀ C̃ᵀ diag(f̂_t) + ∑_h Ω_hᵀ N^h_t with N^h_t (d_head × k_in) summed over the rule's points
         before the one product with Ω = W_O W per position (see the module docstring for its terms).
@@ -196,8 +226,9 @@ class LayerNormAttentionSection:
         alphas, weights = rule
         points = []
         for alpha, w in zip(alphas, weights):
-            y, rho, v_bar = self.ln.parts(x, alpha)
-            v = v_bar * (alpha * rho)[..., None]                             # v at LN(αx)
+            a = alpha if mask is None else 1.0 + (alpha - 1.0) * mask    # α per position (T,)
+            y, rho, v_bar = self.ln.parts(x, a if mask is None else a[:, None])
+            v = v_bar * (a * rho)[..., None]                                 # v at LN(αx)
             q, k, A, E, _ = a_._heads(y)
             gv = v * self.ln.gamma
             g = {n: torch.einsum("bsd,hda->bhsa", gv, Wt) for n, Wt in (("V", a_.W_V), ("Q", a_.W_Q), ("K", a_.W_K))}
