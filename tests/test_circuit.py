@@ -123,3 +123,32 @@ def test_mlp_inside_a_module_uses_its_hidden_units_and_counts_edges():
     result = prune_circuit(wrapper, x, y, CircuitConfig(steps=0, refine=False))
     assert result.kept == {"model.layers.1": list(range(6)), "model.layers.3": list(range(5))}
     assert result.edges == result.edges_total == 30
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_the_search_runs_in_eval_mode_with_frozen_weights_and_restores_both(training):
+    """During the search the forward passes see eval mode and no weight requiring grad (no grads reach
+    the model); afterwards the training flag and each weight's requires_grad are as before — also when the
+    call raises — and the result does not depend on the mode the model came in."""
+    model = mlp(0, planted=True)
+    x, y = task(model)
+    model[2].bias.requires_grad_(False)  # a mixed pattern, so "restore" is not "set all True"
+    requires = [p.requires_grad for p in model.parameters()]
+    assert requires == [True, True, True, False, True, True]
+    seen = []
+    model.register_forward_pre_hook(
+        lambda m, _: seen.append((m.training, any(p.requires_grad for p in m.parameters()), torch.is_grad_enabled())))
+    model.train(training)
+    res = prune_circuit(model, x, y, CircuitConfig(steps=20))
+    # the search (all passes but the last, which scores the circuit after the model is restored)
+    assert len(seen) > 2 and all(not mode and not req for mode, req, _ in seen[:-1])
+    assert any(grad for _, _, grad in seen)  # the gate logits are trained: grad mode stays on in the search
+    assert model.training is training and all(m.training is training for m in model.modules())
+    assert [p.requires_grad for p in model.parameters()] == requires
+    assert all(p.grad is None for p in model.parameters())
+    model.train(not training)
+    other = prune_circuit(model, x, y, CircuitConfig(steps=20))
+    assert (other.kept, other.nodes_kept, other.loss) == (res.kept, res.nodes_kept, res.loss)
+    with pytest.raises(ValueError, match="below the full model's loss"):
+        prune_circuit(model, x, y, CircuitConfig(target_loss=-1.0))
+    assert model.training is (not training) and [p.requires_grad for p in model.parameters()] == requires
