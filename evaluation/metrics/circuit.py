@@ -294,15 +294,17 @@ def prune_circuit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
         finally:
             for p, r in zip(params, requires):
                 p.requires_grad_(r)
-    masks = _unflat(kept, groups)
-    edges = count_edges(model, groups, masks)
-    all_on = {g.site: torch.ones(g.n, dtype=torch.bool, device=kept.device) for g in groups}
-    return CircuitResult(
-        nodes_kept=int(kept.sum()), nodes_total=int(kept.numel()), edges=edges,
-        loss=gated.hard_loss(masks), full_loss=gated.full_loss, target_loss=target, ablation=config.ablation,
-        kept={site: torch.nonzero(m).flatten().tolist() for site, m in masks.items()},
-        edges_total=count_edges(model, groups, all_on),
-    )
+        # scored in eval mode too: a model whose training mode is random (dropout, HardConcreteL0's
+        # drawn gates) would otherwise report a loss and edges (the gated weights) of another draw
+        masks = _unflat(kept, groups)
+        edges = count_edges(model, groups, masks)
+        all_on = {g.site: torch.ones(g.n, dtype=torch.bool, device=kept.device) for g in groups}
+        return CircuitResult(
+            nodes_kept=int(kept.sum()), nodes_total=int(kept.numel()), edges=edges,
+            loss=gated.hard_loss(masks), full_loss=gated.full_loss, target_loss=target, ablation=config.ablation,
+            kept={site: torch.nonzero(m).flatten().tolist() for site, m in masks.items()},
+            edges_total=count_edges(model, groups, all_on),
+        )
 
 
 def _search(gated: _Gated, groups, config: CircuitConfig, target: float, delta: float) -> torch.Tensor:
