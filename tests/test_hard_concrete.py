@@ -173,3 +173,66 @@ def test_recipe_checkpoint_reloads_the_gates(tmp_path):
     assert torch.equal(module(x), trained(x))
     assert module.regularizers[0].step == 3
     assert [n for n, _ in module.regularizers[0].gates(module)] == ["model.layers.0.weight", "model.layers.2.weight"]
+
+
+def _l0_recipe_module():
+    from interp_train.models.mlp import MLP
+    from interp_train.recipes import RecipeModule
+
+    torch.manual_seed(0)
+    module = RecipeModule(MLP(d_in=5, hidden=[7], d_out=3), regularizers=[HardConcreteL0(weight=0.1)], weight_decay=0.5)
+    with torch.no_grad():  # gates away from their common start, so a copy that re-initialised them would differ
+        for _, g in module.regularizers[0].gates(module):
+            g.log_alpha.normal_(0.0, 2.0)
+    return module
+
+
+@pytest.mark.parametrize("copier", ["deepcopy", "pickle", "torch.save"])
+def test_a_gated_model_survives_deepcopy_and_pickling(copier):
+    """The gated model's copy (deepcopy, pickle, torch.save/torch.load of the whole module) computes the
+    same outputs in both modes (a training-mode draw under the same RNG state), carries equal gates, keeps
+    log α out of weight decay, and its own regularizer trains the copy's gates, not the original's."""
+    import copy
+    import io
+    import pickle
+
+    module = _l0_recipe_module()
+    if copier == "deepcopy":
+        clone = copy.deepcopy(module)
+    elif copier == "pickle":
+        clone = pickle.loads(pickle.dumps(module))
+    else:
+        buffer = io.BytesIO()
+        torch.save(module, buffer)
+        buffer.seek(0)
+        clone = torch.load(buffer, weights_only=False)
+    reg, reg_c = module.regularizers[0], clone.regularizers[0]
+    gates, gates_c = reg.gates(module), reg_c.gates(clone)
+    assert [n for n, _ in gates_c] == [n for n, _ in gates] == ["model.layers.0.weight", "model.layers.2.weight"]
+    for (_, g), (_, g_c) in zip(gates, gates_c):
+        assert g_c is not g and g_c.log_alpha is not g.log_alpha
+        assert torch.equal(g_c.log_alpha, g.log_alpha)
+        assert getattr(g_c.log_alpha, "no_weight_decay", False)
+    # the copy's gates are the ones in the copy's forward pass, and the copy's own parameters
+    assert {id(g_c.log_alpha) for _, g_c in gates_c} <= {id(p) for p in clone.parameters()}
+    assert not {id(p) for p in clone.parameters()} & {id(p) for p in module.parameters()}
+    x = torch.randn(9, 5)
+    for mode in ("eval", "train"):
+        getattr(module, mode)(), getattr(clone, mode)()
+        torch.manual_seed(1)
+        out = module(x)
+        torch.manual_seed(1)
+        assert torch.equal(clone(x), out)
+    ctx = type("Ctx", (), {"model": clone})()
+    expected = np.mean(np.concatenate([
+        (1 / (1 + np.exp(-(g.log_alpha.detach().numpy() - (2 / 3) * np.log(0.1 / 1.1))))).ravel() for _, g in gates]))
+    assert float(reg_c.terms(ctx)["l0"].detach()) == pytest.approx(expected, rel=1e-6)
+    groups = clone.configure_optimizers().param_groups
+    assert [g["weight_decay"] for g in groups if {id(p) for p in g["params"]} == {id(g.log_alpha) for _, g in gates_c}] \
+        == [0.0]
+    # a copy pickles again (its class is rebuilt picklable) and changing the copy leaves the original alone
+    again = pickle.loads(pickle.dumps(clone))
+    assert torch.equal(again.regularizers[0].gates(again)[0][1].log_alpha, gates[0][1].log_alpha)
+    with torch.no_grad():
+        gates_c[0][1].log_alpha.zero_()
+    assert not torch.equal(gates[0][1].log_alpha, gates_c[0][1].log_alpha)

@@ -289,3 +289,34 @@ def test_train_and_compare_end_to_end(tmp_path):
     assert again.report["variants"] == result.report["variants"]
     rand = info["alignment_random_baseline"]  # the recipe's latent_dim 4 in ambient_dim 64: sqrt(4/64)
     assert (rand["k"], rand["d"]) == (4, 64) and rand["baseline"] == pytest.approx(0.25)
+
+
+def test_merge_reports_equals_one_report_of_all_runs_and_refuses_disagreeing_runs():
+    """Merging a report of {baseline, noise} with one of {baseline seeds 0-1, wd} gives, after the
+    statistics are rebuilt, the report ``build_report`` makes from all runs at once (the reference)."""
+    from evaluation.compare import build_report
+    from study.merge_reports import merge_reports
+
+    def entries(variant, acc, align, seeds=range(3)):
+        return [{"seed": f"seed{i}", "run_dir": f"{variant}/seed{i}", "details": {"task": "t"},
+                 "metrics": {"accuracy": acc + 0.001 * i, "alignment": align + 0.01 * i}} for i in seeds]
+
+    full = build_report({"baseline": entries("baseline", 0.95, 0.30), "noise_x1": entries("noise", 0.94, 0.5),
+                         "wd_x1": entries("wd", 0.96, 0.31)})
+    old = json.loads(json.dumps(build_report({"baseline": entries("baseline", 0.95, 0.30),
+                                              "noise_x1": entries("noise", 0.94, 0.5)})))
+    new = json.loads(json.dumps(build_report({"baseline": entries("baseline", 0.95, 0.30, seeds=(0, 1)),
+                                              "wd_x1": entries("wd", 0.96, 0.31)})))
+    merged = merge_reports(old, new)
+    rebuilt = build_report(run_study.measurements_from_report(merged), merged["baseline"], merged["test"],
+                           merged["alpha"], merged["options"], [], correction=merged["correction"])
+    assert json.loads(json.dumps(rebuilt)) == json.loads(json.dumps(full))
+    assert rebuilt["n_comparisons"] == 4  # 2 variants x 2 metrics: the family the Holm correction covers
+
+    new["variants"]["baseline"]["metrics"]["alignment"]["values"][1] += 1e-6
+    with pytest.raises(ValueError, match=r"baseline/seed1: alignment = .* in the earlier report"):
+        merge_reports(old, new)
+    new["variants"]["baseline"]["metrics"]["alignment"]["values"][1] -= 1e-6
+    new["options"] = {**new.get("options", {}), "max_samples": 64}
+    with pytest.raises(ValueError, match="measurement options differ.*max_samples"):
+        merge_reports(old, new)

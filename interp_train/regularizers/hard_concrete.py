@@ -26,8 +26,10 @@ loaded, so checkpoints and resumed runs carry ``…parametrizations.weight.origi
 log_alpha``); in a plain loop ``setup(model)`` attaches. The gates belong to the model: the
 optimizer of the model's parameters trains log α (without weight decay: log α has the attribute
 ``no_weight_decay``), ``model.eval()`` makes them deterministic, and every later reader of
-``module.weight`` (LIB, circuits, compare) sees the gated weights. Parametrized modules are
-saved by ``state_dict`` only (``torch.save(model)`` of the whole object is refused by PyTorch).
+``module.weight`` (LIB, circuits, compare) sees the gated weights. A gated model can be copied and
+pickled whole (``copy.deepcopy``, ``pickle``, ``torch.save(model)``, multiprocessing), which
+PyTorch refuses for parametrized modules by default (``_picklable_parametrize.py``); a copy holds
+its own gates (log α still without weight decay), and the copied regularizer trains those.
 
 Selection as WeightSparsity: weight tensors (ndim ≥ 2) whose ``named_parameters()`` name matches
 an fnmatch pattern of ``params``; embeddings and unembedding only with ``include_embeddings``; a
@@ -43,6 +45,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from interp_train.regularizers._picklable_parametrize import make_picklable
 from interp_train.regularizers.base import Regularizer, RegularizerContext
 from interp_train.regularizers.weight_sparsity import _check_patterns, select_parameters
 from interp_train.schedules import WeightLike
@@ -58,6 +61,11 @@ class HardConcreteGate(nn.Module):
         self.log_alpha = nn.Parameter(torch.full(tuple(shape), float(init_log_alpha)))
         self.log_alpha.no_weight_decay = True
         self.beta, self.gamma, self.zeta = float(beta), float(gamma), float(zeta)
+
+    def __setstate__(self, state) -> None:
+        # copy.deepcopy rebuilds a Parameter without its Python attributes: mark log α again
+        super().__setstate__(state)
+        self.log_alpha.no_weight_decay = True
 
     def gates(self, sample: bool | None = None) -> torch.Tensor:
         """z: a draw when ``sample`` (default: in training mode), else the deterministic gate."""
@@ -112,12 +120,29 @@ class HardConcreteL0(Regularizer):
                              f"zeta={zeta!r}")
         self.init_log_alpha, self.beta, self.gamma, self.zeta = float(init_log_alpha), float(beta), float(gamma), \
             float(zeta)
-        self._gates: tuple[int, list[tuple[str, HardConcreteGate]]] | None = None
+        self._gates: list[tuple[str, HardConcreteGate]] | None = None
+        self._model_id: int | None = None  # id of the model known to hold self._gates (a cache; not pickled)
+
+    def __getstate__(self):
+        # A copy (deepcopy / pickle of the model with its regularizers) holds the copied gates, which
+        # belong to the copied model: forget the original model's id, _holds finds the copy's.
+        return {**super().__getstate__(), "_model_id": None}
+
+    def _holds(self, model: nn.Module) -> bool:
+        """Whether ``model`` carries this regularizer's gates."""
+        if self._gates is None:
+            return False
+        if self._model_id != id(model):
+            gate = self._gates[0][1]
+            if not any(m is gate for m in model.modules()):
+                return False
+            self._model_id = id(model)
+        return True
 
     # ------------------------------------------------------------------ attaching the gates
     def attach(self, model: nn.Module) -> None:
         """Registers a HardConcreteGate on every selected weight of ``model`` (once per model)."""
-        if self._gates is not None and self._gates[0] == id(model):
+        if self._holds(model):
             return
         gates = []
         seen: set[int] = set()
@@ -128,22 +153,23 @@ class HardConcreteL0(Regularizer):
             module, attr = _owner(model, name)
             gate = HardConcreteGate(param.shape, self.init_log_alpha, self.beta, self.gamma, self.zeta)
             parametrize.register_parametrization(module, attr, gate.to(device=param.device, dtype=param.dtype))
+            make_picklable(module)
             gates.append((name, gate))
         if not gates:
             raise ValueError(f"regularizer {self.name!r}: every weight matched by {list(self.params)} is already "
                              "gated (parametrized) by another regularizer")
-        self._gates = (id(model), gates)
+        self._gates, self._model_id = gates, id(model)
 
     def setup(self, model: nn.Module, datamodule=None) -> None:
         self.attach(model)
 
     def gates(self, model: nn.Module) -> list[tuple[str, HardConcreteGate]]:
         """(weight name, gate) pairs attached to ``model``."""
-        if self._gates is None or self._gates[0] != id(model):
+        if not self._holds(model):
             raise RuntimeError(f"regularizer {self.name!r} has no gates on this model: call reg.attach(model) (or "
                                "reg.setup(model)) before training; the Lightning mixin does so when the regularizers "
                                "are set")
-        return self._gates[1]
+        return self._gates
 
     @torch.no_grad()
     def density(self, model: nn.Module) -> float:

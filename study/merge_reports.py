@@ -1,0 +1,89 @@
+"""One task report from the per-seed values of two: ``python study/merge_reports.py OLD NEW --out REPORT``.
+
+The study's runs are deterministic on CPU (same recipe, seed and code: the same weights and the same
+measured values), so cells measured in an earlier pass need not be re-trained when new cells are
+added: this merges two ``report.json`` files of the same task and measurement options into one,
+run by run, and ``run_study.py --restat`` then rebuilds the statistics over the merged family of
+comparisons. A run present in both (same variant and seed) must have the same value of every metric
+both measured (within ``--rtol``): that is the check that the earlier values are what the current
+code measures; a disagreement raises and nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+# options that do not change a measured value (where the process ran)
+IGNORED_OPTIONS = ("device",)
+
+
+def _runs(report: dict) -> dict[tuple[str, str], dict]:
+    out = {}
+    for variant, row in report["variants"].items():
+        for i, seed in enumerate(row["seeds"]):
+            out[variant, seed] = {"run": row["runs"][i], "notes": row.get("notes", []),
+                                  "values": {m: s["values"][i] for m, s in row["metrics"].items()}}
+    return out
+
+
+def _same(a, b, rtol: float) -> bool:
+    if a is None or b is None:
+        return a is b
+    if isinstance(a, float) and isinstance(b, float) and (math.isnan(a) or math.isnan(b)):
+        return math.isnan(a) and math.isnan(b)
+    return abs(a - b) <= rtol * max(abs(a), abs(b), 1e-300)
+
+
+def merge_reports(old: dict, new: dict, rtol: float = 1e-9) -> dict:
+    """``new`` with the runs of ``old`` it lacks; metrics: those both reports hold (values of ``new`` where both)."""
+    if old["task"] != new["task"] or old["baseline"] != new["baseline"]:
+        raise ValueError(f"reports of different tasks/baselines: {old['task']}/{old['baseline']} vs "
+                         f"{new['task']}/{new['baseline']}")
+    differing = sorted(k for k in set(old["options"]) | set(new["options"])
+                       if k not in IGNORED_OPTIONS and old["options"].get(k) != new["options"].get(k))
+    if differing:
+        raise ValueError(f"measurement options differ, values are not comparable: "
+                         + ", ".join(f"{k}={old['options'].get(k)!r} vs {new['options'].get(k)!r}" for k in differing))
+    old_runs, new_runs = _runs(old), _runs(new)
+    metrics = [m for m in new["metrics"] if any(m["name"] == o["name"] for o in old["metrics"])]
+    names = [m["name"] for m in metrics]
+    for key in sorted(set(old_runs) & set(new_runs)):
+        for name in names:
+            a, b = old_runs[key]["values"].get(name), new_runs[key]["values"].get(name)
+            if not _same(a, b, rtol):
+                raise ValueError(f"run {key[0]}/{key[1]}: {name} = {b!r} now but {a!r} in the earlier report "
+                                 f"(rtol {rtol}); re-measure it instead of merging")
+    merged_runs = {**old_runs, **new_runs}
+    variants: dict[str, dict] = {}
+    for (variant, seed) in sorted(merged_runs, key=lambda k: (k[0] != new["baseline"], k[0], k[1])):
+        run = merged_runs[variant, seed]
+        row = variants.setdefault(variant, {"seeds": [], "runs": [], "notes": run["notes"],
+                                            "metrics": {n: {"values": []} for n in names}})
+        row["seeds"].append(seed)
+        row["runs"].append(run["run"])
+        for n in names:
+            row["metrics"][n]["values"].append(run["values"].get(n))
+    messages = list(dict.fromkeys(old.get("messages", []) + new.get("messages", [])))
+    return {**new, "metrics": metrics, "variants": variants, "messages": messages}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("old", type=Path)
+    parser.add_argument("new", type=Path)
+    parser.add_argument("--out", type=Path, required=True, help="merged report.json (then run_study.py --restat)")
+    parser.add_argument("--rtol", type=float, default=1e-9)
+    args = parser.parse_args(argv)
+    from interp_train.io import write_json_atomic
+
+    merged = merge_reports(json.loads(args.old.read_text()), json.loads(args.new.read_text()), args.rtol)
+    write_json_atomic(args.out, merged)
+    print(f"merged {sum(len(r['seeds']) for r in merged['variants'].values())} runs "
+          f"({', '.join(merged['variants'])}) into {args.out}; now: python study/run_study.py --restat")
+
+
+if __name__ == "__main__":
+    main()
