@@ -123,3 +123,54 @@ def test_mlp_inside_a_module_uses_its_hidden_units_and_counts_edges():
     result = prune_circuit(wrapper, x, y, CircuitConfig(steps=0, refine=False))
     assert result.kept == {"model.layers.1": list(range(6)), "model.layers.3": list(range(5))}
     assert result.edges == result.edges_total == 30
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_the_search_runs_in_eval_mode_with_frozen_weights_and_restores_both(training):
+    """During the search the forward passes see eval mode and no weight requiring grad (no grads reach
+    the model); afterwards the training flag and each weight's requires_grad are as before — also when the
+    call raises — and the result does not depend on the mode the model came in."""
+    model = mlp(0, planted=True)
+    x, y = task(model)
+    model[2].bias.requires_grad_(False)  # a mixed pattern, so "restore" is not "set all True"
+    requires = [p.requires_grad for p in model.parameters()]
+    assert requires == [True, True, True, False, True, True]
+    seen = []
+    model.register_forward_pre_hook(
+        lambda m, _: seen.append((m.training, any(p.requires_grad for p in m.parameters()), torch.is_grad_enabled())))
+    model.train(training)
+    res = prune_circuit(model, x, y, CircuitConfig(steps=20))
+    # the search (the last pass, which scores the circuit, runs after requires_grad is restored)
+    assert len(seen) > 2 and all(not mode and not req for mode, req, _ in seen[:-1]) and not seen[-1][0]
+    assert any(grad for _, _, grad in seen)  # the gate logits are trained: grad mode stays on in the search
+    assert model.training is training and all(m.training is training for m in model.modules())
+    assert [p.requires_grad for p in model.parameters()] == requires
+    assert all(p.grad is None for p in model.parameters())
+    model.train(not training)
+    other = prune_circuit(model, x, y, CircuitConfig(steps=20))
+    assert (other.kept, other.nodes_kept, other.loss) == (res.kept, res.nodes_kept, res.loss)
+    with pytest.raises(ValueError, match="below the full model's loss"):
+        prune_circuit(model, x, y, CircuitConfig(target_loss=-1.0))
+    assert model.training is (not training) and [p.requires_grad for p in model.parameters()] == requires
+
+
+def test_a_gated_model_in_training_mode_is_scored_with_its_evaluation_gates():
+    """HardConcreteL0 gates are drawn in training mode: a model handed over in training mode gets the
+    circuit, loss and edge counts of its deterministic evaluation gates, as one handed over in eval mode."""
+    from interp_train.regularizers import HardConcreteL0
+
+    model = mlp(0, planted=True)
+    x, y = task(model)
+    HardConcreteL0(init_log_alpha=0.0).setup(model)  # evaluation gates 0.5; drawn gates often exactly 0
+    want = prune_circuit(model.eval(), x, y, CircuitConfig(steps=20))
+    torch.manual_seed(0)
+    got = prune_circuit(model.train(), x, y, CircuitConfig(steps=20))
+    assert model.training
+    assert (got.kept, got.loss, got.full_loss, got.edges, got.edges_total) == \
+        (want.kept, want.loss, want.full_loss, want.edges, want.edges_total)
+    with torch.no_grad():  # the reference: non-zero evaluation-gated weights between the node groups' units
+        model.eval()
+        w = model[2].weight  # hidden units "1" -> "3"
+        assert want.edges_total == int((w != 0).sum()) == 120 - 3 * 8  # the planted zeros only
+        rows, cols = torch.tensor(want.kept["3"]), torch.tensor(want.kept["1"])
+        assert want.edges == int((w[rows][:, cols] != 0).sum())

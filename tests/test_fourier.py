@@ -239,3 +239,27 @@ def test_top_lib_directions_of_trained_modular_addition_are_fourier(trained_modu
         assert best1["lib"] > best1["pca"] - 0.1, (layer, best1)
         assert best2 > 0.9, (layer, entry["lib"])
         assert counts[0] <= counts[1], (layer, counts)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_layer_activations_run_in_eval_mode_and_restore_the_mode(training):
+    """A model whose training mode is random (HardConcreteL0 gates are drawn in training, fixed in eval):
+    the activations are the eval-mode forward's, whatever mode the model came in, which is restored."""
+    from evaluation.metrics.fourier import layer_activations
+    from interp_train.data.modular import modular_addition_table
+    from interp_train.models.transformer import Transformer
+    from interp_train.regularizers import HardConcreteL0
+
+    p = 5
+    torch.manual_seed(0)
+    model = Transformer(d_vocab=p + 1, d_vocab_out=p, n_ctx=3, d_model=8, n_heads=2, d_head=4, d_mlp=16, init_seed=0)
+    HardConcreteL0(init_log_alpha=0.0).setup(model)
+    tokens, _ = modular_addition_table(p)
+    model.eval()
+    with torch.no_grad():
+        want = model(tokens).to(torch.float64)
+        assert not torch.equal(model.train()(tokens).to(torch.float64), want)  # training mode differs
+    model.train(training)
+    got = layer_activations(model, "output", p, batch_size=7)
+    assert model.training is training and all(m.training is training for m in model.modules())
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

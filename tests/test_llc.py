@@ -349,3 +349,30 @@ def test_reduced_rank_regression_devinterp_reference_agrees():
     res = estimate_llc(model, [(x, y)], per_example_mse, seed=0, progress=False, **RRR_SGLD)
     assert window[0] < sum(want) / len(want) < window[1], want
     assert res.mean == pytest.approx(sum(want) / len(want), abs=0.5), (res.per_chain, want)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_the_model_is_sampled_in_eval_mode_and_restored(training):
+    """Every forward pass (initial loss, chains) runs in eval mode; afterwards the training flag, each
+    weight's requires_grad (a frozen weight is neither sampled nor made trainable) and the grad mode are as
+    before, also when the call raises (an empty loader)."""
+    model, batches = _regression_at_optimum(d_in=3, n=200, batch_size=100)
+    model = nn.Sequential(model, nn.Linear(1, 1))
+    with torch.no_grad():
+        model[1].weight.fill_(1.0), model[1].bias.zero_()
+    model[1].requires_grad_(False)
+    frozen = [p.detach().clone() for p in model[1].parameters()]
+    requires = [p.requires_grad for p in model.parameters()]
+    seen = []
+    model.register_forward_pre_hook(lambda m, _: seen.append(m.training))
+    model.train(training)
+    res = estimate_llc(model, batches, per_example_mse, nbeta=10.0, num_chains=1, num_draws=5, num_burnin_steps=0,
+                       progress=False)
+    assert len(seen) == 2 + 5 and not any(seen)  # two batches of initial loss, five chain steps
+    assert model.training is training and all(m.training is training for m in model.modules())
+    assert [p.requires_grad for p in model.parameters()] == requires == [True, True, False, False]
+    assert all(torch.equal(a, b) for a, b in zip(frozen, model[1].parameters())) and torch.is_grad_enabled()
+    assert len(res.loss_traces[0]) == 5
+    with pytest.raises(ValueError, match="no batches"):
+        estimate_llc(model, [], per_example_mse, nbeta=10.0, num_chains=1, num_draws=5, progress=False)
+    assert model.training is training and [p.requires_grad for p in model.parameters()] == requires

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from interp_train.losses import per_example_cross_entropy
-from interp_train.sites import run_model
+from interp_train.sites import eval_mode, run_model
 
 ABLATIONS = ("mean", "zero")
 
@@ -278,33 +278,33 @@ def prune_circuit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
     Raises ValueError when ``config.target_loss`` is below the full model's loss.
     """
     groups = list(groups) if groups is not None else default_node_groups(model)
-    was_training = model.training
-    model.eval()
     params = list(model.parameters())
     requires = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        gated = _Gated(model, inputs, targets, groups, config.ablation, loss_fn)
-        target = gated.full_loss + config.delta if config.target_loss is None else float(config.target_loss)
-        if target < gated.full_loss:
-            raise ValueError(f"target_loss {target!r} is below the full model's loss {gated.full_loss!r} on this data: "
-                             "no circuit can reach it; choose a target >= the full loss (or set delta)")
-        delta = target - gated.full_loss if config.target_loss is not None else config.delta
-        kept = _search(gated, groups, config, target, max(delta, 1e-12))
-    finally:
-        for p, r in zip(params, requires):
-            p.requires_grad_(r)
-        model.train(was_training)
-    masks = _unflat(kept, groups)
-    edges = count_edges(model, groups, masks)
-    all_on = {g.site: torch.ones(g.n, dtype=torch.bool, device=kept.device) for g in groups}
-    return CircuitResult(
-        nodes_kept=int(kept.sum()), nodes_total=int(kept.numel()), edges=edges,
-        loss=gated.hard_loss(masks), full_loss=gated.full_loss, target_loss=target, ablation=config.ablation,
-        kept={site: torch.nonzero(m).flatten().tolist() for site, m in masks.items()},
-        edges_total=count_edges(model, groups, all_on),
-    )
+    with eval_mode(model):  # left after the requires_grad flags are restored, as they were set after it
+        try:
+            for p in params:
+                p.requires_grad_(False)
+            gated = _Gated(model, inputs, targets, groups, config.ablation, loss_fn)
+            target = gated.full_loss + config.delta if config.target_loss is None else float(config.target_loss)
+            if target < gated.full_loss:
+                raise ValueError(f"target_loss {target!r} is below the full model's loss {gated.full_loss!r} on this "
+                                 "data: no circuit can reach it; choose a target >= the full loss (or set delta)")
+            delta = target - gated.full_loss if config.target_loss is not None else config.delta
+            kept = _search(gated, groups, config, target, max(delta, 1e-12))
+        finally:
+            for p, r in zip(params, requires):
+                p.requires_grad_(r)
+        # scored in eval mode too: a model whose training mode is random (dropout, HardConcreteL0's
+        # drawn gates) would otherwise report a loss and edges (the gated weights) of another draw
+        masks = _unflat(kept, groups)
+        edges = count_edges(model, groups, masks)
+        all_on = {g.site: torch.ones(g.n, dtype=torch.bool, device=kept.device) for g in groups}
+        return CircuitResult(
+            nodes_kept=int(kept.sum()), nodes_total=int(kept.numel()), edges=edges,
+            loss=gated.hard_loss(masks), full_loss=gated.full_loss, target_loss=target, ablation=config.ablation,
+            kept={site: torch.nonzero(m).flatten().tolist() for site, m in masks.items()},
+            edges_total=count_edges(model, groups, all_on),
+        )
 
 
 def _search(gated: _Gated, groups, config: CircuitConfig, target: float, delta: float) -> torch.Tensor:

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from interp_train.data.modular import modular_addition_table
-from interp_train.sites import run_model
+from interp_train.sites import eval_mode, run_model
 
 TERMS = ("a", "b", "a+b")
 _TERM_FUNCTIONS = {"a": lambda a, b: a, "b": lambda a, b: b, "a+b": lambda a, b: a + b, "a-b": lambda a, b: a - b}
@@ -137,16 +137,11 @@ def layer_activations(model: nn.Module, layer: str, p: int, batch_size: int = 40
     """Activations (p², T, d) float64 of ``layer`` ("output" = logits) on all inputs (a, b, =)."""
     _check_p(p)
     tokens, _ = modular_addition_table(p)
-    was_training = model.training
-    model.eval()
     chunks = []
-    try:
-        with torch.no_grad():
-            for i in range(0, tokens.shape[0], batch_size):
-                res = run_model(model, tokens[i:i + batch_size], record=[] if layer == "output" else [layer])
-                chunks.append((res.output if layer == "output" else res.activations[layer]).to(torch.float64))
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        for i in range(0, tokens.shape[0], batch_size):
+            res = run_model(model, tokens[i:i + batch_size], record=[] if layer == "output" else [layer])
+            chunks.append((res.output if layer == "output" else res.activations[layer]).to(torch.float64))
     act = torch.cat(chunks)
     if act.ndim != 3:
         raise ValueError(f"layer {layer!r} has activations of shape {tuple(act.shape)}; expected (batch, positions, d)")

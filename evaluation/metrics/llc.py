@@ -62,7 +62,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from interp_train.lightning import default_batch_fn
-from interp_train.sites import model_output
+from interp_train.sites import eval_mode, model_output
 
 EQUILIBRATION_MAX_FRACTION = 0.5  # at most this share of the draws is discarded as transient
 DRIFT_Z = -3.0  # Geweke z below this after the transient: the chains' loss is still climbing
@@ -253,29 +253,24 @@ def estimate_llc(
         raise ValueError(f"nbeta must be positive and finite, got {nbeta!r}")
 
     regularizers = list(regularizers)
-    was_training = model.training
-    model.eval()
-    # regularizer terms may differentiate inside (input gradients): no no_grad for the objective
-    with torch.set_grad_enabled(bool(regularizers)):
-        losses = []
-        for i, batch in enumerate(loader):
-            if init_loss_batches is not None and i >= init_loss_batches:
-                break
-            losses.append(float(_batch_loss(model, batch, loss_fn, regularizers).detach()))
-    if not losses:
-        raise ValueError("estimate_llc got no batches from the loader")
-    init_loss = sum(losses) / len(losses)
-
     num_steps = num_burnin_steps + num_draws * num_steps_bw_draws
     traces: list[list[float]] = []
-    try:
+    with eval_mode(model):
+        # regularizer terms may differentiate inside (input gradients): no no_grad for the objective
+        with torch.set_grad_enabled(bool(regularizers)):
+            losses = []
+            for i, batch in enumerate(loader):
+                if init_loss_batches is not None and i >= init_loss_batches:
+                    break
+                losses.append(float(_batch_loss(model, batch, loss_fn, regularizers).detach()))
+        if not losses:
+            raise ValueError("estimate_llc got no batches from the loader")
+        init_loss = sum(losses) / len(losses)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*nbeta set to 1.*")
             for chain in range(num_chains):
                 traces.append(_run_chain(model, loader, loss_fn, SGMCMC, lr, localization, nbeta, num_steps,
                                          seed + chain, chain, progress, regularizers))
-    finally:
-        model.train(was_training)
 
     all_draws = [trace[num_burnin_steps::num_steps_bw_draws] for trace in traces]
     complete = [d for t, d in zip(traces, all_draws) if len(t) == num_steps and all(map(math.isfinite, d))]
