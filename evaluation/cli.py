@@ -386,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     lib.add_argument("--batch-size", type=int, default=512)
     lib.add_argument("--no-ablation", dest="ablation", action="store_false", help="skip node-ablation curves")
     lib.add_argument("--no-neuron-edges", dest="neuron_edges", action="store_false",
-                     help="skip the edges in the neuron (unrotated) basis: LIB and PCA edges only (the fit was 1.6-2x faster on the rib model)")
+                     help="skip the edges in the neuron (unrotated) basis: LIB and PCA edges only (the fit was 1.5-2x faster on the rib model)")
     lib.add_argument("--edge-ablation", action="store_true", help="also measure edge-ablation sparsity (LIB, PCA "
                      "and neuron bases, bisection per section, on the same data) into lib.json's metadata")
     _add_edge_ablation_settings(lib)

@@ -87,15 +87,19 @@ def edges_tensors(result) -> dict[str, torch.Tensor]:
 
 
 def _write_all(result, tmp: Path, metadata: Mapping[str, Any], ablation: Mapping[str, Any] | None, seed: int):
-    summary = summarize(result, seed=seed)
+    graphs: dict = {}
+    summary = summarize(result, seed=seed, graphs=graphs)
     save_file(bases_tensors(result), str(tmp / "bases.safetensors"))
     save_file(edges_tensors(result), str(tmp / "edges.safetensors"))
     files = ["lib.json", "bases.safetensors", "edges.safetensors"]
     if len(result.node_layers) >= 3:
         for side, edges, graph_file in (("lib", result.lib_edges, "graph.graphml"),
                                         ("pca", result.pca_edges, "graph_pca.graphml")):
-            G = interaction_graph(edges, result.node_layers)
-            _, communities = modularity(G, resolution=1.0, seed=seed)
+            if side in graphs:  # built and partitioned by summarize, same edges, γ and seed
+                G, communities = graphs[side]
+            else:
+                G = interaction_graph(edges, result.node_layers)
+                _, communities = modularity(G, resolution=1.0, seed=seed)
             set_communities(G, communities)
             write_graphml(G, tmp / graph_file)
             plots.plot_interaction_graph(G, tmp / f"graph_{side}.png", order="Λ" if side == "lib" else "variance",

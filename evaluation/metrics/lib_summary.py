@@ -99,11 +99,13 @@ def _layer_stats(basis) -> dict:
             "features_99": feature_count(lam, 0.99), "features_90": feature_count(lam, 0.9)}
 
 
-def _modularity_stats(edges, layers, seed: int) -> dict:
+def _modularity_stats(edges, layers, seed: int, graphs: dict | None = None, side: str = "") -> dict:
     G = interaction_graph(edges, layers)
     out = {}
     for gamma in RESOLUTIONS:
         Q, communities = modularity(G, resolution=gamma, seed=seed)
+        if graphs is not None and gamma == 1.0:
+            graphs[side] = (G, communities)
         out[f"gamma_{gamma}"] = {"Q": None if math.isnan(Q) else Q, "n_communities": len(communities),
                                  "community_sizes": [len(c) for c in communities]}
     return out
@@ -116,7 +118,7 @@ def named_edges(result) -> dict:
     return dict(edges) if edges else {"lib": result.lib_edges, "pca": result.pca_edges}
 
 
-def summarize(result, seed: int = 0) -> dict:
+def summarize(result, seed: int = 0, graphs: dict | None = None) -> dict:
     """Per node layer, per edge layer and for the whole graph, in each named basis (LIB, PCA and,
     where the fit computed its edges, the neuron basis, C = I):
 
@@ -126,6 +128,8 @@ def summarize(result, seed: int = 0) -> dict:
      "modularity": {"lib": {"gamma_0.5": {Q, n_communities, community_sizes}, "gamma_1.0": ...},
                     "pca": ..., "neuron": ...}}
     (Q is None where the graph has no edges.)
+    graphs: if given, filled with {basis name: (interaction graph, its Louvain communities at γ = 1)}
+    for a caller that writes them (evaluation.lib.report), so they are not computed twice.
     """
     layers = list(result.node_layers)
     sides = named_edges(result)
@@ -139,7 +143,7 @@ def summarize(result, seed: int = 0) -> dict:
             summary["edges"][layer] = {side: _edge_stats(edges[layer]) for side, edges in sides.items()}
     if len(layers) >= 3:  # the graph needs one section between non-output layers
         for side, edges in sides.items():
-            summary["modularity"][side] = _modularity_stats(edges, layers, seed)
+            summary["modularity"][side] = _modularity_stats(edges, layers, seed, graphs, side)
     return summary
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from evaluation.lib.sections.base import recognizer
+from evaluation.lib.sections.row_products import RowPlan, squared_products
 from evaluation.lib.sections.transformer_lens import OUTPUT, bridge_of, inner, residual_step
 
 F64 = torch.float64
@@ -94,8 +95,9 @@ class PositionWiseSection:
 
         With F = Wᵀ Sᵀ C̃ᵀ and G_r = P diag(d̄_r) Q: ∑_r f̂_r² (F + G_r)² = F² ∑f̂² + 2 F ⊙ P (Q ⊙ d̄ᵀ f̂²)
         + ∑_r (f̂_r G_r)², the last one product per row (in ``dtype``); repeated rows are counted once.
-        Where most σ' are 0 (ReLU), G_r = P[:, a_r] diag(d̄_r[a_r]) Q[a_r] over the active units a_r
-        only (rows sorted by |a_r| and padded with inactive units, whose d̄ = 0).
+        The G_r are formed as row_products.RowPlan finds cheapest (planned once, shared by the bases):
+        over all units, over the units with d̄ ≠ 0 only (ReLU), or as a running sum along rows whose d̄
+        differ in few units.
         """
         common, index = shared_positions(x.shape[1], inputs_at, outputs_at)
         if not common:
@@ -105,7 +107,7 @@ class PositionWiseSection:
         if self.act is not None:
             alphas, weights = rule
             d_bar = sum(w * self._derivative(rows, a) for a, w in zip(alphas, weights))
-        sparse = _active_units(d_bar) if d_bar is not None else None
+        plan = RowPlan(d_bar) if d_bar is not None else None  # shared by every basis
         out = []
         for f_hat, C_t, W in bases:
             f = f_hat[:, index].reshape(-1, f_hat.shape[-1])[first]
@@ -118,40 +120,8 @@ class PositionWiseSection:
                 continue
             P, Q = W.T @ self.W_out.T, self.W_in.T @ C_t.T
             E += 2 * fixed * (P @ (Q * (d_bar.T @ f2)))
-            scaled = (f * counts.sqrt()[:, None]).to(dtype)
-            P_d, Q_d = P.to(dtype), Q.to(dtype)
-            k_out, hidden = P.shape
-            size = max(1, min(chunk_elements, 2 ** 19) // max(1, k_out * hidden))  # small chunks stay in cache
-            E_G = torch.zeros(k_out, Q.shape[1], dtype=F64, device=x.device)
-            if sparse is not None:  # only the hidden units with σ' ≠ 0 of each row (ReLU: about half)
-                order, active, width = sparse
-                for start in range(0, rows.shape[0], size):
-                    rs = order[start:start + size]
-                    m = int(width[start:start + size].max())
-                    idx = active[rs, :m]                                          # (c, m), σ' = 0 past a row's count
-                    Pg = P_d.T[idx] * d_bar[rs.unsqueeze(1), idx].to(dtype).unsqueeze(-1)   # (c, m, k_out)
-                    G = Pg.transpose(1, 2) @ Q_d[idx]                             # (c, k_out, k_in)
-                    E_G += G.mul_(scaled[rs][:, None, :]).square_().sum(0).to(F64)
-                out.append(E + E_G)
-                continue
-            for start in range(0, rows.shape[0], size):
-                dd, ff = d_bar[start:start + size].to(dtype), scaled[start:start + size]
-                G = ((P_d[None] * dd[:, None, :]).reshape(-1, hidden) @ Q_d).reshape(dd.shape[0], k_out, -1)
-                E_G += G.mul_(ff[:, None, :]).square_().sum(0).to(F64)
-            out.append(E + E_G)
+            out.append(E + squared_products(plan, P, Q, f * counts.sqrt()[:, None], chunk_elements, dtype))
         return out
-
-
-def _active_units(d_bar: Tensor, dense_above: float = 0.75):
-    """(rows ordered by their number of σ' ≠ 0 units, each row's units with σ' ≠ 0 first, that number
-    in the same order), or None when more than ``dense_above`` of the units are active (dense is faster)."""
-    nonzero = d_bar != 0
-    if nonzero.double().mean() > dense_above:
-        return None
-    count = nonzero.sum(1)
-    order = torch.argsort(count)
-    active = torch.argsort((~nonzero).to(torch.int8), dim=1, stable=True)  # active units first
-    return order, active, count[order]
 
 
 def shared_positions(T: int, inputs_at: list[int] | None, outputs_at: list[int] | None):
