@@ -236,7 +236,11 @@ def test_ctrl_c_during_training_is_one_paragraph(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "interp_train.cli", "fit", "--config",
                              str(RECIPES / "digits/baseline.yaml"), "--run_dir", str(tmp_path / "r"),
-                             "--trainer.max_steps", "100000", "--trainer.max_epochs", "100000", *QUIET], stderr=subprocess.PIPE, text=True, env=env)
+                             "--trainer.max_steps", "100000", "--trainer.max_epochs", "100000", *QUIET], stderr=subprocess.PIPE, text=True, env=env,
+                            # a terminal's default Ctrl-C: a shell's background job (``cmd &``, e.g. CI started
+                            # that way) ignores SIGINT, the child inherits that and Python then never raises
+                            # KeyboardInterrupt
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # Ctrl-C once training is logging steadily (two rows of metrics.csv), not during start-up; the
     # graceful shutdown gets 300 s because CI may run on a loaded 2-core machine
     metrics, deadline = tmp_path / "r" / "metrics.csv", time.time() + 300
