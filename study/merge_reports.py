@@ -14,19 +14,23 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python study/merge_reports.py` puts study/, not the repository, on the path
+    sys.path.insert(0, str(ROOT))
 
 # options that do not change a measured value (where the process ran)
 IGNORED_OPTIONS = ("device",)
 
 
 def _runs(report: dict) -> dict[tuple[str, str], dict]:
-    out = {}
-    for variant, row in report["variants"].items():
-        for i, seed in enumerate(row["seeds"]):
-            out[variant, seed] = {"run": row["runs"][i], "notes": row.get("notes", []),
-                                  "values": {m: s["values"][i] for m, s in row["metrics"].items()}}
-    return out
+    """The report's runs keyed by (variant, seed), unpacked as ``run_study --restat`` reads them."""
+    from study.run_study import measurements_from_report
+
+    return {(variant, m["seed"]): {"run": m["run_dir"], "notes": m["notes"], "values": m["metrics"]}
+            for variant, runs in measurements_from_report(report).items() for m in runs}
 
 
 def _same(a, b, rtol: float) -> bool:
