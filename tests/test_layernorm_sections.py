@@ -189,3 +189,41 @@ def test_layernorm_attention_at_one_output_position_is_that_row_of_the_full_clos
     per_t = sum(section.gram(x, W, outputs_at=[t]) for t in range(6))
     torch.testing.assert_close(per_t, section.gram(x, W), rtol=1e-10, atol=1e-10 * section.gram(x, W).abs().max())
     torch.testing.assert_close(section.forward(x, outputs_at=[4]), section.forward(x)[:, [4]])
+
+
+@pytest.mark.parametrize("jacobian_first", [True, False])
+def test_layernorm_closed_form_in_blocks_of_one_position_and_either_mlp_layout_matches_jacrev(monkeypatch, jacobian_first):
+    """The attention's edges and Gram summed one output position at a time (blocks of one, so every
+    block boundary and causal cut is exercised), and the MLP's edges through each row's whole Jacobian
+    or per basis, equal the naive jacrev fit (two-point rule: the points' sums are exercised too)."""
+    from evaluation.lib.sections import layernorm_attention, layernorm_attention_edges, layernorm_position_wise
+    monkeypatch.setattr(layernorm_attention_edges, "BLOCK_ELEMENTS", 1)
+    monkeypatch.setattr(layernorm_attention, "GRAM_BLOCK", 1)
+    monkeypatch.setattr(layernorm_position_wise, "_jacobian_first", lambda *args: jacobian_first)
+    model, data, layers = ln_bridge(n_layers=1), tokens(), resid_layers(1)
+    cfg = LIBConfig(integration="gauss-legendre", n_intervals=2, jacobians="structured")
+    res = fit_lib(model, data, layers, cfg, progress=False)
+    assert [m.split(": ")[-1] for m in res.methods.values()] == ["layernorm attention", "layernorm mlp",
+                                                                 "layernorm unembed"]
+    assert_same_fit(res, naive_fit_lib(model, data, layers, cfg))
+
+
+def test_rotated_squares_with_selecting_bases_equal_the_dense_products():
+    """A basis side that only selects units (a permutation with a dropped unit, a zero column) is
+    gathered instead of multiplied: ∑_r (Wᵀ J_r C̃ᵀ diag(f_r))² must equal the dense products."""
+    from evaluation.lib.sections.layernorm_position_wise import _rotated_squares, _selection
+    g = torch.Generator().manual_seed(3)
+    d_out, d_in, n = 5, 4, 3
+    J = torch.randn(d_out, n, d_in, dtype=F64, generator=g)                  # rows laid out (d_out, rows, d_in)
+    W_sel = torch.zeros(d_out, 4, dtype=F64)
+    W_sel[[3, 0, 4], [0, 1, 3]] = 1.0                                        # column 2 selects nothing
+    C_sel = torch.zeros(6, d_in, dtype=F64)
+    C_sel[[1, 2, 3, 5], [2, 0, 3, 1]] = 1.0                                  # rows 0 and 4 select nothing
+    W_any, C_any = torch.randn(d_out, 4, dtype=F64, generator=g), torch.randn(6, d_in, dtype=F64, generator=g)
+    f = torch.randn(n, 6, dtype=F64, generator=g)
+    assert _selection(W_any) is None and _selection(W_sel).tolist() == [3, 0, -1, 4]
+    for W in (W_sel, W_any):
+        for C in (C_sel, C_any):
+            want = sum((W.T @ J[:, r] @ C.T * f[r]).square() for r in range(n))
+            got = _rotated_squares(J, _selection(W), _selection(C.T), W.T, C.T, f)
+            torch.testing.assert_close(got, want, rtol=1e-13, atol=0)

@@ -33,11 +33,13 @@ from torch import Tensor, nn
 
 from evaluation.lib.sections.attention import AttentionSection
 from evaluation.lib.sections.base import recognizer
+from evaluation.lib.sections.layernorm_attention_edges import edges_all
 from evaluation.lib.sections.layernorm_position_wise import LayerNormParams, layer_norm_params
 from evaluation.lib.sections.transformer_lens import bridge_of, inner, residual_step
 
 F64 = torch.float64
 GRAM_CHUNK = 2 ** 22  # elements of the largest per-chunk tensor (examples × heads² × T² × d_head) in the Gram
+GRAM_BLOCK = 2 ** 19  # elements of the largest per-block tensor (examples × positions × (heads · d_head)²)
 
 
 class LayerNormAttentionSection:
@@ -150,34 +152,48 @@ class LayerNormAttentionSection:
         return B * count * (W @ W.T) + X + X.T + Lp @ S @ Lp.T - LPhi - LPhi.T + acc["vv"]
 
     def _gram_chunk(self, x, Khg, K, acc, mask=None):
-        c, H, d_h = self.c, self.H, self.d_h
+        H, d_h = self.H, self.d_h
         b, T, _ = x.shape
         y, rho, v_bar = self.ln.parts(x)
         v = v_bar * rho[..., None]                                      # (b, T, d)
         if mask is not None:
             rho = rho * mask                                             # the factor ρ_s of L_s, 0 off the inputs
-        w1, w2 = rho, rho.pow(2)
         q, k, A, E, _ = self.attn._heads(y)
-        idx = torch.arange(T, device=x.device)
         G_T = torch.einsum("bhtsa,bhsc->bhtac", E, k)                   # G_tᵀ[a, c] = ∑_s e_ts[a] k_s[c]
-        A_diag = A.diagonal(dim1=2, dim2=3)                              # (b, H, T)
-        E_diag = E[:, :, idx, idx]                                       # e_tt (b, H, T, d_h)
         gam_v = v * self.ln.gamma                                        # Γ v_s
-        l_V, l_Q, l_K = (torch.einsum("bsd,hda->bhsa", gam_v, Wt) for Wt in (self.attn.W_V, self.attn.W_Q, self.attn.W_K))
+        l = [torch.einsum("bsd,hda->bhsa", gam_v, Wt) for Wt in (self.attn.W_V, self.attn.W_Q, self.attn.W_K)]
+        # every term is a sum over output positions t: blocks of t keep the per-block temporaries
+        # (e.g. P_t, (H·d_h)² per t) small enough to be reused by the allocator instead of mapped anew
+        tb = max(1, min(T, GRAM_BLOCK // (b * (H * d_h) ** 2)))
+        for t0 in range(0, T, tb):
+            self._gram_block(t0, min(T, t0 + tb), rho, v, q, A, E, G_T, l, Khg, K, acc)
+
+    def _gram_block(self, t0, t1, rho, v, q, A, E, G_T, l, Khg, K, acc):
+        """The Gram terms of output positions t0 ≤ t < t1 (causal: input positions s < t1 only)."""
+        c, H, d_h = self.c, self.H, self.d_h
+        b, T = rho.shape
+        n, s_end = t1 - t0, (t1 if self.attn.causal else T)             # causal: A_ts = e_ts = 0 for s > t
+        ii = torch.arange(n, device=rho.device)
+        w1, w2 = rho[:, t0:t1], rho[:, t0:t1].pow(2)                     # ρ_t, ρ_t² of the block's t
+        w2s, vs = rho[:, :s_end].pow(2), v[:, :s_end]                    # ρ_s², v_s
+        A, E, G_T, q = A[:, :, t0:t1, :s_end], E[:, :, t0:t1, :s_end], G_T[:, :, t0:t1], q[:, :, t0:t1]
+        l_V, l_Q, l_K = l[0][:, :, :s_end], l[1][:, :, t0:t1], l[2][:, :, :s_end]
+        A_diag = A[:, :, ii, t0 + ii]                                    # A_tt (b, H, n)
+        E_diag = E[:, :, ii, t0 + ii]                                    # e_tt (b, H, n, d_h)
         # --- S_ρ = ∑ ρ_s² Z_ts K Z_tsᵀ, blocks [h, τ, :, g, τ′, :] (τ: V, Q, K)
-        Aw = A * w2[:, None, None, :]                                    # A_ts ρ_s²
+        Aw = A * w2s[:, None, None, :]                                   # A_ts ρ_s²
         VV = torch.einsum("bhts,bgts->hg", Aw, A)[:, :, None, None] * Khg
         VQ = c * Khg @ torch.einsum("bht,bgtac->hgac", A_diag * w2[:, None], G_T)
         VK = c * Khg @ torch.einsum("bhgta,bgtc->hgac", torch.einsum("bhts,bgtsa->bhgta", Aw, E), q)
         Gw = G_T * w2[:, None, :, None, None]
         KG = torch.einsum("xga,bgtac->btxgc", K.reshape(H * d_h, H, d_h), G_T)       # K G^g_tᵀ, rows (h, a)
-        QQ = c * c * torch.einsum("bhtac,bthagd->hcgd", Gw, KG.reshape(b, T, H, d_h, H, d_h))
+        QQ = c * c * torch.einsum("bhtac,bthagd->hcgd", Gw, KG.reshape(b, n, H, d_h, H, d_h))
         Ke = torch.einsum("hgax,ngtx->nhgta", Khg, E_diag)              # K_hg e^g_tt
         QK = c * c * torch.einsum("bhgtc,bgtd->hgcd", torch.einsum("bhtac,bhgta->bhgtc", Gw, Ke), q)
         # KK = c² ∑_t q^h_t ⊗ q^g_t ∑_s ρ_s² e^h_ts K_hg e^g_ts, via P_t = ∑_s ρ_s² e_ts e_tsᵀ (all heads)
-        Es = (E * rho[:, None, None, :, None]).permute(0, 2, 3, 1, 4).reshape(b, T, T, H * d_h)
-        P = Es.transpose(2, 3) @ Es                                      # (b, T, H·d_h, H·d_h)
-        omega_hg = (P * K).reshape(b, T, H, d_h, H, d_h).sum((3, 5))     # (b, T, H, H)
+        Es = (E * rho[:, None, None, :s_end, None]).permute(0, 2, 3, 1, 4).reshape(b, n, s_end, H * d_h)
+        P = Es.transpose(2, 3) @ Es                                      # (b, n, H·d_h, H·d_h)
+        omega_hg = P.mul_(K).reshape(b, n, H, d_h, H, d_h).sum((3, 5))  # (b, n, H, H)
         KK = c * c * torch.einsum("bhgta,bgtc->hgac", omega_hg.permute(0, 2, 3, 1)[..., None] * q[:, :, None], q)
         S = acc["S"]
         S[:, 0, :, :, 0] += VV.permute(0, 2, 1, 3)
@@ -190,7 +206,7 @@ class LayerNormAttentionSection:
         S[:, 2, :, :, 1] += QK.permute(1, 3, 0, 2)
         S[:, 2, :, :, 2] += KK.permute(0, 2, 1, 3)
         # --- R = ∑_t ρ_t Z_ttᵀ: V: A_tt I, Q: c G_tᵀ, K: c e_tt q_tᵀ (rows: y-index, columns: u-index)
-        eye = torch.eye(d_h, dtype=F64, device=x.device)
+        eye = torch.eye(d_h, dtype=F64, device=rho.device)
         R = acc["R"]
         R[:, 0] += torch.einsum("bht,bt->h", A_diag, w1)[:, None, None] * eye
         R[:, 1] += c * torch.einsum("bhtac,bt->hca", G_T, w1)
@@ -198,84 +214,26 @@ class LayerNormAttentionSection:
         # --- z_ts = Z_tsᵀ ℓ_s (u-space, all heads) and ζ_ts = K z_ts
         qlK = torch.einsum("bhta,bhsa->bhts", q, l_K)                    # q_t·ℓ^K_s
         GlQ = torch.einsum("bhtac,bhtc->bhta", G_T, l_Q)                 # G_tᵀ ℓ^Q_t
-        z = A[..., None] * l_V[:, :, None] + c * qlK[..., None] * E      # (b, H, T, T, d_h)
-        z[:, :, idx, idx] += c * GlQ
-        acc["zv"] += torch.einsum("bhta,btd->had", z[:, :, idx, idx] * w1[:, None, :, None], v)
-        zeta = (z.permute(0, 2, 3, 1, 4).reshape(b, T, T, H * d_h) @ K).reshape(b, T, T, H, d_h).permute(0, 3, 1, 2, 4)
+        z = A[..., None] * l_V[:, :, None] + c * qlK[..., None] * E      # (b, H, n, s, d_h)
+        z[:, :, ii, t0 + ii] += c * GlQ
+        acc["zv"] += torch.einsum("bhta,btd->had", z[:, :, ii, t0 + ii] * w1[:, None, :, None], v[:, t0:t1])
+        zeta = (z.permute(0, 2, 3, 1, 4).reshape(b, n, s_end, H * d_h) @ K).reshape(b, n, s_end, H, d_h).permute(0, 3, 1, 2, 4)
         # --- scalar term ∑ ρ_s² (z_ts·ζ_ts) v_s v_sᵀ
-        omega = torch.einsum("bhtsa,bhtsa->bs", z, zeta) * w2
-        acc["vv"] += torch.einsum("bsd,bse->de", v * omega[..., None], v)
-        # --- Φ = ∑ ρ_s² Z_ts ζ_ts v_sᵀ: V: ∑_t A_ts ζ_ts, Q: c G_s ζ_ss, K: ∑_t c (e_ts·ζ_ts) q_t
+        omega = torch.einsum("bhtsa,bhtsa->bs", z, zeta) * w2s
+        acc["vv"] += torch.einsum("bsd,bse->de", vs * omega[..., None], vs)
+        # --- Φ = ∑ ρ_s² Z_ts ζ_ts v_sᵀ: V: ∑_t A_ts ζ_ts, Q: c G_s ζ_ss (s in the block), K: ∑_t c (e_ts·ζ_ts) q_t
         phi_V = torch.einsum("bhts,bhtsa->bhsa", A, zeta)
-        phi_Q = c * torch.einsum("bhsac,bhsa->bhsc", G_T, zeta[:, :, idx, idx])
+        phi_Q = c * torch.einsum("bhsac,bhsa->bhsc", G_T, zeta[:, :, ii, t0 + ii])
         phi_K = c * torch.einsum("bhts,bhtc->bhsc", (E * zeta).sum(-1), q)
-        for tau, phi in enumerate((phi_V, phi_Q, phi_K)):
-            acc["Phi"][:, tau] += torch.einsum("bhsa,bsd->had", phi * w2[:, None, :, None], v)
+        for tau, phi, ws, vv in ((0, phi_V, w2s, vs), (1, phi_Q, w2, v[:, t0:t1]), (2, phi_K, w2s, vs)):
+            acc["Phi"][:, tau] += torch.einsum("bhsa,bsd->had", phi * ws[:, None, :, None], vv)
 
     def _edges_all(self, x: Tensor, rule: tuple[list[float], list[float]], bases: list[tuple[Tensor, Tensor, Tensor]],
                    chunk_elements: int, dtype: torch.dtype = F64, mask: Tensor | None = None) -> list[Tensor]:
         """∑_x ∑_t M_t² per basis, every position, (k_out − 1, k_in); bases are (f̂ (B, T, k_in), C̃ (k_in, d_in), W (d_out, k_out − 1)).
         mask (T,): the positions the rule's points scale (the others stay at α = 1); None: every position.
-
-        M_t = Wᵀ C̃ᵀ diag(f̂_t) + ∑_h Ω_hᵀ N^h_t with N^h_t (d_head × k_in) summed over the rule's points
-        before the one product with Ω = W_O W per position (see the module docstring for its terms).
-        """
-        B, T, _ = x.shape
-        H, c, d_h = self.H, self.c, self.d_h
-        a_ = self.attn
-        alphas, weights = rule
-        points = []
-        for alpha, w in zip(alphas, weights):
-            a = alpha if mask is None else 1.0 + (alpha - 1.0) * mask    # α per position (T,)
-            y, rho, v_bar = self.ln.parts(x, a if mask is None else a[:, None])
-            v = v_bar * (a * rho)[..., None]                                 # v at LN(αx)
-            q, k, A, E, _ = a_._heads(y)
-            gv = v * self.ln.gamma
-            g = {n: torch.einsum("bsd,hda->bhsa", gv, Wt) for n, Wt in (("V", a_.W_V), ("Q", a_.W_Q), ("K", a_.W_K))}
-            G_T = torch.einsum("bhtsa,bhsc->bhtac", E, k)                    # G_tᵀ
-            GgQ = torch.einsum("bhtac,bhtc->bhta", G_T, g["Q"])             # G_tᵀ g^Q_t
-            points.append((w, rho, v, q, A, E, G_T, g["V"], g["K"], GgQ))
-        out = []
-        for f_hat, C_t, W in bases:
-            k_out, k_in = W.shape[1], C_t.shape[0]
-            Om = (a_.W_O @ W).reshape(H * d_h, k_out).T.to(dtype)          # Ωᵀ (k_out, H·d_h)
-            Lam = {n: torch.einsum("jd,dha->hja", C_t, self.ln.projected(Wt.permute(1, 0, 2).reshape(self.d, -1))
-                                   .reshape(self.d, H, d_h)).to(dtype)
-                   for n, Wt in (("V", a_.W_V), ("Q", a_.W_Q), ("K", a_.W_K))}   # Λ̃_τ (H, k_in, d_h)
-            fixed = (W.T @ C_t.T).to(dtype)
-            Ct = C_t.T.to(dtype)
-            E_acc = torch.zeros(k_out, k_in, dtype=F64, device=x.device)
-            size = max(1, min(chunk_elements, 2 ** 21) // max(1, H * T * d_h * k_in + T * k_out * k_in))
-            for start in range(0, B, size):
-                sl = slice(start, start + size)
-                f = f_hat[sl].to(dtype)
-                b_ = f.shape[0]
-                N = torch.zeros(b_, H, T, d_h, k_in, dtype=dtype, device=x.device)
-                for w, rho, v, q, A, E, G_T, gV, gK, GgQ in points:
-                    rho_ = rho[sl].to(dtype)
-                    q, A, E, G_T = q[sl].to(dtype), A[sl].to(dtype), E[sl].to(dtype), G_T[sl].to(dtype)
-                    rf = rho_[:, :, None] * f                                 # ρ_s f̂_s
-                    bf = v[sl].to(dtype) @ Ct * f                             # b_s ⊙ f̂_s
-                    brf = bf * rho_[:, :, None]
-                    # values: Λ̃_Vᵀ diag(∑_s A_ts ρ_s f̂_s) − ∑_s A_ts ρ_s g^V_s ⊗ (b_s ⊙ f̂_s)
-                    N += w * (Lam["V"].transpose(1, 2)[None, :, None] * (A @ rf[:, None])[:, :, :, None, :])
-                    Y = (gV[sl].to(dtype)[..., None] * bf[:, None, :, None, :]).reshape(b_, H, T, d_h * k_in)
-                    N -= w * ((A * rho_[:, None, None, :]) @ Y).reshape(b_, H, T, d_h, k_in)
-                    # queries: c ρ_t G_tᵀ Λ̃_Qᵀ diag(f̂_t) − c ρ_t (G_tᵀ g^Q_t) ⊗ (b_t ⊙ f̂_t)
-                    GL = torch.einsum("bhtac,hjc->bhtaj", G_T, Lam["Q"])
-                    N += (w * c) * (GL * rf[:, None, :, None, :] - GgQ[sl].to(dtype)[..., None] * (rho_[:, :, None] * bf)[:, None, :, None, :])
-                    # keys: c ∑_s e_ts ⊗ (ρ_s (q_t Λ̃_Kᵀ − (q_t·g^K_s) b_s) ⊙ f̂_s)
-                    Et = E.permute(0, 1, 2, 4, 3)                             # (b, H, t, d_h, s)
-                    qLK = torch.einsum("bhta,hja->bhtj", q, Lam["K"])
-                    qgK = torch.einsum("bhta,bhsa->bhts", q, gK[sl].to(dtype))
-                    ER = (Et.reshape(b_, H * T * d_h, T) @ rf).reshape(b_, H, T, d_h, k_in)
-                    EqR = ((Et * qgK[:, :, :, None, :]).reshape(b_, H * T * d_h, T) @ brf).reshape(b_, H, T, d_h, k_in)
-                    N += (w * c) * (ER * qLK[:, :, :, None, :] - EqR)
-                M = (Om @ N.permute(0, 1, 3, 2, 4).reshape(b_, H * d_h, T * k_in)).reshape(b_, k_out, T, k_in)
-                M += fixed[None, :, None, :] * f[:, None]
-                E_acc += M.square_().sum((0, 2)).to(F64)
-            out.append(E_acc)
-        return out
+        Computed by layernorm_attention_edges.edges_all (terms regrouped by what multiplies f̂)."""
+        return edges_all(self, x, rule, bases, chunk_elements, dtype, mask)
 
 
 def _attention_scale(attn: nn.Module, d_head: int, layer: int) -> float | None:

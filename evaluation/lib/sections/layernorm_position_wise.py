@@ -183,9 +183,12 @@ class LayerNormPositionWiseSection:
                 d_bar = w * rho[:, None] * d + (0 if d_bar is None else d_bar)
                 e_bar = k[:, None] * d + (0 if e_bar is None else e_bar)
         b_bar = self._b_tilde(s_bar, v_bar, e_bar, p_bar)                         # (n, d_out)
+        fs = [(f_hat[:, index].reshape(-1, f_hat.shape[-1])[first] * counts.sqrt()[:, None]).to(dtype)
+              for f_hat, _, _ in bases]                                             # f̂ √count per row
+        if d_bar is not None and _jacobian_first(self.W_in.shape[1], self.d_out, self.d_in, bases):
+            return self._edges_via_jacobian(bases, fs, rho_bar, d_bar, b_bar, v_bar, chunk_elements, dtype)
         out = []
-        for f_hat, C_t, W in bases:
-            f = f_hat[:, index].reshape(-1, f_hat.shape[-1])[first]
+        for (f_hat, C_t, W), weight_rows in zip(bases, fs):
             k_out, k_in = W.shape[1], C_t.shape[0]
             fixed = torch.zeros(k_out, k_in, dtype=F64, device=x.device)
             if self.S_res is not None:
@@ -195,7 +198,6 @@ class LayerNormPositionWiseSection:
             if d_bar is not None:
                 P, Q = (W.T @ self.W_out.T).to(dtype), (self.W_proj.T @ C_t.T).to(dtype)
                 hidden = P.shape[1]
-            weight_rows = (f * counts.sqrt()[:, None]).to(dtype)
             fixed_d = fixed.to(dtype)
             E = torch.zeros(k_out, k_in, dtype=F64, device=x.device)
             size = max(1, min(chunk_elements, 2 ** 19) // max(1, k_out * max(k_in, hidden if d_bar is not None else 1)))
@@ -213,6 +215,89 @@ class LayerNormPositionWiseSection:
                 E += G.mul_(weight_rows[sl][:, None, :]).square_().sum(0).to(F64)
             out.append(E)
         return out
+
+    def _edges_via_jacobian(self, bases, fs, rho_bar, d_bar, b_bar, v_bar, chunk_elements: int, dtype) -> list[Tensor]:
+        """The edges from each row's whole Jacobian J_r = S_resᵀ + ρ̄ S′ᵀ + W_outᵀ diag(d̄) W′ᵀ − b̄ v̄ᵀ
+        (d_out × d_in), formed once per row and shared by every basis: M_r = Wᵀ J_r C̃ᵀ diag(f̂_r), with
+        the product skipped on a side where the basis only selects units (the neuron basis). Rows are
+        laid out (d_out, rows, d_in) so that every product is one plain matrix product."""
+        hidden, d_out, d_in, dev = self.W_in.shape[1], self.d_out, self.d_in, v_bar.device
+        n_rows = v_bar.shape[0]
+        size = max(1, min(n_rows, min(chunk_elements, 2 ** 20) // (hidden * d_in)))
+        WoT, WpT = self.W_out.T.to(dtype), self.W_proj.T.to(dtype)              # (d_out, h), (h, d_in)
+        const = torch.zeros(d_out, d_in, dtype=F64, device=dev)
+        if self.S_res is not None:
+            const += self.S_res.T
+        const = const.to(dtype)[:, None, :]
+        lin = None if self.S_proj is None else self.S_proj.T.to(dtype)[:, None, :]
+        sides = [(_selection(W), _selection(C_t.T), W.T.to(dtype), C_t.T.to(dtype)) for _, C_t, W in bases]
+        Y = torch.empty(hidden * size * d_in, dtype=dtype, device=dev)
+        J = torch.empty(d_out * size * d_in, dtype=dtype, device=dev)
+        out = [torch.zeros(W.shape[1], C_t.shape[0], dtype=F64, device=dev) for _, C_t, W in bases]
+        for start in range(0, n_rows, size):
+            sl = slice(start, start + size)
+            n = v_bar[sl].shape[0]
+            Yc = torch.mul(d_bar[sl].to(dtype).T[:, :, None], WpT[:, None, :], out=Y[:hidden * n * d_in].view(hidden, n, d_in))
+            Jc = torch.mm(WoT, Yc.view(hidden, n * d_in), out=J[:d_out * n * d_in].view(d_out, n * d_in)).view(d_out, n, d_in)
+            Jc += const
+            if lin is not None:
+                Jc.addcmul_(lin, rho_bar[sl].to(dtype)[None, :, None])
+            Jc.sub_(b_bar[sl].to(dtype).T[:, :, None] * v_bar[sl].to(dtype)[None])
+            for E, (W_sel, C_sel, WT, Ct), f in zip(out, sides, fs):
+                E += _rotated_squares(Jc, W_sel, C_sel, WT, Ct, f[sl])
+        return out
+
+
+def _jacobian_first(hidden: int, d_out: int, d_in: int, bases) -> bool:
+    """Whether forming each row's d_out × d_in Jacobian once (shared by the bases) costs fewer
+    multiply-adds than the per-basis products P diag(d) Q (k_out · hidden · k_in each)."""
+    direct, shared = 0, d_out * hidden * d_in
+    for _, C_t, W in bases:
+        k_out, k_in = W.shape[1], C_t.shape[0]
+        direct += k_out * hidden * k_in
+        shared += (0 if _selection(W) is not None else k_out * d_out * d_in)
+        shared += (0 if _selection(C_t.T) is not None else k_out * d_in * k_in)
+    return shared < direct
+
+
+def _selection(S: Tensor) -> Tensor | None:
+    """For S (n × k) whose columns are each zero or one unit vector: the row of each column's 1
+    (−1 for a zero column), so that (Sᵀ Y)[i] = Y[row_i]; None for any other S."""
+    ones = S == 1
+    if not bool(((S == 0) | ones).all()) or bool((ones.sum(0) > 1).any()):
+        return None
+    return torch.where(ones.any(0), ones.to(torch.int8).argmax(0), -1)
+
+
+def _gather(Y: Tensor, sel: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """(the slices of Y along dim picked by the selection, the kept indices); no copy when the
+    selection is every slice in order."""
+    kept = (sel >= 0).nonzero().squeeze(1)
+    src = sel[kept]
+    if src.shape[0] == Y.shape[dim] and bool((src == torch.arange(src.shape[0], device=src.device)).all()):
+        return Y, kept
+    return Y.index_select(dim, src), kept
+
+
+def _rotated_squares(J: Tensor, W_sel, C_sel, WT: Tensor, Ct: Tensor, f: Tensor) -> Tensor:
+    """∑_r (Wᵀ J_r C̃ᵀ diag(f_r))² (k_out × k_in, float64) for J laid out (d_out, rows, d_in)."""
+    d_out, n, d_in = J.shape
+    k_out, k_in = WT.shape[0], Ct.shape[1]
+    if C_sel is None:
+        K, cols = torch.mm(J.view(d_out * n, d_in), Ct).view(d_out, n, k_in), None
+    else:
+        K, cols = _gather(J, C_sel, 2)
+    if W_sel is None:
+        G, rows = torch.mm(WT, K.reshape(d_out, -1)).view(k_out, n, -1), None
+    else:
+        G, rows = _gather(K, W_sel, 0)
+    G = G * (f if cols is None else f[:, cols])[None]
+    part = G.square_().sum(1).to(F64)
+    if cols is not None:  # columns of C̃ᵀ that select nothing: no edges
+        part = torch.zeros(part.shape[0], k_in, dtype=F64, device=J.device).index_copy_(1, cols, part)
+    if rows is not None:
+        part = torch.zeros(k_out, k_in, dtype=F64, device=J.device).index_copy_(0, rows, part)
+    return part
 
 
 def layer_norm_params(norm_bridge: nn.Module, d: int) -> LayerNormParams | None:
