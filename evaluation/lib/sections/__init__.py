@@ -10,7 +10,8 @@ its kind. Implementations:
   resid_post -> resid_pre, the unembedding, Linear / element-wise activation chains in an
   nn.Sequential), ``attention.py`` (TransformerLens native attention without LayerNorm),
   ``layernorm_position_wise.py`` (LN2 + MLP, final LayerNorm + unembedding) and
-  ``layernorm_attention.py`` (LN1 + attention) of GPT-2-style bridges.
+  ``layernorm_attention.py`` (LN1 + attention; its edges in ``layernorm_attention_edges.py``) of
+  GPT-2-style bridges.
 
 ``choose_section`` picks the implementation once per section: the first recogniser (in their
 ``order``) that returns a kind, per ``LIBConfig.jacobians``. The fit then checks it against
