@@ -22,6 +22,9 @@ section's Jacobian per row is a fixed-weights part plus a rank-one term:
   with P = Wᵀ W_outᵀ, Q = W′ᵀ C̃ᵀ, ρ̄ = ∑ w_α ρ_α, d̄ = ∑ w_α ρ_α d_α and
   b̄ = ∑ w_α c_α b̃_α = (∑ w_α ρ_α c_α²) S_linᵀ Γ v̄ + W_outᵀ ((∑ w_α ρ_α c_α² d_α) ⊙ W_inᵀ Γ v̄).
   The product P diag(d̄) Q per row is the cost (as without the LayerNorm); the rest is rank one.
+  With several bases it can be cheaper to form each row's whole Jacobian J_r = W_outᵀ diag(d̄) W′ᵀ
+  + … (d_out × d_in) once and rotate it per basis, M = Wᵀ J_r C̃ᵀ diag(f̂), which is free on a side
+  where the basis only selects units (the neuron basis): ``edges`` takes the cheaper way.
 """
 
 from __future__ import annotations
