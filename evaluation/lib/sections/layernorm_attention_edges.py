@@ -29,6 +29,8 @@ def edges_all(section, x: Tensor, rule, bases, chunk_elements: int, dtype=F64, m
     """∑_x ∑_t M_t² per basis, every output position, (k_out − 1, k_in); arguments as
     LayerNormAttentionSection._edges_all (chunk_elements is not needed: blocks are sized by
     BLOCK_ELEMENTS)."""
+    if not bases:
+        return []
     B, T, _ = x.shape
     H, c, d_h = section.H, section.c, section.d_h
     a_, ln = section.attn, section.ln
@@ -46,8 +48,8 @@ def edges_all(section, x: Tensor, rule, bases, chunk_elements: int, dtype=F64, m
         points.append((w, rho, v, q, A, E, G_T, gV, GgQ, qgK))
     tb = max(1, min(T, BLOCK_ELEMENTS // max(1, H * d_h * max(C.shape[0] for _, C, _ in bases))))
     nb = -(-T // tb)
-    edges = [T * i // nb for i in range(nb + 1)]                        # nb blocks of near-equal size
-    blocks = list(zip(edges[:-1], edges[1:]))
+    cuts = [T * i // nb for i in range(nb + 1)]                         # nb blocks of near-equal size
+    blocks = list(zip(cuts[:-1], cuts[1:]))
     tb = max(t1 - t0 for t0, t1 in blocks)
     per_basis = [_basis_setup(section, f_hat, C_t, W, dtype, tb) for f_hat, C_t, W in bases]
     idx = torch.arange(T, device=x.device)
