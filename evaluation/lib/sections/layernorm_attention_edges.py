@@ -82,17 +82,16 @@ def _blocked(Y: Tensor, blocks) -> list[Tensor]:
 
 def _basis_setup(section, f_hat: Tensor, C_t: Tensor, W: Tensor, dtype, tb: int) -> dict:
     """Fixed products of one basis and its buffers (allocated once, reused for every example)."""
-    a_, ln, H, d_h = section.attn, section.ln, section.H, section.d_h
+    a_, H, d_h = section.attn, section.H, section.d_h
     k_out, k_in = W.shape[1], C_t.shape[0]
-    Lam = {n: torch.einsum("jd,dha->hja", C_t, ln.projected(Wt.permute(1, 0, 2).reshape(section.d, -1))
-                           .reshape(section.d, H, d_h)).to(dtype)
-           for n, Wt in (("V", a_.W_V), ("Q", a_.W_Q), ("K", a_.W_K))}   # Λ̃_τ (H, k_in, d_h)
+    # Λ̃_τᵀ = (C̃ L̃_τ)ᵀ per head from the section's L̃ = Π₀ Γ [W_V, W_Q, W_K], (τ, H, d_h, k_in)
+    LamT = (C_t @ section.L_proj).reshape(k_in, H, 3, d_h).permute(2, 1, 3, 0).to(dtype)
     dev = f_hat.device
     return {"f_hat": f_hat, "Ct": C_t.T.to(dtype), "k_in": k_in, "k_out": k_out,
             "Om": (a_.W_O @ W).reshape(H * d_h, k_out).T.contiguous().to(dtype),   # Ωᵀ (k_out, H·d_h)
-            "LamVT": Lam["V"].permute(0, 2, 1)[:, :, None, :].contiguous(),          # (H, d_h, 1, k_in)
-            "LamQT": Lam["Q"].permute(0, 2, 1).contiguous(),                         # (H, d_h, k_in)
-            "LamKT": Lam["K"].permute(0, 2, 1).contiguous(),                         # (H, d_h, k_in)
+            "LamVT": LamT[0][:, :, None, :].contiguous(),                           # (H, d_h, 1, k_in)
+            "LamQT": LamT[1].contiguous(),                                          # (H, d_h, k_in)
+            "LamKT": LamT[2].contiguous(),                                          # (H, d_h, k_in)
             "fixed": (W.T @ C_t.T).to(dtype)[:, None, :],                            # Wᵀ C̃ᵀ (k_out, 1, k_in)
             "N": torch.empty(H * d_h * tb * k_in, dtype=dtype, device=dev),
             "R": torch.empty(H * d_h * tb * k_in, dtype=dtype, device=dev),
