@@ -567,3 +567,17 @@ def test_metric_registration_is_checked():
 
     with pytest.raises(ValueError, match="compare metric 'accuracy' is defined twice"):
         register(Duplicate)
+
+
+def test_default_node_layers_of_a_cnn_are_sites_with_the_expected_shapes():
+    """SmallCNN: the input, each conv block's pooled map, the head's hidden ReLU and the logits."""
+    from evaluation.compare.context import default_node_layers
+    from interp_train.models.mlp import SmallCNN
+    from interp_train.sites import run_model
+
+    wrapper = torch.nn.Module()
+    wrapper.model = SmallCNN(in_channels=1, channels=[4, 8], hidden=16, n_classes=3, image_size=8)
+    layers = default_node_layers(wrapper)
+    assert layers == ["input", "model.features.2", "model.features.5", "model.head.2", "output"]
+    res = run_model(wrapper.model, torch.randn(5, 1, 8, 8), record=[name[len("model."):] for name in layers[1:-1]])
+    assert [tuple(a.shape) for a in res.activations.values()] == [(5, 4, 4, 4), (5, 8, 2, 2), (5, 16)]

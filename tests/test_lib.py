@@ -334,3 +334,40 @@ def test_float32_jacobians_are_close_to_float64_and_leave_the_model_alone(jacobi
 def test_config_rejects_unknown_jacobian_dtype():
     with pytest.raises(ValueError, match=r"unknown jacobian_dtype 'float16'; use one of \(None, 'float32', 'float64'\)"):
         LIBConfig(jacobian_dtype="float16")
+
+
+class _FlatteningMLP(nn.Module):
+    """An MLP that flattens its input, as interp_train.models.mlp.MLP does with images."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.layers = nn.Sequential(nn.Linear(12, 6), nn.Tanh(), nn.Linear(6, 3))
+
+    def forward(self, x):
+        return self.layers(x.flatten(1))
+
+
+def test_an_image_input_is_one_position_of_all_its_pixels():
+    """An MLP fed (B, 1, 3, 4) images is the same map as the MLP fed the (B, 12) flattened images, so
+    its LIB (every basis, every edge) must be the same: the input layer has 12 features, not 3
+    positions of 4."""
+    model = _FlatteningMLP().double()
+    images = torch.randn(24, 1, 3, 4, dtype=F64, generator=torch.Generator().manual_seed(6))
+    layers = ["input", "layers.1", "output"]
+    as_images = fit_lib(model, [images[:12], images[12:]], layers, progress=False)
+    flat = images.flatten(1)
+    as_vectors = fit_lib(model, [flat[:12], flat[12:]], layers, progress=False)
+    assert as_images.lib["input"].C.shape == (13, as_images.lib["input"].C.shape[1])
+    assert_same_fit(as_images, as_vectors)
+
+
+def test_a_feature_map_node_layer_matches_the_naive_reference():
+    """A CNN with a (B, C, H, W) node layer (the conv block's output) against the naive dense fit."""
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).double()
+    x = torch.randn(20, 1, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(8))
+    data, layers = [x[:10], x[10:]], ["input", "1", "output"]
+    res = fit_lib(model, data, layers, progress=False)
+    assert res.lib["1"].C.shape[0] == 2 * 4 * 4 + 1 and res.pca["input"].C.shape[0] == 17
+    assert_same_fit(res, naive_fit_lib(model, data, layers, LIBConfig()))

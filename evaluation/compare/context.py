@@ -166,18 +166,23 @@ class RunContext:
 
 def default_node_layers(module, last_position: bool = False) -> list[str]:
     """LIB node layers of a recipe module: MLP → "input", every hidden activation, "output";
-    TransformerLens model → resid_pre, resid_mid/resid_post of each block, "output", with the
+    SmallCNN → "input", each conv block's pooled output (one position of all its units), the
+    head's hidden activation, "output"; TransformerLens model → resid_pre, resid_mid/resid_post of each block, "output", with the
     layers after the last attention at position -1 when ``last_position`` (one target per
     sequence, e.g. modular addition: evaluation.lib.positions.residual_layers)."""
     from torch import nn
 
     from evaluation.lib.positions import residual_layers
-    from interp_train.models.mlp import MLP
+    from interp_train.models.mlp import MLP, SmallCNN
 
     for name, sub in module.named_modules():
         if isinstance(sub, MLP):
             acts = [f"{name}.layers.{i}" for i, m in enumerate(sub.layers) if not isinstance(m, nn.Linear)]
             return ["input", *acts, "output"]
+        if isinstance(sub, SmallCNN):
+            pools = [f"{name}.features.{i}" for i, m in enumerate(sub.features) if isinstance(m, nn.MaxPool2d)]
+            hidden = [f"{name}.head.{i}" for i, m in enumerate(sub.head) if isinstance(m, nn.ReLU)]
+            return ["input", *pools, *hidden, "output"]
         n_layers = getattr(getattr(sub, "cfg", None), "n_layers", None)
         if isinstance(n_layers, int) and isinstance(getattr(sub, "hook_dict", None), dict):
             return residual_layers(n_layers, last_position)

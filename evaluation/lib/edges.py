@@ -55,12 +55,17 @@ def integration_rule(kind: str, n_intervals: int) -> tuple[list[float], list[flo
 
 
 def as_positions(act: torch.Tensor) -> torch.Tensor:
-    """View an activation (B,), (B, d) or (B, *positions, d) as (B, P, d)."""
+    """View an activation as (B, P, d): (B,) and (B, d) as one position; (B, P, d) (a sequence
+    model's positions) as is; an activation of 4 or more axes, (B, C, H, W) — an image fed to an MLP
+    that flattens it, a CNN's feature map — as one position of all its units (B, 1, C·H·W), in
+    the order ``flatten(1)`` gives (its last axis is not a feature axis that positions share)."""
     if act.dim() == 1:
         return act.reshape(-1, 1, 1)
     if act.dim() == 2:
         return act.unsqueeze(1)
-    return act.reshape(act.shape[0], -1, act.shape[-1])
+    if act.dim() == 3:
+        return act
+    return act.reshape(act.shape[0], 1, -1)
 
 
 @dataclass

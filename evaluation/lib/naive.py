@@ -48,7 +48,8 @@ class RunModelForward:
         act = self._raw(x, site)
         if pos is not None:
             return act[:, pos].unsqueeze(1)
-        return act.reshape(act.shape[0], -1, act.shape[-1]) if act.dim() > 2 else act.reshape(act.shape[0], 1, -1)
+        # (N, P, d) for a sequence model; anything else, images and feature maps included, as one position
+        return act if act.dim() == 3 else act.reshape(act.shape[0], 1, -1)
 
     def jacobian(self, x_one, l_in, l_out, f_in):
         """Dense Jacobian of f^{l+1} (P_out, d_out) w.r.t. f^l (P, d) of one example, at f^l = f_in.
@@ -70,7 +71,7 @@ class RunModelForward:
             out = res.output if s_out == "output" else res.activations[s_out]
             if p_out is not None:
                 return out[0, p_out].reshape(1, -1)
-            return out.reshape(-1, out.shape[-1]) if out.dim() > 2 else out.reshape(1, -1)
+            return out.reshape(-1, out.shape[-1]) if out.dim() == 3 else out.reshape(1, -1)
 
         return torch.func.jacrev(g)(f_in.to(self.dtype))  # (P_out, d_out, P, d)
 

@@ -11,7 +11,7 @@ class EdgeAblationPCA(CompareMetric):
     label = "PCA edges kept"
     higher_is_better = False
     description = "fewest top PCA edges whose retention (the rest ablated) keeps accuracy within tolerance"
-    version = 1
+    version = 2  # 2: an image or feature-map node layer is one position of all its units
     options = EDGE_ABLATION_OPTIONS
     switch = "edge_ablation"
     order = 91

@@ -14,7 +14,8 @@ class LIBEdgeFraction(CompareMetric):
     label = "LIB edges for 90 %"
     higher_is_better = False
     description = "fraction of LIB edges holding 90 % of edge weight"
-    version = 2  # 2: default node layers at the last position for one target per sequence
+    version = 3  # 2: default node layers at the last position for one target per sequence; 3: an image or
+    # feature-map node layer is one position of all its units
     options = LIB_OPTIONS
     order = 10
 

@@ -11,7 +11,8 @@ class LIBFeatures(CompareMetric):
     label = "LIB features (99 %)"
     higher_is_better = False
     description = "LIB directions holding 99 % of ∑Λ, summed over layers"
-    version = 2  # 2: default node layers at the last position for one target per sequence
+    version = 3  # 2: default node layers at the last position for one target per sequence; 3: an image or
+    # feature-map node layer is one position of all its units
     options = LIB_OPTIONS
     order = 30
 

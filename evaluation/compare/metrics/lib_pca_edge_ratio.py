@@ -18,7 +18,7 @@ class LIBPCAEdgeRatio(CompareMetric):
     label = "LIB / PCA edges for 90 %"
     higher_is_better = False
     description = "LIB edges for 90 % of edge weight divided by PCA's (below 1: LIB sparser)"
-    version = 1
+    version = 2  # 2: an image or feature-map node layer is one position of all its units
     options = LIB_OPTIONS
     order = 21
 

@@ -13,7 +13,8 @@ class Modularity(CompareMetric):
     label = "modularity Q"
     higher_is_better = True
     description = "Louvain modularity (γ = 1) of the LIB interaction graph"
-    version = 2  # 2: default node layers at the last position for one target per sequence
+    version = 3  # 2: default node layers at the last position for one target per sequence; 3: an image or
+    # feature-map node layer is one position of all its units
     options = LIB_OPTIONS
     order = 40
 

@@ -13,7 +13,7 @@ class NeuronEdgeFraction(CompareMetric):
     label = "neuron edges for 90 %"
     higher_is_better = False
     description = "fraction of neuron-basis edges holding 90 % of edge weight"
-    version = 1
+    version = 2  # 2: an image or feature-map node layer is one position of all its units
     options = LIB_OPTIONS
     order = 25
 
