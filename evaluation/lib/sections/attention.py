@@ -134,6 +134,7 @@ class AttentionSection:
         cross = R @ L.T
         return B * Dm.sum() * (W @ W.T) + cross + cross.T + L @ S @ L.T
 
+    @torch.no_grad()  # sums of squares, never differentiated; the in-place products below need no graph
     def edges(self, x: Tensor, rule: tuple[list[float], list[float]], bases: list[tuple[Tensor, Tensor, Tensor]],
               chunk_elements: int, dtype: torch.dtype = F64, inputs_at: list[int] | None = None,
               outputs_at: list[int] | None = None) -> list[Tensor]:
