@@ -85,3 +85,19 @@ class SideBranch(nn.Module):
     def forward(self, x):
         self.side(x)
         return self.main(x)
+
+
+def model_at_a_freed_id(make, remember):
+    """(first model's remembered value, a second model that CPython placed at the first's freed id), or
+    None when no reuse was seen in 500 tries. ``remember(model)`` runs on the first model before it is
+    freed (e.g. a regularizer caching its parameters); the test then checks the cache on the second."""
+    import gc
+    for _ in range(500):
+        first = make()
+        freed_id, kept = id(first), remember(first)
+        del first
+        gc.collect()
+        second = make()
+        if id(second) == freed_id:
+            return kept, second
+    return None

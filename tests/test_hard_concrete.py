@@ -236,3 +236,22 @@ def test_a_gated_model_survives_deepcopy_and_pickling(copier):
     with torch.no_grad():
         gates_c[0][1].log_alpha.zero_()
     assert not torch.equal(gates[0][1].log_alpha, gates_c[0][1].log_alpha)
+
+
+def test_a_new_model_at_a_freed_models_id_is_not_taken_for_the_gated_one():
+    from tests.helpers import model_at_a_freed_id
+    regs = []
+
+    def remember(model):
+        reg = HardConcreteL0(params=["*"])
+        reg.attach(model)
+        regs.append(reg)
+
+    found = model_at_a_freed_id(lambda: nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)), remember)
+    if found is None:
+        pytest.skip("CPython did not reuse a freed model's id in 500 tries")
+    _, second = found
+    with pytest.raises(RuntimeError, match="no gates on this model"):
+        regs[-1].gates(second)
+    regs[-1].attach(second)  # and it can be gated: attach is not skipped as "already done"
+    assert [name for name, _ in regs[-1].gates(second)] == ["0.weight", "1.weight"]

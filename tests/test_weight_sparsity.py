@@ -165,3 +165,22 @@ def test_transformer_lens_selection_skips_embedding_and_unembedding():
     names = list(select_parameters(model))
     assert len(names) == 6 and all(any(k in n for k in (".attn.", ".mlp.")) for n in names)
     assert len(select_parameters(model, include_embeddings=True)) == 9  # + embed, pos_embed, unembed
+
+
+@pytest.mark.parametrize("kind", ["WeightSparsity", "WeightL1"])
+def test_a_new_model_at_a_freed_models_id_gets_its_own_parameters(kind):
+    from tests.helpers import model_at_a_freed_id
+    regs = []
+
+    def remember(model):
+        reg = WeightSparsity(0.5, anneal_steps=0) if kind == "WeightSparsity" else WeightL1()
+        regs.append(reg)
+        return [id(p) for p in (reg.selected(model) if kind == "WeightL1" else [p for _, p in reg.selected(model)])]
+
+    found = model_at_a_freed_id(lambda: nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)), remember)
+    if found is None:
+        pytest.skip("CPython did not reuse a freed model's id in 500 tries")
+    _, second = found
+    reg = regs[-1]
+    got = reg.selected(second) if kind == "WeightL1" else [p for _, p in reg.selected(second)]
+    assert [p is q for p, q in zip(got, [second[0].weight, second[1].weight])] == [True, True]

@@ -39,6 +39,7 @@ pattern that matches none raises a ValueError listing the candidates.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Sequence
 
 import torch
@@ -121,22 +122,24 @@ class HardConcreteL0(Regularizer):
         self.init_log_alpha, self.beta, self.gamma, self.zeta = float(init_log_alpha), float(beta), float(gamma), \
             float(zeta)
         self._gates: list[tuple[str, HardConcreteGate]] | None = None
-        self._model_id: int | None = None  # id of the model known to hold self._gates (a cache; not pickled)
+        # the model known to hold self._gates (a cache; a weak reference, since a freed model's id can be
+        # reused by a new one; not pickled)
+        self._holder: weakref.ref | None = None
 
     def __getstate__(self):
         # A copy (deepcopy / pickle of the model with its regularizers) holds the copied gates, which
-        # belong to the copied model: forget the original model's id, _holds finds the copy's.
-        return {**super().__getstate__(), "_model_id": None}
+        # belong to the copied model: forget the original model, _holds finds the copy.
+        return {**super().__getstate__(), "_holder": None}
 
     def _holds(self, model: nn.Module) -> bool:
         """Whether ``model`` carries this regularizer's gates."""
         if self._gates is None:
             return False
-        if self._model_id != id(model):
+        if self._holder is None or self._holder() is not model:
             gate = self._gates[0][1]
             if not any(m is gate for m in model.modules()):
                 return False
-            self._model_id = id(model)
+            self._holder = weakref.ref(model)
         return True
 
     # ------------------------------------------------------------------ attaching the gates
@@ -158,7 +161,7 @@ class HardConcreteL0(Regularizer):
         if not gates:
             raise ValueError(f"regularizer {self.name!r}: every weight matched by {list(self.params)} is already "
                              "gated (parametrized) by another regularizer")
-        self._gates, self._model_id = gates, id(model)
+        self._gates, self._holder = gates, weakref.ref(model)
 
     def setup(self, model: nn.Module, datamodule=None) -> None:
         self.attach(model)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import weakref
 from typing import Sequence
 
 import torch
@@ -101,6 +102,28 @@ def select_parameters(model: nn.Module, params: Sequence[str] = ("*",),
     return selected
 
 
+class PerModel:
+    """A value computed for one model and reused while that same model is alive.
+
+    Keyed by a weak reference, not by the model's id: CPython gives a new model the id of a freed
+    one, and an id-keyed cache would then hand out the freed model's parameters. A copy (deepcopy,
+    pickle) starts empty, so a copied regularizer recomputes for the copied model.
+    """
+
+    def __init__(self):
+        self._model: weakref.ref | None = None
+        self._value = None
+
+    def get(self, model: nn.Module, compute):
+        if self._model is None or self._model() is not model:
+            self._value = compute()
+            self._model = weakref.ref(model)
+        return self._value
+
+    def __getstate__(self):
+        return {"_model": None, "_value": None}
+
+
 def kept_count(numel: int, density: float) -> int:
     """k = max(1, round(density · numel))."""
     return max(1, min(numel, int(round(density * numel))))
@@ -148,7 +171,7 @@ class WeightSparsity(Regularizer):
         self.params = _check_patterns(params)
         self.include_embeddings = bool(include_embeddings)
         self.optimizer_steps = 0
-        self._selected: tuple[int, list[tuple[str, nn.Parameter]]] | None = None
+        self._selected = PerModel()  # list[(name, parameter)] of the model last seen
 
     # ------------------------------------------------------------------ schedule
     def density(self, step: int | None = None) -> float:
@@ -176,9 +199,8 @@ class WeightSparsity(Regularizer):
     # ------------------------------------------------------------------ projection
     def selected(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
         """The (name, parameter) pairs this regularizer sparsifies in ``model`` (cached per model)."""
-        if self._selected is None or self._selected[0] != id(model):
-            self._selected = (id(model), list(select_parameters(model, self.params, self.include_embeddings).items()))
-        return self._selected[1]
+        return self._selected.get(
+            model, lambda: list(select_parameters(model, self.params, self.include_embeddings).items()))
 
     @torch.no_grad()
     def after_optimizer_step(self, model: nn.Module) -> None:
@@ -217,12 +239,11 @@ class WeightL1(Regularizer):
         self.params = _check_patterns(params)
         self.include_embeddings = bool(include_embeddings)
 
-        self._selected: tuple[int, list[nn.Parameter]] | None = None
+        self._selected = PerModel()  # list[parameter] of the model last seen
 
     def selected(self, model: nn.Module) -> list[nn.Parameter]:
-        if self._selected is None or self._selected[0] != id(model):
-            self._selected = (id(model), list(select_parameters(model, self.params, self.include_embeddings).values()))
-        return self._selected[1]
+        return self._selected.get(
+            model, lambda: list(select_parameters(model, self.params, self.include_embeddings).values()))
 
     def setup(self, model: nn.Module, datamodule=None) -> None:
         self.selected(model)
