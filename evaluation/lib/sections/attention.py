@@ -96,17 +96,11 @@ class AttentionSection:
         Bh = torch.einsum("ek,hak->hea", W, Omega)                 # A W_O^hᵀ (H, d_out, d_h)
         A_diag = torch.einsum("bhts,ts->bht", A, Dm)               # A_tt where t is an input position, else 0
         E_diag = torch.einsum("bhtsa,ts->bhta", E, Dm)             # e_tt likewise (B, H, T', d_h)
-        # ∑_{x,t} A_tt G^gᵀ_t per head pair and ∑_{x,t} m_t G^hᵀ_t, G_tᵀ = ∑_s e_tsᵀ k_s (every s), as one
-        # batched product over the rows (x, s) instead of forming every example's G_t (B·H·T'·d_h² numbers)
-        weights = torch.cat([A_diag, m_t.expand(B, 1, -1)], 1)     # (B, H + 1, T'): A_tt per head, then m_t
-        Y = torch.einsum("bjt,bgtsa->gjabs", weights, E).reshape(H, (H + 1) * d_h, -1)
-        X = torch.bmm(Y, k.permute(1, 0, 2, 3).reshape(H, -1, d_h)).view(H, H + 1, d_h, d_h)   # [g, j]
-        AG = X[:, :H].transpose(0, 1)                              # ∑ A^h_tt G^gᵀ_t (H, H, d_h, d_h)
-        mG = X[torch.arange(H, device=x.device), H]                # ∑ m_t G^hᵀ_t (H, d_h, d_h)
+        G_T = torch.einsum("bhtsa,bhsc->bhtac", E, k)              # G_tᵀ = ∑_s e_tsᵀ k_s (every s)
         EK = torch.einsum("bhtsc,hgcd->bhgtsd", E, Khg)            # e^h_ts K_hg
         # blocks of S = ∑ y yᵀ, indexed [h, g] with (d_h × d_h) entries
         VV = torch.einsum("bhts,bgts,s->hg", A, A, m_s)[:, :, None, None] * Khg
-        VQ = c * Khg @ AG
+        VQ = c * Khg @ torch.einsum("bht,bgtac->hgac", A_diag, G_T)
         VK = c * Khg @ torch.einsum("bhgta,bgtc->hgac", torch.einsum("bhts,bgtsa,s->bhgta", A, E, m_s), q)
         inner = torch.einsum("bhgtsd,bgtrd->bhgtsr", EK, E)         # e^h_ts K_hg e^gᵀ_tr
         QQ = c * c * torch.einsum("bhsa,bhgtsc->hgac", k, torch.einsum("bhgtsr,bgrc,t->bhgtsc", inner, k, m_t))
@@ -127,7 +121,7 @@ class AttentionSection:
         S = S.reshape(3 * H * d_h, 3 * H * d_h)
         # residual cross terms ∑ δ_ts w_i yᵀ, per head (d_out × d_h)
         RV = Bh * A_diag.sum((0, 2))[:, None, None]
-        RQ = c * Bh @ mG
+        RQ = c * Bh @ torch.einsum("bhtac,t->hac", G_T, m_t)
         RK = c * Bh @ torch.einsum("bhta,bhtc->hac", E_diag, q)
         R = torch.stack([RV, RQ, RK], 1).permute(2, 0, 1, 3).reshape(self.d_out, 3 * H * d_h)
         L = torch.stack([self.W_V, self.W_Q, self.W_K], 1).permute(2, 0, 1, 3).reshape(self.d_in, 3 * H * d_h)
