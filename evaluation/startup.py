@@ -18,9 +18,10 @@ interpreter runs at exit: on the rib benchmark (benchmarks/lib_rib_reference.py)
   allocations instead of returning it to the system. A fit allocates and frees multi-megabyte
   temporaries per batch (edge products, attention terms); by default glibc serves blocks above its
   mmap threshold (128 KiB, adapting up to 32 MiB) with fresh mappings and trims the heap top, so
-  each such temporary is page-faulted in anew: on the rib benchmark ~190 000 minor page faults in
-  the fit (~0.3-0.5 s of CPU). With blocks up to 64 MiB served from the heap and up to 256 MiB of
-  free heap kept, ~38 000 (peak RSS +20-35 MB measured). ``interp-eval lib`` calls it (a process
+  each such temporary is page-faulted in anew: on the rib benchmark 83 000-217 000 minor page
+  faults in a process's first fit (measured under load: the fit without the neuron-basis edges
+  2.96 -> 2.58 s CPU with these settings alone). With blocks up to 64 MiB served from the heap and
+  up to 256 MiB of free heap kept, 36 000-40 000 (peak RSS +20-50 MB). ``interp-eval lib`` calls it (a process
   setting, like the collector's); a C library without ``mallopt`` (not glibc) is left as it is.
 """
 
