@@ -12,7 +12,7 @@ resid_mid[-1], resid_post[-1], output[-1], centred, float64 model, gradient rule
    and the children's peak RSS; once more with ``--no-neuron-edges`` (LIB + PCA edges only).
 2. The same steps in this process, timed one by one: import, load (checkpoint and data), fit
    (``fit_lib``: LIB + PCA + edges), write (the report without ablation curves) — wall and CPU time
-   (the garbage collector handled as the CLI handles it, see evaluation.startup). The fit, as
+   (the garbage collector and the allocator set as the CLI sets them, see evaluation.startup). The fit, as
    the CLI runs it, includes the edges in the neuron basis (LIBConfig.neuron_edges); it is timed
    again without them (LIB + PCA edges only, what the fit target was set for).
 3. ``interp-eval --help`` wall time (nothing heavy may be imported for it).
@@ -87,9 +87,10 @@ def staged(ref: Path, config: Path, out: Path, device: str) -> dict[str, tuple[f
         stages[name] = (now[0] - t[0], now[1] - t[1])
         t = now
 
-    from evaluation.startup import collector_paused, release
+    from evaluation.startup import collector_paused, keep_freed_memory, release
 
-    with collector_paused():  # as the CLI does (evaluation.startup)
+    keep_freed_memory()  # as the CLI does (evaluation.startup)
+    with collector_paused():  # likewise
         import torch
 
         from evaluation.cli import _batches, _subsample, parse_data

@@ -173,8 +173,9 @@ def _ablation_ks(n: int) -> list[int]:
 
 
 def run_lib(args) -> dict:
-    from evaluation.startup import collector_paused
+    from evaluation.startup import collector_paused, keep_freed_memory
 
+    keep_freed_memory()  # the fit's temporaries reuse freed heap instead of fresh pages: see evaluation.startup
     with collector_paused():  # the imports and the model load build ~0.5 M objects: see evaluation.startup
         from evaluation.lib.distributed import fit_lib_distributed, init_from_env, launched_by_torchrun
         from evaluation.lib.fit import LIBConfig, fit_lib

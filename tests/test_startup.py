@@ -47,3 +47,13 @@ def test_interp_eval_main_leaves_the_collector_as_it_found_it(capsys, tmp_path):
     cycle = Node()
     del cycle
     assert gc.collect() >= 1  # cycles made after the command are still freed
+
+
+def test_keep_freed_memory_sets_glibc_thresholds_or_changes_nothing():
+    import ctypes
+
+    try:
+        glibc = hasattr(ctypes.CDLL(None), "mallopt")
+    except OSError:
+        glibc = False
+    assert startup.keep_freed_memory() is glibc  # True where glibc accepts both thresholds, else nothing changed

@@ -133,3 +133,22 @@ def test_editing_resid_mid_edits_the_residual_stream():
     block = model.blocks[0].mlp
     expected = edited[mid] + torch.relu(edited[mid] @ block.W_in + block.b_in) @ block.W_out + block.b_out
     torch.testing.assert_close(edited[post], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_attention_edges_take_inputs_that_require_grad():
+    """The edges are sums of squares built in place (no autograd graph): inputs that require grad give
+    the same numbers as detached ones instead of failing."""
+    from evaluation.lib.sections.attention import AttentionSection
+
+    g = torch.Generator().manual_seed(0)
+    H, d, d_h, T, B = 2, 6, 3, 4, 5
+    W_Q, W_K, W_V = (torch.randn(H, d, d_h, generator=g, dtype=F64) for _ in range(3))
+    b_Q, b_K, b_V = (torch.randn(H, d_h, generator=g, dtype=F64) for _ in range(3))
+    section = AttentionSection(W_Q, b_Q, W_K, b_K, W_V, b_V, torch.randn(H, d_h, d, generator=g, dtype=F64),
+                               torch.zeros(d, dtype=F64), scale=d_h ** 0.5)
+    x = torch.randn(B, T, d, generator=g, dtype=F64)
+    C_t, W = torch.randn(4, d, generator=g, dtype=F64), torch.randn(d, 3, generator=g, dtype=F64)
+    f = torch.randn(B, T, 4, generator=g, dtype=F64)
+    want = section.edges(x, ([1.0], [1.0]), [(f, C_t, W)], 2 ** 22)
+    got = section.edges(x.requires_grad_(True), ([1.0], [1.0]), [(f.requires_grad_(True), C_t, W)], 2 ** 22)
+    assert torch.equal(got[0], want[0])

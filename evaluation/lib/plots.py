@@ -17,6 +17,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 LIB_COLOR, PCA_COLOR, NEURON_COLOR = "tab:blue", "tab:orange", "tab:green"
+# Axes titles at y = 1 (just above the axes, the pad apart), where matplotlib's automatic placement
+# puts them in these figures (nothing drawn above the axes: no top ticks or labels, no offset text).
+# Given explicitly, matplotlib skips that placement, which measures every y tick label at each
+# draw (the four report figures: 1.39 -> 1.29 s CPU, best of 6 under load); the PNGs are byte-identical.
+TITLE_Y = 1.0
 
 
 def _np(x) -> np.ndarray:
@@ -64,7 +69,7 @@ def plot_spectra(result, path) -> Path:
             if lam.size and lam.sum() > 0:
                 ax.semilogy(np.arange(1, lam.size + 1), lam / lam.sum(), ".-", color=color, ms=3, label=side)
         same = result.lib[layer] is result.pca[layer]  # final layer: one shared (neuron / PCA) basis
-        ax.set_title(f"{layer} (shared basis)" if same else layer, fontsize=10)
+        ax.set_title(f"{layer} (shared basis)" if same else layer, fontsize=10, y=TITLE_Y)
         ax.set_xlabel("direction (sorted)")
         ax.set_ylabel("share of total")
         ax.grid(alpha=0.3)
@@ -93,7 +98,7 @@ def plot_edge_curves(result, path) -> Path:
             ax.semilogx(np.arange(1, c.size + 1), c, color=color, label=side)
         for frac in (0.9, 0.99):
             ax.axhline(frac, color="grey", lw=0.7, ls="--")
-        ax.set_title(f"edges out of {layer}", fontsize=10)
+        ax.set_title(f"edges out of {layer}", fontsize=10, y=TITLE_Y)
         ax.set_xlabel("number of edges (largest first)")
         ax.set_ylabel("share of total edge weight")
         ax.set_ylim(0, 1.02)
@@ -172,7 +177,7 @@ def plot_interaction_graph(G, path, title: str = "interaction graph", order: str
     others = plan["n_communities"] - len(plan["communities"])
     if others > 0:
         left_out.append(f"grey: {others} smaller communities")
-    ax.set_title(f"{title}\n" + "; ".join(left_out), fontsize=9)
+    ax.set_title(f"{title}\n" + "; ".join(left_out), fontsize=9, y=TITLE_Y)
     if plan["communities"]:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     return _save(fig, path)
@@ -188,7 +193,7 @@ def plot_ablation(curves: Mapping[str, tuple[Sequence[int], Sequence[float]]], p
         ax.plot(list(ks), list(values), fmt, ms=ms, color=color, label=basis.upper())
     ax.set_xlabel("directions kept (k)")
     ax.set_ylabel(metric)
-    ax.set_title(f"node ablation at {layer}", fontsize=10)
+    ax.set_title(f"node ablation at {layer}", fontsize=10, y=TITLE_Y)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)

@@ -128,6 +128,7 @@ class AttentionSection:
         cross = R @ L.T
         return B * Dm.sum() * (W @ W.T) + cross + cross.T + L @ S @ L.T
 
+    @torch.no_grad()  # sums of squares, never differentiated; the in-place products below need no graph
     def edges(self, x: Tensor, rule: tuple[list[float], list[float]], bases: list[tuple[Tensor, Tensor, Tensor]],
               chunk_elements: int, dtype: torch.dtype = F64, inputs_at: list[int] | None = None,
               outputs_at: list[int] | None = None) -> list[Tensor]:
@@ -158,22 +159,24 @@ class AttentionSection:
             E_acc = torch.zeros(k_out, k_in, dtype=F64, device=x.device)
             Tq = len(to)
             size = max(1, min(chunk_elements, 2 ** 19) // max(1, Tq * k_out * k_in))  # small chunks stay in cache
+            # one buffer for every chunk's M: a fresh multi-MB tensor per chunk costs page faults
+            buffer = torch.empty(min(size, B) * Tq, k_out, k_in, dtype=dtype, device=x.device)
             for start in range(0, B, size):
                 sl = slice(start, start + size)
                 f = f_hat[sl].to(dtype)
                 f_t = f[:, to]
                 b_ = f.shape[0]
-                M = fixed[0] * f_t[:, :, None, :]                                 # (b, T', k_out, k_in)
+                M = torch.mul(fixed[0], f_t[:, :, None, :], out=buffer[:b_ * Tq].view(b_, Tq, k_out, k_in))
                 for w, (q, k, A, E, _) in heads:
                     q, k, A, E = q[sl].to(dtype), k[sl].to(dtype), A[sl].to(dtype), E[sl].to(dtype)
                     scales = w * torch.einsum("bhts,bsj->hbtj", A, f)            # ∑_s A_ts f̂_s
                     for h in range(H):
                         M.addcmul_(fixed[1 + h], scales[h][:, :, None, :])
-                    U = torch.einsum("hak,bhtsa->btkhs", Omega, E).reshape(b_, Tq, k_out, H * T)   # Ωᵀ e_tsᵀ
+                    U = torch.einsum("hak,bhtsa->btkhs", Omega, E).reshape(b_ * Tq, k_out, H * T)   # Ωᵀ e_tsᵀ
                     V = (torch.einsum("bhsa,hja->bhsj", k, LQ)[:, :, None] * f_t[:, None, :, None, :]
                          + torch.einsum("bhta,hja->bhtj", q, LK)[:, :, :, None] * f[:, None, None, :, :])
-                    V = V.permute(0, 2, 1, 3, 4).reshape(b_, Tq, H * T, k_in)
-                    M.add_(U @ V, alpha=w * self.c)
+                    V = V.permute(0, 2, 1, 3, 4).reshape(b_ * Tq, H * T, k_in)
+                    M.view(b_ * Tq, k_out, k_in).baddbmm_(U, V, alpha=w * self.c)  # M += w c U V, in place
                 E_acc += M.square_().sum((0, 1)).to(F64)
             out.append(E_acc)
         return out
