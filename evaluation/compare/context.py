@@ -167,9 +167,10 @@ class RunContext:
 def default_node_layers(module, last_position: bool = False) -> list[str]:
     """LIB node layers of a recipe module: MLP → "input", every hidden activation, "output";
     SmallCNN → "input", each conv block's pooled output (one position of all its units), the
-    head's hidden activation, "output"; TransformerLens model → resid_pre, resid_mid/resid_post of each block, "output", with the
-    layers after the last attention at position -1 when ``last_position`` (one target per
-    sequence, e.g. modular addition: evaluation.lib.positions.residual_layers)."""
+    head's hidden activation, "output"; TransformerLens model → resid_pre, resid_mid/resid_post of
+    each block, "output", with the layers after the last attention at position -1 when
+    ``last_position`` (one target per sequence, e.g. modular addition:
+    evaluation.lib.positions.residual_layers)."""
     from torch import nn
 
     from evaluation.lib.positions import residual_layers
