@@ -255,3 +255,20 @@ def test_a_new_model_at_a_freed_models_id_is_not_taken_for_the_gated_one():
         regs[-1].gates(second)
     regs[-1].attach(second)  # and it can be gated: attach is not skipped as "already done"
     assert [name for name, _ in regs[-1].gates(second)] == ["0.weight", "1.weight"]
+
+
+def test_a_model_copied_without_its_regularizer_gets_a_clear_error_and_copying_both_works():
+    import copy
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    reg = HardConcreteL0(params=["*"])
+    reg.attach(model)
+    alone = copy.deepcopy(model)
+    with pytest.raises(ValueError, match=r"already gated .* a copy of a gated model; copy the model together with its"):
+        reg.attach(alone)
+    model_c, reg_c = copy.deepcopy((model, reg))
+    gates_c = reg_c.gates(model_c)
+    assert [name for name, _ in gates_c] == ["0.weight", "2.weight"]
+    # the copied regularizer's gates are the copied model's own modules, not the original's
+    assert all(any(m is g for m in model_c.modules()) and not any(m is g for m in model.modules())
+               for _, g in gates_c)

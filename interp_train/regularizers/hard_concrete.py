@@ -160,7 +160,10 @@ class HardConcreteL0(Regularizer):
             gates.append((name, gate))
         if not gates:
             raise ValueError(f"regularizer {self.name!r}: every weight matched by {list(self.params)} is already "
-                             "gated (parametrized) by another regularizer")
+                             "gated (parametrized): by another regularizer, or this model is a copy of a gated "
+                             "model; copy the model together with its regularizers (the LightningModule, or "
+                             "copy.deepcopy((model, regularizer))) so that the copied regularizer holds the "
+                             "copy's gates")
         self._gates, self._holder = gates, weakref.ref(model)
 
     def setup(self, model: nn.Module, datamodule=None) -> None:
