@@ -52,7 +52,7 @@ def recipe_run(path: str, fit_samples: int, samples: int):
 
 
 def rib_reference(ref: Path, fit_samples: int, samples: int):
-    from evaluation.cli import modular_addition_data
+    from evaluation.lib_command import modular_addition_data
     from evaluation.io.checkpoints import load_checkpoint
     from evaluation.lib.positions import residual_layers
 

@@ -93,7 +93,7 @@ def staged(ref: Path, config: Path, out: Path, device: str) -> dict[str, tuple[f
     with collector_paused():  # likewise
         import torch
 
-        from evaluation.cli import _batches, _subsample, parse_data
+        from evaluation.lib_command import _batches, _subsample, parse_data
         from evaluation.io.checkpoints import load_checkpoint
         from evaluation.io.device import resolve_device
         from evaluation.lib.fit import LIBConfig, fit_lib

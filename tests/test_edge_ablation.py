@@ -171,7 +171,7 @@ def test_bad_input_names_the_value_and_what_is_allowed():
 def tiny_transformer(tmp_path):
     import json
 
-    from evaluation.cli import modular_addition_data
+    from evaluation.lib_command import modular_addition_data
     from evaluation.io.checkpoints import load_hooked_transformer_state_dict
     from tests.test_checkpoints import random_ht_state_dict
     from tests.test_eval_cli import CFG, P

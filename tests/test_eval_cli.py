@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from evaluation.io.checkpoints import load_hooked_transformer_state_dict
-from evaluation.cli import main, modular_addition_data, parse_data
+from evaluation.cli import main
+from evaluation.lib_command import modular_addition_data, parse_data
 from evaluation.lib.fit import LIBConfig, fit_lib
 from evaluation.metrics.lib_summary import summarize
 from tests.test_checkpoints import random_ht_state_dict
