@@ -272,3 +272,9 @@ def test_a_model_copied_without_its_regularizer_gets_a_clear_error_and_copying_b
     # the copied regularizer's gates are the copied model's own modules, not the original's
     assert all(any(m is g for m in model_c.modules()) and not any(m is g for m in model.modules())
                for _, g in gates_c)
+    # and the copy computes what the original does: equal evaluation gates, equal outputs
+    for (_, g), (_, g_c) in zip(reg.gates(model), gates_c):
+        assert torch.equal(g_c.gates(sample=False), g.gates(sample=False))
+    x = torch.randn(5, 3)
+    model.eval(), model_c.eval()
+    assert torch.equal(model_c(x), model(x))
