@@ -190,6 +190,57 @@ def test_deterministic_cli_and_cache_reuse(runs, tmp_path, monkeypatch):
     assert cmp["p_adjusted"] == cmp["p"] and cmp["correction"] == "none"
 
 
+def test_a_run_being_measured_elsewhere_is_waited_for_and_not_measured_twice(runs, tmp_path, monkeypatch):
+    """Two compare processes sharing a cache (a study measured in parts): a run whose entry lock is
+    held elsewhere is put last and waited for, and only what the holder left unmeasured is measured."""
+    import contextlib
+    import shutil
+    import threading
+    import time
+
+    from evaluation.compare import cache
+
+    variants = discover_runs(runs["task_dir"])
+    reference = run_compare(variants, tmp_path / "ref", OPTIONS, progress=False).report
+    shared = tmp_path / "shared"
+    calls = []
+    real = measure_mod.measure_metric
+
+    def counting(metric, ctx):
+        calls.append((f"{ctx.run.variant}/{ctx.run.seed}", metric.name))
+        return real(metric, ctx)
+
+    monkeypatch.setattr(measure_mod, "measure_metric", counting)
+    result = {}
+    with contextlib.ExitStack() as holder:  # the other process, measuring baseline/seed0 (first in order)
+        assert holder.enter_context(cache.entry_lock(cache.lock_path(shared, "baseline", "seed0"), wait=False))
+        worker = threading.Thread(target=lambda: result.update(
+            report=run_compare(variants, shared, OPTIONS, progress=False).report))
+        worker.start()
+        others = {f"{v}/seed{s}" for v in ("baseline", "fast") for s in (0, 1)} - {"baseline/seed0"}
+        deadline = time.monotonic() + 300
+        while len([c for c in calls if c[0] in others]) < 27 and worker.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # the holder finishes all but one metric, writes the entry and releases the lock
+        entry = json.loads((tmp_path / "ref" / "cache" / "baseline" / "seed0.json").read_text())
+        del entry["measured"]["robustness_ratio"]
+        target = cache.cache_path(shared, "baseline", "seed0")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(entry))
+        assert not any(run == "baseline/seed0" for run, _ in calls)  # not measured while the lock was held
+    worker.join(timeout=300)
+    assert not worker.is_alive()
+    assert [c for c in calls if c[0] == "baseline/seed0"] == [("baseline/seed0", "robustness_ratio")]
+    assert len(calls) == 28  # 9 metrics on each of the 3 other runs, one on the locked run
+    assert calls[-1] == ("baseline/seed0", "robustness_ratio")  # put last
+    for variant, stats in reference["variants"].items():
+        for name, metric in stats["metrics"].items():
+            assert result["report"]["variants"][variant]["metrics"][name]["values"] == metric["values"], name
+    with cache.entry_lock(cache.lock_path(shared, "baseline", "seed0"), wait=False) as held:
+        assert held  # released by the worker
+    shutil.rmtree(tmp_path / "ref")
+
+
 def test_one_seed_variant_and_mismatched_architecture(runs, tmp_path, capsys):
     variants = {"baseline": discover_runs(runs["task_dir"])["baseline"],
                 "single": runs_from_paths("single", [runs["single"]])}

@@ -10,15 +10,26 @@ key it was measured under:
 A re-run measures a metric again exactly when its key changed (a new metric, a bumped version, a
 changed option it depends on, a retrained seed); all other records are reused. Records of
 metrics not asked for this time (e.g. the LLC without --llc) are kept for later runs.
+
+Several ``compare`` processes may share one cache (a study measured in parts): a process measures
+a run only while it holds that run's lock (``entry_lock``, an ``flock`` on
+``<out>/cache/.locks/<variant>/<seed>.lock``), and re-reads the entry once it has it, so a run is
+never measured twice at once and what another process measured is reused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
+
+try:
+    import fcntl
+except ImportError:  # Windows: no locking, each process measures what it finds missing
+    fcntl = None
 
 if TYPE_CHECKING:
     from evaluation.compare.metrics.base import CompareMetric
@@ -59,6 +70,33 @@ def safe_name(name: str) -> str:
 
 def cache_path(out_dir: Path, variant: str, seed: str) -> Path:
     return Path(out_dir) / "cache" / safe_name(variant) / f"{safe_name(seed)}.json"
+
+
+def lock_path(out_dir: Path, variant: str, seed: str) -> Path:
+    """The lock file of a run's cache entry (kept apart from the entries, which are replaced on write)."""
+    return Path(out_dir) / "cache" / ".locks" / safe_name(variant) / f"{safe_name(seed)}.lock"
+
+
+@contextlib.contextmanager
+def entry_lock(path: Path, wait: bool = True) -> Iterator[bool]:
+    """An exclusive lock on ``path`` (a ``lock_path``) for the ``with`` block; yields whether it is
+    held: always True with ``wait`` (it blocks until the holder releases it), False without ``wait``
+    while another process holds it. Released when the block ends or the process dies."""
+    if fcntl is None:
+        yield True
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def read_entry(path: Path, digest: str) -> dict | None:

@@ -86,26 +86,58 @@ def measure_all(
     progress: bool = True,
 ) -> dict[str, list[dict]]:
     """{variant: [view per run]} (see the module docstring); each run's cache entry under
-    ``out_dir/cache`` is reused metric by metric and rewritten atomically when anything was measured."""
+    ``out_dir/cache`` is reused metric by metric and rewritten atomically when anything was measured.
+
+    A run with something to measure is measured under its entry's lock (``cache.entry_lock``); a run
+    that another process is measuring is put last and then waited for, and only what that process
+    left unmeasured is measured here."""
     opts = dataclasses.asdict(options)
     metrics = enabled_metrics(options)
     runs = [r for rs in variants.values() for r in rs]
+    views: dict[int, dict] = {}
+    deferred = []
+    with tqdm(total=len(runs), desc="checkpoints", disable=not progress) as bar:
+        for i, run in enumerate(runs):
+            views[i] = _measure_cached(run, out_dir, metrics, opts, options, wait=False)
+            if views[i] is None:  # being measured by another process
+                deferred.append(i)
+            else:
+                bar.update()
+        for i in deferred:
+            views[i] = _measure_cached(runs[i], out_dir, metrics, opts, options, wait=True)
+            bar.update()
     out: dict[str, list[dict]] = {v: [] for v in variants}
-    for run in tqdm(runs, desc="checkpoints", disable=not progress):
-        digest = cache.run_digest(run.checkpoint, run.config)
-        path = cache.cache_path(out_dir, run.variant, run.seed)
-        entry = cache.read_entry(path, digest) or {"run_digest": digest, "measured": {}}
-        keys = {m.name: cache.metric_key(digest, m, opts) for m in metrics}
-        stale = [m for m in metrics if entry["measured"].get(m.name, {}).get("key") != keys[m.name]]
-        if stale:
-            ctx = RunContext(run, options)
-            for m in stale:
-                entry["measured"][m.name] = {"key": keys[m.name], "options": cache.metric_options(m, opts),
-                                             **measure_metric(m, ctx)}
-            entry.update(variant=run.variant, seed=run.seed, run_dir=str(run.run_dir),
-                         checkpoint=str(run.checkpoint), task=entry.get("task") or ctx.task)
-            write_json_atomic(path, json_safe(entry))
-        out[run.variant].append({"variant": run.variant, "seed": run.seed, "run_dir": str(run.run_dir),
-                                 "checkpoint": str(run.checkpoint), "options": opts,
-                                 **_view(entry["measured"], metrics, entry.get("task"))})
+    for i, run in enumerate(runs):
+        out[run.variant].append(views[i])
     return out
+
+
+def _measure_cached(run: Run, out_dir: Path, metrics: Sequence[CompareMetric], opts: Mapping[str, Any],
+                    options: MeasureOptions, wait: bool) -> dict | None:
+    """The view of ``run``, measuring (under the entry's lock) the metrics its cache entry lacks;
+    None if that lock is held elsewhere and ``wait`` is False."""
+    digest = cache.run_digest(run.checkpoint, run.config)
+    path = cache.cache_path(out_dir, run.variant, run.seed)
+    keys = {m.name: cache.metric_key(digest, m, opts) for m in metrics}
+
+    def read():
+        entry = cache.read_entry(path, digest) or {"run_digest": digest, "measured": {}}
+        return entry, [m for m in metrics if entry["measured"].get(m.name, {}).get("key") != keys[m.name]]
+
+    entry, stale = read()
+    if stale:
+        with cache.entry_lock(cache.lock_path(out_dir, run.variant, run.seed), wait=wait) as held:
+            if not held:
+                return None
+            entry, stale = read()  # another process may have measured it meanwhile
+            if stale:
+                ctx = RunContext(run, options)
+                for m in stale:
+                    entry["measured"][m.name] = {"key": keys[m.name], "options": cache.metric_options(m, opts),
+                                                 **measure_metric(m, ctx)}
+                entry.update(variant=run.variant, seed=run.seed, run_dir=str(run.run_dir),
+                             checkpoint=str(run.checkpoint), task=entry.get("task") or ctx.task)
+                write_json_atomic(path, json_safe(entry))
+    return {"variant": run.variant, "seed": run.seed, "run_dir": str(run.run_dir),
+            "checkpoint": str(run.checkpoint), "options": dict(opts),
+            **_view(entry["measured"], metrics, entry.get("task"))}
