@@ -3,7 +3,7 @@ recipe's weight gives — test accuracy, and the evaluation density (share of ga
 whose deterministic gate is non-zero) overall and per matrix — next to the dense ``cpu`` recipe.
 
     python benchmarks/l0_calibration.py [--seeds 0 1 2 3 4] [--weight 20] [--steps 1500]
-                                        [--root DIR] [--threads 1] [--out results.json]
+                                        [--init-log-alpha 2] [--root DIR] [--threads 1] [--out results.json]
 
 Each run goes through the real ``interp-train fit`` path into ``<root>/modular_addition/
 cpu_l0_w<weight>_s<steps>/seed<k>``; a run that has its ``metrics.json`` is reused, so the script
@@ -29,16 +29,16 @@ import torch
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
-def train(root: Path, seed: int, weight: float, steps: int) -> Path:
+def train(root: Path, seed: int, weight: float, steps: int, init_log_alpha: float = 2.0) -> Path:
     from interp_train.cli import InterpTrainCLI
 
     import yaml
 
-    variant = f"cpu_l0_w{weight:g}_s{steps}"
+    variant = f"cpu_l0_w{weight:g}_s{steps}" + ("" if init_log_alpha == 2.0 else f"_a{init_log_alpha:g}")
     run_dir = root / "modular_addition" / variant / f"seed{seed}"
     if not (run_dir / "metrics.json").is_file():
         recipe = yaml.safe_load((RECIPES / "modular_addition" / "cpu_l0.yaml").read_text())
-        recipe["model"]["regularizers"][0]["init_args"]["weight"] = weight
+        recipe["model"]["regularizers"][0]["init_args"].update(weight=weight, init_log_alpha=init_log_alpha)
         config = root / f"{variant}.yaml"
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(yaml.safe_dump(recipe))
@@ -78,6 +78,7 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--weight", type=float, default=20.0, help="the l0 term's weight (recipe: 20)")
     parser.add_argument("--steps", type=int, default=1500, help="training steps (recipe: 1500)")
+    parser.add_argument("--init-log-alpha", type=float, default=2.0, help="the gates' starting log α (default 2)")
     parser.add_argument("--root", default=None, help="checkpoint root (default: a temporary directory)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
@@ -89,8 +90,8 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.root or tmp)
-        rows = {seed: measure(train(root, seed, args.weight, args.steps)) for seed in args.seeds}
-    lr, init, gamma, zeta = 3e-3, 2.0, -0.1, 1.1  # cpu_l0.yaml / HardConcreteL0's defaults
+        rows = {seed: measure(train(root, seed, args.weight, args.steps, args.init_log_alpha)) for seed in args.seeds}
+    lr, init, gamma, zeta = 3e-3, args.init_log_alpha, -0.1, 1.1  # cpu_l0.yaml's lr, HardConcreteL0's γ, ζ
     earliest = (init - math.log(-gamma / zeta)) / lr
     print(f"HardConcreteL0 weight {args.weight:g}, {args.steps} steps, seeds {args.seeds}; "
           f"earliest close ≈ {earliest:.0f} steps (log α {init:g} -> {math.log(-gamma / zeta):.2f} at lr {lr:g})")
@@ -105,7 +106,8 @@ def main() -> int:
         spread = statistics.stdev(values) if len(values) > 1 else float("nan")
         print(f"{key}: {statistics.mean(values):.4f} ± {spread:.4f} (mean ± std over {len(values)} seeds)")
     if args.out:
-        Path(args.out).write_text(json.dumps({"weight": args.weight, "steps": args.steps, "earliest_close_steps": earliest,
+        Path(args.out).write_text(json.dumps({"weight": args.weight, "steps": args.steps, "init_log_alpha": args.init_log_alpha,
+                                              "earliest_close_steps": earliest,
                                               "runs": rows}, indent=2))
     return 0
 
