@@ -25,20 +25,23 @@ import tempfile
 from pathlib import Path
 
 import torch
+import yaml
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
-def train(root: Path, seed: int, weight: float, steps: int, init_log_alpha: float = 2.0) -> Path:
+def derived_recipe(weight: float, init_log_alpha: float) -> dict:
+    """cpu_l0.yaml with the l0 term's weight and the gates' starting log α replaced."""
+    recipe = yaml.safe_load((RECIPES / "modular_addition" / "cpu_l0.yaml").read_text())
+    recipe["model"]["regularizers"][0]["init_args"].update(weight=weight, init_log_alpha=init_log_alpha)
+    return recipe
+
+
+def train(root: Path, seed: int, recipe: dict, variant: str, steps: int) -> Path:
     from interp_train.cli import InterpTrainCLI
 
-    import yaml
-
-    variant = f"cpu_l0_w{weight:g}_s{steps}" + ("" if init_log_alpha == 2.0 else f"_a{init_log_alpha:g}")
     run_dir = root / "modular_addition" / variant / f"seed{seed}"
     if not (run_dir / "metrics.json").is_file():
-        recipe = yaml.safe_load((RECIPES / "modular_addition" / "cpu_l0.yaml").read_text())
-        recipe["model"]["regularizers"][0]["init_args"].update(weight=weight, init_log_alpha=init_log_alpha)
         config = root / f"{variant}.yaml"
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(yaml.safe_dump(recipe))
@@ -88,13 +91,18 @@ def main() -> int:
     if args.steps < 1:
         raise SystemExit(f"--steps must be >= 1, got {args.steps}")
     torch.set_num_threads(args.threads)
+    from interp_train.regularizers.hard_concrete import HardConcreteL0
+
+    recipe = derived_recipe(args.weight, args.init_log_alpha)
+    variant = f"cpu_l0_w{args.weight:g}_s{args.steps}" + ("" if args.init_log_alpha == 2.0 else f"_a{args.init_log_alpha:g}")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.root or tmp)
-        rows = {seed: measure(train(root, seed, args.weight, args.steps, args.init_log_alpha)) for seed in args.seeds}
-    lr, init, gamma, zeta = 3e-3, args.init_log_alpha, -0.1, 1.1  # cpu_l0.yaml's lr, HardConcreteL0's γ, ζ
-    earliest = (init - math.log(-gamma / zeta)) / lr
+        rows = {seed: measure(train(root, seed, recipe, variant, args.steps)) for seed in args.seeds}
+    reg = HardConcreteL0(**recipe["model"]["regularizers"][0]["init_args"])
+    lr, cutoff = recipe["model"]["lr"], math.log(-reg.gamma / reg.zeta)  # the evaluation gate is 0 below cutoff
+    earliest = (reg.init_log_alpha - cutoff) / lr
     print(f"HardConcreteL0 weight {args.weight:g}, {args.steps} steps, seeds {args.seeds}; "
-          f"earliest close ≈ {earliest:.0f} steps (log α {init:g} -> {math.log(-gamma / zeta):.2f} at lr {lr:g})")
+          f"earliest close ≈ {earliest:.0f} steps (log α {reg.init_log_alpha:g} -> {cutoff:.2f} at lr {lr:g})")
     matrices = list(next(iter(rows.values()))["per_matrix"])
     print(f"{'seed':>4s} {'test acc':>9s} {'eval density':>13s} {'expected':>9s} {'min log α':>10s}  "
           + " ".join(f"{m.rsplit('.', 1)[-1]:>6s}" for m in matrices))
