@@ -30,6 +30,7 @@ from regularizer_overhead import CLOCKS, step_times, transformer_setting  # noqa
 from weight_sparsity_overhead import modular_cpu_setting  # noqa: E402
 
 from interp_train.regularizers.base import regularized_loss  # noqa: E402
+from interp_train.param_groups import param_groups  # noqa: E402
 from interp_train.regularizers.hard_concrete import HardConcreteL0  # noqa: E402
 
 TARGET = 1.3  # the WeightSparsity target (issue 15), applied to the soft variant for comparison
@@ -37,12 +38,7 @@ TARGET = 1.3  # the WeightSparsity target (issue 15), applied to the soft varian
 
 def recipe_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     """cpu_l0.yaml's AdamW, log α (flagged no_weight_decay) in a group without decay, as RecipeModule does."""
-    params = list(model.parameters())
-    exempt = [p for p in params if getattr(p, "no_weight_decay", False)]
-    groups = [{"params": [p for p in params if not getattr(p, "no_weight_decay", False)]}]
-    if exempt:
-        groups.append({"params": exempt, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, lr=3e-3, weight_decay=1.0, betas=(0.9, 0.98))
+    return torch.optim.AdamW(param_groups(model.parameters(), lr=3e-3, weight_decay=1.0), lr=3e-3, betas=(0.9, 0.98))
 
 
 def make_step(model, optimizer, regs):

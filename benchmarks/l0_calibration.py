@@ -3,10 +3,10 @@ recipe's weight gives — test accuracy, and the evaluation density (share of ga
 whose deterministic gate is non-zero) overall and per matrix — next to the dense ``cpu`` recipe.
 
     python benchmarks/l0_calibration.py [--seeds 0 1 2 3 4] [--weight 20] [--steps 1500]
-                                        [--init-log-alpha 2] [--root DIR] [--threads 1] [--out results.json]
+                                        [--init-log-alpha 2] [--gate-lr-scale 1] [--root DIR] [--threads 1] [--out results.json]
 
 Each run goes through the real ``interp-train fit`` path into ``<root>/modular_addition/
-cpu_l0_w<weight>_s<steps>/seed<k>``; a run that has its ``metrics.json`` is reused, so the script
+cpu_l0_w<weight>_s<steps>[_a<init>][_g<scale>]/seed<k>``; a run that has its ``metrics.json`` is reused, so the script
 can be stopped and resumed. Not a timed test.
 
 A gate's evaluation value clamp(sigmoid(log α)(ζ − γ) + γ, 0, 1) is 0 once
@@ -30,10 +30,14 @@ import yaml
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
-def derived_recipe(weight: float, init_log_alpha: float) -> dict:
-    """cpu_l0.yaml with the l0 term's weight and the gates' starting log α replaced."""
+def derived_recipe(weight: float, init_log_alpha: float, gate_lr_scale: float | None) -> dict:
+    """cpu_l0.yaml with the l0 term's weight, the gates' starting log α and (if given) their
+    learning-rate scale replaced."""
     recipe = yaml.safe_load((RECIPES / "modular_addition" / "cpu_l0.yaml").read_text())
-    recipe["model"]["regularizers"][0]["init_args"].update(weight=weight, init_log_alpha=init_log_alpha)
+    init_args = recipe["model"]["regularizers"][0]["init_args"]
+    init_args.update(weight=weight, init_log_alpha=init_log_alpha)
+    if gate_lr_scale is not None:
+        init_args["gate_lr_scale"] = gate_lr_scale
     return recipe
 
 
@@ -82,6 +86,8 @@ def main() -> int:
     parser.add_argument("--weight", type=float, default=20.0, help="the l0 term's weight (recipe: 20)")
     parser.add_argument("--steps", type=int, default=1500, help="training steps (recipe: 1500)")
     parser.add_argument("--init-log-alpha", type=float, default=2.0, help="the gates' starting log α (default 2)")
+    parser.add_argument("--gate-lr-scale", type=float, default=None,
+                        help="log α's learning rate as a multiple of the recipe's (default: the recipe's)")
     parser.add_argument("--root", default=None, help="checkpoint root (default: a temporary directory)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
@@ -93,16 +99,20 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     from interp_train.regularizers.hard_concrete import HardConcreteL0
 
-    recipe = derived_recipe(args.weight, args.init_log_alpha)
-    variant = f"cpu_l0_w{args.weight:g}_s{args.steps}" + ("" if args.init_log_alpha == 2.0 else f"_a{args.init_log_alpha:g}")
+    recipe = derived_recipe(args.weight, args.init_log_alpha, args.gate_lr_scale)
+    try:
+        reg = HardConcreteL0(**recipe["model"]["regularizers"][0]["init_args"])  # validates the settings
+    except ValueError as err:
+        raise SystemExit(f"l0_calibration: {err}")
+    variant = f"cpu_l0_w{args.weight:g}_s{args.steps}" + ("" if args.init_log_alpha == 2.0 else f"_a{args.init_log_alpha:g}") \
+        + ("" if reg.gate_lr_scale == 1.0 else f"_g{reg.gate_lr_scale:g}")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.root or tmp)
         rows = {seed: measure(train(root, seed, recipe, variant, args.steps)) for seed in args.seeds}
-    reg = HardConcreteL0(**recipe["model"]["regularizers"][0]["init_args"])
-    lr, cutoff = recipe["model"]["lr"], math.log(-reg.gamma / reg.zeta)  # the evaluation gate is 0 below cutoff
+    lr, cutoff = recipe["model"]["lr"] * reg.gate_lr_scale, math.log(-reg.gamma / reg.zeta)  # eval gate 0 below cutoff
     earliest = (reg.init_log_alpha - cutoff) / lr
     print(f"HardConcreteL0 weight {args.weight:g}, {args.steps} steps, seeds {args.seeds}; "
-          f"earliest close ≈ {earliest:.0f} steps (log α {reg.init_log_alpha:g} -> {cutoff:.2f} at lr {lr:g})")
+          f"earliest close ≈ {earliest:.0f} steps (log α {reg.init_log_alpha:g} -> {cutoff:.2f} at log α's lr {lr:g})")
     matrices = list(next(iter(rows.values()))["per_matrix"])
     print(f"{'seed':>4s} {'test acc':>9s} {'eval density':>13s} {'expected':>9s} {'min log α':>10s}  "
           + " ".join(f"{m.rsplit('.', 1)[-1]:>6s}" for m in matrices))
@@ -115,6 +125,7 @@ def main() -> int:
         print(f"{key}: {statistics.mean(values):.4f} ± {spread:.4f} (mean ± std over {len(values)} seeds)")
     if args.out:
         Path(args.out).write_text(json.dumps({"weight": args.weight, "steps": args.steps, "init_log_alpha": args.init_log_alpha,
+                                              "gate_lr_scale": reg.gate_lr_scale,
                                               "earliest_close_steps": earliest,
                                               "runs": rows}, indent=2))
     return 0

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from interp_train.lightning import RegularizedMixin
 from interp_train.losses import _align, per_example_cross_entropy
+from interp_train.param_groups import param_groups
 from interp_train.regularizers.base import Regularizer
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -88,11 +89,8 @@ class ClassifierModule(L.LightningModule):
         self.log("test/acc", acc)
 
     def configure_optimizers(self):
-        # parameters flagged no_weight_decay (HardConcreteL0's log α) are not decayed
-        own = list(self.model.parameters())
-        exempt = [p for p in own if getattr(p, "no_weight_decay", False)]
-        params = own if not exempt else [{"params": [p for p in own if not getattr(p, "no_weight_decay", False)]},
-                                         {"params": exempt, "weight_decay": 0.0}]
+        # HardConcreteL0's log α: no weight decay, its own learning rate (interp_train.param_groups)
+        params = param_groups(self.model.parameters(), self.lr, self.weight_decay)
         if self.optimizer_name == "sgd":
             opt = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         elif self.optimizer_name == "adam":

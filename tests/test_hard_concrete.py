@@ -180,7 +180,8 @@ def _l0_recipe_module():
     from interp_train.recipes import RecipeModule
 
     torch.manual_seed(0)
-    module = RecipeModule(MLP(d_in=5, hidden=[7], d_out=3), regularizers=[HardConcreteL0(weight=0.1)], weight_decay=0.5)
+    module = RecipeModule(MLP(d_in=5, hidden=[7], d_out=3), regularizers=[HardConcreteL0(weight=0.1, gate_lr_scale=3.0)],
+                          lr=0.01, weight_decay=0.5)
     with torch.no_grad():  # gates away from their common start, so a copy that re-initialised them would differ
         for _, g in module.regularizers[0].gates(module):
             g.log_alpha.normal_(0.0, 2.0)
@@ -228,8 +229,8 @@ def test_a_gated_model_survives_deepcopy_and_pickling(copier):
         (1 / (1 + np.exp(-(g.log_alpha.detach().numpy() - (2 / 3) * np.log(0.1 / 1.1))))).ravel() for _, g in gates]))
     assert float(reg_c.terms(ctx)["l0"].detach()) == pytest.approx(expected, rel=1e-6)
     groups = clone.configure_optimizers().param_groups
-    assert [g["weight_decay"] for g in groups if {id(p) for p in g["params"]} == {id(g.log_alpha) for _, g in gates_c}] \
-        == [0.0]
+    assert [(g["weight_decay"], g["lr"]) for g in groups
+            if {id(p) for p in g["params"]} == {id(g.log_alpha) for _, g in gates_c}] == [(0.0, pytest.approx(0.03))]
     # a copy pickles again (its class is rebuilt picklable) and changing the copy leaves the original alone
     again = pickle.loads(pickle.dumps(clone))
     assert torch.equal(again.regularizers[0].gates(again)[0][1].log_alpha, gates[0][1].log_alpha)
@@ -278,3 +279,34 @@ def test_a_model_copied_without_its_regularizer_gets_a_clear_error_and_copying_b
     x = torch.randn(5, 3)
     model.eval(), model_c.eval()
     assert torch.equal(model_c(x), model(x))
+
+
+def test_log_alpha_trains_at_its_own_learning_rate():
+    """Adam's first step moves every parameter with a non-zero gradient by lr · sign(−g) (m̂ / √v̂ = ±1), so
+    after one AdamW step log α has moved by exactly lr · gate_lr_scale (no decay) and the weights by lr
+    (plus their decay): the analytic first step, not the code's grouping."""
+    from interp_train.models.mlp import MLP
+    from interp_train.recipes import RecipeModule
+
+    torch.manual_seed(0)
+    lr, scale, decay = 0.01, 7.0, 0.5
+    module = RecipeModule(MLP(d_in=5, hidden=[7], d_out=3), regularizers=[HardConcreteL0(weight=0.1, gate_lr_scale=scale)],
+                          lr=lr, weight_decay=decay)
+    opt = module.configure_optimizers()
+    gates = [g.log_alpha for _, g in module.regularizers[0].gates(module)]
+    weights = [module.model.layers[0].parametrizations.weight.original, module.model.layers[0].bias]
+    before = [p.detach().clone() for p in gates + weights]
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    regularized_loss(module.model, x, y, module.regularizers).total.backward()
+    opt.step()
+    # Adam's first step: m̂ = g, v̂ = g², so the update is −lr g / (|g| + eps), eps = 1e-8
+    for p, old in zip(gates, before[:len(gates)]):
+        g = p.grad.double()
+        expected = old.double() - lr * scale * g / (g.abs() + 1e-8)
+        assert (g.abs() > 1e-6).float().mean() > 0.9 and torch.allclose(p.detach().double(), expected, atol=1e-6)
+    for p, old in zip(weights, before[len(gates):]):
+        g = p.grad.double()
+        expected = old.double() * (1 - lr * decay) - lr * g / (g.abs() + 1e-8)  # AdamW: decoupled decay first
+        assert (g != 0).any() and torch.allclose(p.detach().double(), expected, atol=1e-6)
+    with pytest.raises(ValueError, match=r"gate_lr_scale must be a finite number > 0 .*got 0"):
+        HardConcreteL0(gate_lr_scale=0)

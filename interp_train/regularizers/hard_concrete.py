@@ -24,8 +24,9 @@ selected weight (``HardConcreteGate``, holding log α), registered by ``attach(m
 Lightning mixin calls when the regularizers are bound to the module (before any checkpoint is
 loaded, so checkpoints and resumed runs carry ``…parametrizations.weight.original`` and ``….0.
 log_alpha``); in a plain loop ``setup(model)`` attaches. The gates belong to the model: the
-optimizer of the model's parameters trains log α (without weight decay: log α has the attribute
-``no_weight_decay``), ``model.eval()`` makes them deterministic, and every later reader of
+optimizer of the model's parameters trains log α (without weight decay and at the learning rate ×
+``gate_lr_scale``: log α carries the attributes ``no_weight_decay`` and ``lr_scale``, which
+``interp_train.param_groups`` turns into an optimizer group), ``model.eval()`` makes them deterministic, and every later reader of
 ``module.weight`` (LIB, circuits, compare) sees the gated weights. A gated model can be copied and
 pickled whole (``copy.deepcopy``, ``pickle``, ``torch.save(model)``, multiprocessing), which
 PyTorch refuses for parametrized modules by default (``_picklable_parametrize.py``); a copy holds
@@ -57,16 +58,23 @@ _U_EPS = 1e-6  # u is drawn from U(eps, 1 - eps): log u and log(1 - u) stay fini
 class HardConcreteGate(nn.Module):
     """Parametrization W ↦ W ⊙ z with hard-concrete gates z (module docstring); one log α per entry."""
 
-    def __init__(self, shape: Sequence[int], init_log_alpha: float, beta: float, gamma: float, zeta: float):
+    def __init__(self, shape: Sequence[int], init_log_alpha: float, beta: float, gamma: float, zeta: float,
+                 lr_scale: float = 1.0):
         super().__init__()
         self.log_alpha = nn.Parameter(torch.full(tuple(shape), float(init_log_alpha)))
+        self.beta, self.gamma, self.zeta, self.lr_scale = float(beta), float(gamma), float(zeta), float(lr_scale)
+        self._mark()
+
+    def _mark(self) -> None:
+        # read by interp_train.param_groups when the optimizer is built
         self.log_alpha.no_weight_decay = True
-        self.beta, self.gamma, self.zeta = float(beta), float(gamma), float(zeta)
+        self.log_alpha.lr_scale = self.lr_scale
 
     def __setstate__(self, state) -> None:
         # copy.deepcopy rebuilds a Parameter without its Python attributes: mark log α again
         super().__setstate__(state)
-        self.log_alpha.no_weight_decay = True
+        self.__dict__.setdefault("lr_scale", 1.0)  # pickled before lr_scale existed
+        self._mark()
 
     def gates(self, sample: bool | None = None) -> torch.Tensor:
         """z: a draw when ``sample`` (default: in training mode), else the deterministic gate."""
@@ -103,11 +111,14 @@ class HardConcreteL0(Regularizer):
         params, include_embeddings: the selection, as for WeightSparsity.
         init_log_alpha: starting log α of every gate.
         beta, gamma, zeta: temperature and stretch interval (γ < 0, ζ > 1).
+        gate_lr_scale: log α trains at the optimizer's learning rate × this (> 0; RecipeModule and
+            ``interp_train.param_groups``). Adam moves log α by about lr per step, so from the start
+            at 2 a gate needs ~4.4 / (lr · gate_lr_scale) steps to close.
     """
 
     def __init__(self, weight: WeightLike = 1e-2, params: Sequence[str] = ("*",), include_embeddings: bool = False,
                  init_log_alpha: float = 2.0, beta: float = 2 / 3, gamma: float = -0.1, zeta: float = 1.1,
-                 name: str | None = None):
+                 gate_lr_scale: float = 1.0, name: str | None = None):
         super().__init__(weight, name)
         self.params = _check_patterns(params)
         self.include_embeddings = bool(include_embeddings)
@@ -116,11 +127,16 @@ class HardConcreteL0(Regularizer):
                 raise ValueError(f"{label} must be a finite number, got {value!r}")
         if beta <= 0:
             raise ValueError(f"beta (the concrete temperature) must be > 0, got {beta!r}")
+        if isinstance(gate_lr_scale, bool) or not isinstance(gate_lr_scale, (int, float)) \
+                or not math.isfinite(gate_lr_scale) or gate_lr_scale <= 0:
+            raise ValueError(f"gate_lr_scale must be a finite number > 0 (log α's learning rate as a multiple of the "
+                             f"optimizer's), got {gate_lr_scale!r}")
         if not (gamma < 0 and zeta > 1):
             raise ValueError(f"the stretch interval must contain [0, 1]: gamma < 0 < 1 < zeta, got gamma={gamma!r}, "
                              f"zeta={zeta!r}")
         self.init_log_alpha, self.beta, self.gamma, self.zeta = float(init_log_alpha), float(beta), float(gamma), \
             float(zeta)
+        self.gate_lr_scale = float(gate_lr_scale)
         self._gates: list[tuple[str, HardConcreteGate]] | None = None
         # the model known to hold self._gates (a cache; a weak reference, since a freed model's id can be
         # reused by a new one; not pickled)
@@ -154,7 +170,8 @@ class HardConcreteL0(Regularizer):
                 continue
             seen.add(id(param))
             module, attr = _owner(model, name)
-            gate = HardConcreteGate(param.shape, self.init_log_alpha, self.beta, self.gamma, self.zeta)
+            gate = HardConcreteGate(param.shape, self.init_log_alpha, self.beta, self.gamma, self.zeta,
+                                    self.gate_lr_scale)
             parametrize.register_parametrization(module, attr, gate.to(device=param.device, dtype=param.dtype))
             make_picklable(module)
             gates.append((name, gate))
@@ -191,4 +208,5 @@ class HardConcreteL0(Regularizer):
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, params={list(self.params)}, include_embeddings={self.include_embeddings}, "
-                f"init_log_alpha={self.init_log_alpha:g}, beta={self.beta:g}, gamma={self.gamma:g}, zeta={self.zeta:g}")
+                f"init_log_alpha={self.init_log_alpha:g}, beta={self.beta:g}, gamma={self.gamma:g}, zeta={self.zeta:g}, "
+                f"gate_lr_scale={self.gate_lr_scale:g}")
