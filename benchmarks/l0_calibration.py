@@ -2,17 +2,20 @@
 recipe's weight gives — test accuracy, and the evaluation density (share of gated weight entries
 whose deterministic gate is non-zero) overall and per matrix — next to the dense ``cpu`` recipe.
 
-    python benchmarks/l0_calibration.py [--seeds 0 1 2 3 4] [--weight 20] [--steps 1500]
-                                        [--init-log-alpha 2] [--gate-lr-scale 1] [--root DIR] [--threads 1] [--out results.json]
+    python benchmarks/l0_calibration.py [--seeds 0 1 2 3 4] [--weight W] [--steps N] [--init-log-alpha A]
+                                        [--gate-lr-scale S] [--root DIR] [--threads 1] [--out results.json]
+    python benchmarks/l0_calibration.py --runs RUN_DIR [RUN_DIR ...]     # measure trained runs only
 
-Each run goes through the real ``interp-train fit`` path into ``<root>/modular_addition/
-cpu_l0_w<weight>_s<steps>[_a<init>][_g<scale>]/seed<k>``; a run that has its ``metrics.json`` is reused, so the script
-can be stopped and resumed. Not a timed test.
+Weight, steps and gate learning-rate scale default to the recipe's. Each run goes through the real
+``interp-train fit`` path into ``<root>/modular_addition/cpu_l0_w<weight>_s<steps>[_a<init>][_g<scale>]/
+seed<k>``; a run that has its ``metrics.json`` is reused, so the script can be stopped and resumed.
+Not a timed test.
 
 A gate's evaluation value clamp(sigmoid(log α)(ζ − γ) + γ, 0, 1) is 0 once
 log α ≤ log(−γ / ζ) = −2.40 (γ = −0.1, ζ = 1.1). Adam moves a parameter by about its learning rate
 per step while the gradient keeps its sign, so no gate starting at log α = 2 can close before
-(2 + 2.40) / lr steps: ~1470 at the recipe's lr 3e-3 (printed as "earliest close").
+(2 + 2.40) / (lr · gate_lr_scale) steps (printed as "earliest close"): ~1470 at lr 3e-3 without a
+scale, which is why the recipe trains log α at 10× the learning rate (~150 steps).
 """
 
 from __future__ import annotations
@@ -83,15 +86,24 @@ def measure(run_dir: Path) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--weight", type=float, default=20.0, help="the l0 term's weight (recipe: 20)")
-    parser.add_argument("--steps", type=int, default=1500, help="training steps (recipe: 1500)")
+    parser.add_argument("--weight", type=float, default=None, help="the l0 term's weight (default: the recipe's)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
     parser.add_argument("--init-log-alpha", type=float, default=2.0, help="the gates' starting log α (default 2)")
     parser.add_argument("--gate-lr-scale", type=float, default=None,
                         help="log α's learning rate as a multiple of the recipe's (default: the recipe's)")
     parser.add_argument("--root", default=None, help="checkpoint root (default: a temporary directory)")
+    parser.add_argument("--runs", nargs="+", default=None,
+                        help="measure these trained run directories (e.g. the study's <root>/modular_addition/l0_x1/"
+                             "seed<k>) instead of training; the settings printed are the recipe's")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     args = parser.parse_args()
+    base = yaml.safe_load((RECIPES / "modular_addition" / "cpu_l0.yaml").read_text())
+    base_args = base["model"]["regularizers"][0]["init_args"]
+    args.weight = float(base_args.get("weight", 1e-2) if args.weight is None else args.weight)
+    args.steps = int(base["trainer"]["max_steps"] if args.steps is None else args.steps)
+    if args.gate_lr_scale is None:
+        args.gate_lr_scale = base_args.get("gate_lr_scale")
     if args.weight < 0 or not math.isfinite(args.weight):
         raise SystemExit(f"--weight must be a finite number >= 0, got {args.weight}")
     if args.steps < 1:
@@ -106,23 +118,29 @@ def main() -> int:
         raise SystemExit(f"l0_calibration: {err}")
     variant = f"cpu_l0_w{args.weight:g}_s{args.steps}" + ("" if args.init_log_alpha == 2.0 else f"_a{args.init_log_alpha:g}") \
         + ("" if reg.gate_lr_scale == 1.0 else f"_g{reg.gate_lr_scale:g}")
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(args.root or tmp)
-        rows = {seed: measure(train(root, seed, recipe, variant, args.steps)) for seed in args.seeds}
+    if args.runs:
+        missing = [d for d in args.runs if not (Path(d) / "metrics.json").is_file()]
+        if missing:
+            raise SystemExit(f"l0_calibration: not a trained run directory (no metrics.json): {', '.join(missing)}")
+        rows = {Path(d).name: measure(Path(d)) for d in args.runs}
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(args.root or tmp)
+            rows = {f"seed{seed}": measure(train(root, seed, recipe, variant, args.steps)) for seed in args.seeds}
     lr, cutoff = recipe["model"]["lr"] * reg.gate_lr_scale, math.log(-reg.gamma / reg.zeta)  # eval gate 0 below cutoff
     earliest = (reg.init_log_alpha - cutoff) / lr
-    print(f"HardConcreteL0 weight {args.weight:g}, {args.steps} steps, seeds {args.seeds}; "
+    print(f"HardConcreteL0 weight {args.weight:g}, {args.steps} steps, runs {', '.join(rows)}; "
           f"earliest close ≈ {earliest:.0f} steps (log α {reg.init_log_alpha:g} -> {cutoff:.2f} at log α's lr {lr:g})")
     matrices = list(next(iter(rows.values()))["per_matrix"])
-    print(f"{'seed':>4s} {'test acc':>9s} {'eval density':>13s} {'expected':>9s} {'min log α':>10s}  "
+    print(f"{'run':>8s} {'test acc':>9s} {'eval density':>13s} {'expected':>9s} {'min log α':>10s}  "
           + " ".join(f"{m.rsplit('.', 1)[-1]:>6s}" for m in matrices))
     for seed, r in rows.items():
-        print(f"{seed:>4d} {r['test_acc']:9.4f} {r['eval_density']:13.4f} {r['expected_density']:9.4f} "
+        print(f"{seed:>8s} {r['test_acc']:9.4f} {r['eval_density']:13.4f} {r['expected_density']:9.4f} "
               f"{r['min_log_alpha']:10.3f}  " + " ".join(f"{r['per_matrix'][m]:6.3f}" for m in matrices))
     for key in ("test_acc", "eval_density"):
         values = [r[key] for r in rows.values()]
         spread = statistics.stdev(values) if len(values) > 1 else float("nan")
-        print(f"{key}: {statistics.mean(values):.4f} ± {spread:.4f} (mean ± std over {len(values)} seeds)")
+        print(f"{key}: {statistics.mean(values):.4f} ± {spread:.4f} (mean ± std over {len(values)} runs)")
     if args.out:
         Path(args.out).write_text(json.dumps({"weight": args.weight, "steps": args.steps, "init_log_alpha": args.init_log_alpha,
                                               "gate_lr_scale": reg.gate_lr_scale,
