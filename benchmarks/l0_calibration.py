@@ -116,8 +116,9 @@ def main() -> int:
         reg = HardConcreteL0(**recipe["model"]["regularizers"][0]["init_args"])  # validates the settings
     except ValueError as err:
         raise SystemExit(f"l0_calibration: {err}")
-    variant = f"cpu_l0_w{args.weight:g}_s{args.steps}" + ("" if args.init_log_alpha == 2.0 else f"_a{args.init_log_alpha:g}") \
-        + ("" if reg.gate_lr_scale == 1.0 else f"_g{reg.gate_lr_scale:g}")
+    variant = (f"cpu_l0_w{args.weight:g}_s{args.steps}"
+               + ("" if args.init_log_alpha == 2.0 else f"_a{args.init_log_alpha:g}")
+               + ("" if reg.gate_lr_scale == 1.0 else f"_g{reg.gate_lr_scale:g}"))
     if args.runs:
         missing = [d for d in args.runs if not (Path(d) / "metrics.json").is_file()]
         if missing:

@@ -26,9 +26,9 @@ loaded, so checkpoints and resumed runs carry ``…parametrizations.weight.origi
 log_alpha``); in a plain loop ``setup(model)`` attaches. The gates belong to the model: the
 optimizer of the model's parameters trains log α (without weight decay and at the learning rate ×
 ``gate_lr_scale``: log α carries the attributes ``no_weight_decay`` and ``lr_scale``, which
-``interp_train.param_groups`` turns into an optimizer group), ``model.eval()`` makes them deterministic, and every later reader of
-``module.weight`` (LIB, circuits, compare) sees the gated weights. A gated model can be copied and
-pickled whole (``copy.deepcopy``, ``pickle``, ``torch.save(model)``, multiprocessing), which
+``interp_train.param_groups`` turns into an optimizer group), ``model.eval()`` makes them
+deterministic, and every later reader of ``module.weight`` (LIB, circuits, compare) sees the gated
+weights. A gated model can be copied and pickled whole (``copy.deepcopy``, ``pickle``, ``torch.save(model)``, multiprocessing), which
 PyTorch refuses for parametrized modules by default (``_picklable_parametrize.py``); a copy holds
 its own gates (log α still without weight decay), and the copied regularizer trains those.
 
@@ -208,5 +208,5 @@ class HardConcreteL0(Regularizer):
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, params={list(self.params)}, include_embeddings={self.include_embeddings}, "
-                f"init_log_alpha={self.init_log_alpha:g}, beta={self.beta:g}, gamma={self.gamma:g}, zeta={self.zeta:g}, "
-                f"gate_lr_scale={self.gate_lr_scale:g}")
+                f"init_log_alpha={self.init_log_alpha:g}, beta={self.beta:g}, gamma={self.gamma:g}, "
+                f"zeta={self.zeta:g}, gate_lr_scale={self.gate_lr_scale:g}")
