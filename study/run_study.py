@@ -94,11 +94,12 @@ PLANS: dict[str, TaskPlan] = {
                      fixed={"weight_sparsity_d0.5": "weight_sparsity", "weight_sparsity_d0.25": "weight_sparsity_strong"},
                      extra=("--trainer.max_steps", "2000", "--trainer.val_check_interval", "250"),
                      # 64 positions: exact LIB needs 64·k VJPs per attention section and window. Circuits
-                     # with mean ablation only: a search's greedy pass is ~1500 forward passes over the 64
-                     # windows, and with both ablations one run's compare took 555 s of CPU (baseline seed 0,
-                     # load 3), where zero ablation kept 0.6 % fewer nodes than mean (1463 vs 1472 of 1672)
+                     # with mean and zero ablation (issue 15): a search's greedy pass is ~1500 forward passes
+                     # over the 64 windows; with both ablations one run's compare took 555 s of CPU (baseline
+                     # seed 0, load 3). No edge ablation: up to one section pass per output feature and
+                     # bisection step, in three bases
                      measure=dict(max_samples=64, lib_sources=8, lib_edge_sources=1, lib_jacobian_dtype="float32",
-                                  circuit=True)),
+                                  circuit=True, circuit_zero=True)),
 }
 
 STUDY_FILE = "study.json"  # per run (training cost) and per task report (compare cost, commands)
