@@ -6,8 +6,8 @@ whose deterministic gate is non-zero) overall and per matrix — next to the den
                                         [--gate-lr-scale S] [--root DIR] [--threads 1] [--out results.json]
     python benchmarks/l0_calibration.py --runs RUN_DIR [RUN_DIR ...]     # measure trained runs only
 
-Weight, steps and gate learning-rate scale default to the recipe's. Each run goes through the real
-``interp-train fit`` path into ``<root>/modular_addition/cpu_l0_w<weight>_s<steps>[_a<init>][_g<scale>]/
+Weight, steps, starting log α and gate learning-rate scale default to the recipe's. Each run goes
+through the real ``interp-train fit`` path into ``<root>/modular_addition/cpu_l0_w<weight>_s<steps>[_a<init>][_g<scale>]/
 seed<k>``; a run that has its ``metrics.json`` is reused, so the script can be stopped and resumed.
 Not a timed test.
 
@@ -33,14 +33,11 @@ import yaml
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
-def derived_recipe(weight: float, init_log_alpha: float, gate_lr_scale: float | None) -> dict:
-    """cpu_l0.yaml with the l0 term's weight, the gates' starting log α and (if given) their
-    learning-rate scale replaced."""
+def derived_recipe(overrides: dict) -> dict:
+    """cpu_l0.yaml with HardConcreteL0's arguments in ``overrides`` replaced (a None value keeps the
+    recipe's)."""
     recipe = yaml.safe_load((RECIPES / "modular_addition" / "cpu_l0.yaml").read_text())
-    init_args = recipe["model"]["regularizers"][0]["init_args"]
-    init_args.update(weight=weight, init_log_alpha=init_log_alpha)
-    if gate_lr_scale is not None:
-        init_args["gate_lr_scale"] = gate_lr_scale
+    recipe["model"]["regularizers"][0]["init_args"].update({k: v for k, v in overrides.items() if v is not None})
     return recipe
 
 
@@ -88,7 +85,8 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--weight", type=float, default=None, help="the l0 term's weight (default: the recipe's)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
-    parser.add_argument("--init-log-alpha", type=float, default=2.0, help="the gates' starting log α (default 2)")
+    parser.add_argument("--init-log-alpha", type=float, default=None,
+                        help="the gates' starting log α (default: the recipe's)")
     parser.add_argument("--gate-lr-scale", type=float, default=None,
                         help="log α's learning rate as a multiple of the recipe's (default: the recipe's)")
     parser.add_argument("--root", default=None, help="checkpoint root (default: a temporary directory)")
@@ -98,26 +96,24 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     args = parser.parse_args()
-    base = yaml.safe_load((RECIPES / "modular_addition" / "cpu_l0.yaml").read_text())
-    base_args = base["model"]["regularizers"][0]["init_args"]
-    args.weight = float(base_args.get("weight", 1e-2) if args.weight is None else args.weight)
-    args.steps = int(base["trainer"]["max_steps"] if args.steps is None else args.steps)
-    if args.gate_lr_scale is None:
-        args.gate_lr_scale = base_args.get("gate_lr_scale")
-    if args.weight < 0 or not math.isfinite(args.weight):
+    if args.weight is not None and (args.weight < 0 or not math.isfinite(args.weight)):
         raise SystemExit(f"--weight must be a finite number >= 0, got {args.weight}")
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise SystemExit(f"--steps must be >= 1, got {args.steps}")
     torch.set_num_threads(args.threads)
     from interp_train.regularizers.hard_concrete import HardConcreteL0
 
-    recipe = derived_recipe(args.weight, args.init_log_alpha, args.gate_lr_scale)
+    recipe = derived_recipe({"weight": args.weight, "init_log_alpha": args.init_log_alpha,
+                             "gate_lr_scale": args.gate_lr_scale})
+    init_args = recipe["model"]["regularizers"][0]["init_args"]
     try:
-        reg = HardConcreteL0(**recipe["model"]["regularizers"][0]["init_args"])  # validates the settings
+        reg = HardConcreteL0(**init_args)  # validates the settings
     except ValueError as err:
         raise SystemExit(f"l0_calibration: {err}")
+    args.weight = float(init_args["weight"])
+    args.steps = int(recipe["trainer"]["max_steps"] if args.steps is None else args.steps)
     variant = (f"cpu_l0_w{args.weight:g}_s{args.steps}"
-               + ("" if args.init_log_alpha == 2.0 else f"_a{args.init_log_alpha:g}")
+               + ("" if args.init_log_alpha is None else f"_a{args.init_log_alpha:g}")
                + ("" if reg.gate_lr_scale == 1.0 else f"_g{reg.gate_lr_scale:g}"))
     if args.runs:
         missing = [d for d in args.runs if not (Path(d) / "metrics.json").is_file()]
@@ -131,7 +127,8 @@ def main() -> int:
     lr, cutoff = recipe["model"]["lr"] * reg.gate_lr_scale, math.log(-reg.gamma / reg.zeta)  # eval gate 0 below cutoff
     earliest = (reg.init_log_alpha - cutoff) / lr
     print(f"HardConcreteL0 weight {args.weight:g}, {args.steps} steps, runs {', '.join(rows)}; "
-          f"earliest close ≈ {earliest:.0f} steps (log α {reg.init_log_alpha:g} -> {cutoff:.2f} at log α's lr {lr:g})")
+          f"earliest close ≈ {earliest:.0f} steps "
+          f"(log α {reg.init_log_alpha:g} -> {cutoff:.2f} at log α's lr {lr:g})")
     matrices = list(next(iter(rows.values()))["per_matrix"])
     print(f"{'run':>8s} {'test acc':>9s} {'eval density':>13s} {'expected':>9s} {'min log α':>10s}  "
           + " ".join(f"{m.rsplit('.', 1)[-1]:>6s}" for m in matrices))
@@ -143,7 +140,8 @@ def main() -> int:
         spread = statistics.stdev(values) if len(values) > 1 else float("nan")
         print(f"{key}: {statistics.mean(values):.4f} ± {spread:.4f} (mean ± std over {len(values)} runs)")
     if args.out:
-        Path(args.out).write_text(json.dumps({"weight": args.weight, "steps": args.steps, "init_log_alpha": args.init_log_alpha,
+        Path(args.out).write_text(json.dumps({"weight": args.weight, "steps": args.steps,
+                                              "init_log_alpha": reg.init_log_alpha,
                                               "gate_lr_scale": reg.gate_lr_scale,
                                               "earliest_close_steps": earliest,
                                               "runs": rows}, indent=2))

@@ -28,9 +28,10 @@ optimizer of the model's parameters trains log α (without weight decay and at t
 ``gate_lr_scale``: log α carries the attributes ``no_weight_decay`` and ``lr_scale``, which
 ``interp_train.param_groups`` turns into an optimizer group), ``model.eval()`` makes them
 deterministic, and every later reader of ``module.weight`` (LIB, circuits, compare) sees the gated
-weights. A gated model can be copied and pickled whole (``copy.deepcopy``, ``pickle``, ``torch.save(model)``, multiprocessing), which
-PyTorch refuses for parametrized modules by default (``_picklable_parametrize.py``); a copy holds
-its own gates (log α still without weight decay), and the copied regularizer trains those.
+weights. A gated model can be copied and pickled whole (``copy.deepcopy``, ``pickle``,
+``torch.save(model)``, multiprocessing), which PyTorch refuses for parametrized modules by default
+(``_picklable_parametrize.py``); a copy holds its own gates (log α still without weight decay and at
+its learning-rate scale), and the copied regularizer trains those.
 
 Selection as WeightSparsity: weight tensors (ndim ≥ 2) whose ``named_parameters()`` name matches
 an fnmatch pattern of ``params``; embeddings and unembedding only with ``include_embeddings``; a
