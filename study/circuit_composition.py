@@ -22,7 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-RECORDS = {"mean": ("circuit_nodes", "circuit"), "zero": ("circuit_nodes_zero", "circuit_zero")}
+# (metric, its details key, its ablation where the record does not state one): circuit_nodes searches
+# with compare's --circuit-ablation (mean by default), circuit_nodes_zero with zero ablation
+# (evaluation/compare/metrics/_circuit.py)
+RECORDS = (("circuit_nodes", "circuit", "mean"), ("circuit_nodes_zero", "circuit_zero", "zero"))
 
 
 def short_site(site: str) -> str:
@@ -63,8 +66,10 @@ def _current(entry_path: Path, runs: Path | None) -> bool:
 
 
 def composition(compare_dir: Path, runs: Path | None = None) -> tuple[dict, list[str]]:
-    """({ablation: {variant: {"n": seeds, "sites": {site: [kept per seed]}, "total": [...]}}}, skipped entries)."""
-    out: dict[str, dict] = {a: {} for a in RECORDS}
+    """({ablation: {variant: {"sites": {site: [kept per seed]}, "total": [...], "of": nodes}}}, skipped
+    entries), the ablation as each record states it; a run measured with ``--circuit-ablation zero``
+    and ``--circuit-zero`` (the same search twice) counts once."""
+    out: dict[str, dict] = {"mean": {}, "zero": {}}
     skipped = []
     for path in sorted(Path(compare_dir, "cache").glob("*/*.json")):
         try:
@@ -75,10 +80,15 @@ def composition(compare_dir: Path, runs: Path | None = None) -> tuple[dict, list
         if not _current(path, runs):
             skipped.append(f"{path.parent.name}/{path.stem} (retrained or gone since measured)")
             continue
-        for ablation, (metric, detail) in RECORDS.items():
+        counted = set()
+        for metric, detail, default in RECORDS:
             circuit = (measured.get(metric, {}).get("details") or {}).get(detail)
             if not circuit or "kept" not in circuit:
                 continue
+            ablation = circuit.get("ablation", default)
+            if ablation in counted:
+                continue
+            counted.add(ablation)
             row = out[ablation].setdefault(path.parent.name, {"sites": {}, "total": [], "of": circuit["nodes_total"]})
             for site, kept in circuit["kept"].items():
                 row["sites"].setdefault(site, []).append(len(kept))

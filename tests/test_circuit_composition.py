@@ -55,3 +55,19 @@ def test_counts_per_site_and_variant(tmp_path, capsys):
                                "sparse/seed0 (retrained or gone since measured)"]
     with pytest.raises(SystemExit, match="no cache/ directory"):
         main([str(tmp_path / "nowhere")])
+
+
+def test_the_ablation_is_read_from_the_record(tmp_path):
+    """compare --circuit-ablation zero: the circuit_nodes record is a zero-ablation search; with
+    --circuit-zero too the same search is recorded twice and must be counted once."""
+    site = "blocks.0.mlp.hook_post"
+    zero = {"kept": {site: [1, 2]}, "nodes_kept": 2, "nodes_total": 4, "ablation": "zero"}
+    entries = {"a/seed0": {"circuit_nodes": {"details": {"circuit": zero}},
+                           "circuit_nodes_zero": {"details": {"circuit_zero": zero}}},
+               "a/seed1": {"circuit_nodes": {"details": {"circuit": {**zero, "kept": {site: [3]}, "nodes_kept": 1}}}}}
+    for name, measured in entries.items():
+        path = tmp_path / "cache" / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"run_digest": "d", "measured": measured}))
+    table, _ = composition(tmp_path)
+    assert table == {"mean": {}, "zero": {"a": {"sites": {site: [2, 1]}, "total": [2, 1], "of": 4}}}
