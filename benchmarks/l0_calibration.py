@@ -3,7 +3,7 @@ recipe's weight gives — test accuracy, and the evaluation density (share of ga
 whose deterministic gate is non-zero) overall and per matrix — next to the dense ``cpu`` recipe.
 
     python benchmarks/l0_calibration.py [--seeds 0 1 2 3 4] [--weight W] [--steps N] [--init-log-alpha A]
-                                        [--gate-lr-scale S] [--root DIR] [--threads 1] [--out results.json]
+                                        [--gate-lr-scale S] [--target-density T] [--dual-lr D] [--root DIR] [--threads 1] [--out results.json]
     python benchmarks/l0_calibration.py --runs RUN_DIR [RUN_DIR ...]     # measure trained runs only
 
 Weight, steps, starting log α and gate learning-rate scale default to the recipe's. Each run goes
@@ -75,7 +75,8 @@ def measure(run_dir: Path) -> dict:
             log_alpha.append(gate.log_alpha.detach().flatten())
     log_alpha = torch.cat(log_alpha)
     return {"run_dir": str(run_dir), "step": int(metrics["global_step"]), "test_acc": float(metrics["test/acc"]),
-            "eval_density": reg.density(module), "expected_density": float(metrics["reg/hard_concrete_l0/l0"]),
+            "eval_density": reg.density(module), "expected_density": metrics.get("reg/hard_concrete_l0/l0"),
+            "final_weight": reg.current_weight(),
             "per_matrix": per_matrix, "min_log_alpha": float(log_alpha.min()),
             "median_log_alpha": float(log_alpha.median())}
 
@@ -89,6 +90,9 @@ def main() -> int:
                         help="the gates' starting log α (default: the recipe's)")
     parser.add_argument("--gate-lr-scale", type=float, default=None,
                         help="log α's learning rate as a multiple of the recipe's (default: the recipe's)")
+    parser.add_argument("--target-density", type=float, default=None,
+                        help="HardConcreteL0's target_density: λ follows the evaluation density (default: the recipe's)")
+    parser.add_argument("--dual-lr", type=float, default=None, help="λ's step size with a target (default: the recipe's)")
     parser.add_argument("--root", default=None, help="checkpoint root (default: a temporary directory)")
     parser.add_argument("--runs", nargs="+", default=None,
                         help="measure these trained run directories (e.g. the study's <root>/modular_addition/l0_x1/"
@@ -104,7 +108,8 @@ def main() -> int:
     from interp_train.regularizers.hard_concrete import HardConcreteL0
 
     recipe = derived_recipe({"weight": args.weight, "init_log_alpha": args.init_log_alpha,
-                             "gate_lr_scale": args.gate_lr_scale})
+                             "gate_lr_scale": args.gate_lr_scale, "target_density": args.target_density,
+                             "dual_lr": args.dual_lr})
     init_args = recipe["model"]["regularizers"][0]["init_args"]
     try:
         reg = HardConcreteL0(**init_args)  # validates the settings
@@ -114,7 +119,8 @@ def main() -> int:
     args.steps = int(recipe["trainer"]["max_steps"] if args.steps is None else args.steps)
     variant = (f"cpu_l0_w{args.weight:g}_s{args.steps}"
                + ("" if args.init_log_alpha is None else f"_a{args.init_log_alpha:g}")
-               + ("" if reg.gate_lr_scale == 1.0 else f"_g{reg.gate_lr_scale:g}"))
+               + ("" if reg.gate_lr_scale == 1.0 else f"_g{reg.gate_lr_scale:g}")
+               + ("" if reg.target_density is None else f"_t{reg.target_density:g}_d{reg.dual_lr:g}"))
     if args.runs:
         missing = [d for d in args.runs if not (Path(d) / "metrics.json").is_file()]
         if missing:
@@ -126,14 +132,17 @@ def main() -> int:
             rows = {f"seed{seed}": measure(train(root, seed, recipe, variant, args.steps)) for seed in args.seeds}
     lr, cutoff = recipe["model"]["lr"] * reg.gate_lr_scale, math.log(-reg.gamma / reg.zeta)  # eval gate 0 below cutoff
     earliest = (reg.init_log_alpha - cutoff) / lr
-    print(f"HardConcreteL0 weight {args.weight:g}, {args.steps} steps, runs {', '.join(rows)}; "
+    target = "" if reg.target_density is None else (f" (starting λ), target density {reg.target_density:g}, "
+                                                    f"dual lr {reg.dual_lr:g}")
+    print(f"HardConcreteL0 weight {args.weight:g}{target}, {args.steps} steps, runs {', '.join(rows)}; "
           f"earliest close ≈ {earliest:.0f} steps "
           f"(log α {reg.init_log_alpha:g} -> {cutoff:.2f} at log α's lr {lr:g})")
     matrices = list(next(iter(rows.values()))["per_matrix"])
-    print(f"{'run':>8s} {'test acc':>9s} {'eval density':>13s} {'expected':>9s} {'min log α':>10s}  "
+    print(f"{'run':>8s} {'test acc':>9s} {'eval density':>13s} {'expected':>9s} {'weight':>8s} {'min log α':>10s}  "
           + " ".join(f"{m.rsplit('.', 1)[-1]:>6s}" for m in matrices))
     for seed, r in rows.items():
-        print(f"{seed:>8s} {r['test_acc']:9.4f} {r['eval_density']:13.4f} {r['expected_density']:9.4f} "
+        expected = "-" if r["expected_density"] is None else f"{r['expected_density']:.4f}"  # not logged at λ = 0
+        print(f"{seed:>8s} {r['test_acc']:9.4f} {r['eval_density']:13.4f} {expected:>9s} {r['final_weight']:8.3g} "
               f"{r['min_log_alpha']:10.3f}  " + " ".join(f"{r['per_matrix'][m]:6.3f}" for m in matrices))
     for key in ("test_acc", "eval_density"):
         values = [r[key] for r in rows.values()]
@@ -143,6 +152,7 @@ def main() -> int:
         Path(args.out).write_text(json.dumps({"weight": args.weight, "steps": args.steps,
                                               "init_log_alpha": reg.init_log_alpha,
                                               "gate_lr_scale": reg.gate_lr_scale,
+                                              "target_density": reg.target_density, "dual_lr": reg.dual_lr,
                                               "earliest_close_steps": earliest,
                                               "runs": rows}, indent=2))
     return 0

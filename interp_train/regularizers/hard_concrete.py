@@ -33,6 +33,24 @@ weights. A gated model can be copied and pickled whole (``copy.deepcopy``, ``pic
 (``_picklable_parametrize.py``); a copy holds its own gates (log α still without weight decay and at
 its learning-rate scale), and the copied regularizer trains those.
 
+Density target (optional, ``target_density``): instead of a fixed weight, the penalty's weight is a
+Lagrange multiplier λ ≥ 0 of the constraint "evaluation density ≤ target" (a proxy-Lagrangian:
+Cotter et al. 2019; for L0 gates, Gallego-Posada et al. 2022, "Controlled sparsity via constrained
+optimization"). The weights and gates minimise task loss + λ · l0 (the differentiable surrogate
+above); after every optimizer step λ takes a step of dual ascent on the constraint as evaluated,
+
+    λ ← λ + dual_lr · (density_eval − target)  while density_eval > target,   else λ ← 0,
+
+density_eval being the share of selected entries whose evaluation gate is non-zero (what
+``density`` reports and what a pruned model keeps). λ grows while the model is denser than the
+target and is reset to 0 as soon as it is not ("dual restarts", Gallego-Posada et al.: the
+constraint is an inequality, so a satisfied one exerts no pull); without the reset λ would first
+have to unwind what it gathered on the way down, and Adam, which moves a gate by about its learning
+rate whatever the size of a consistent gradient, keeps closing gates all that time (on modular
+addition, target 0.4: 12-15 % non-zero at the end). So runs of different seeds end near the
+same density instead of wherever a fixed weight leaves them. λ starts at ``weight`` (a number) and is saved with
+the step in the regularizer's state (checkpoints, resume).
+
 Selection as WeightSparsity: weight tensors (ndim ≥ 2) whose ``named_parameters()`` name matches
 an fnmatch pattern of ``params``; embeddings and unembedding only with ``include_embeddings``; a
 pattern that matches none raises a ValueError listing the candidates.
@@ -115,12 +133,32 @@ class HardConcreteL0(Regularizer):
         gate_lr_scale: log α trains at the optimizer's learning rate × this (> 0; RecipeModule and
             ``interp_train.param_groups``). Adam moves log α by about lr per step, so from the start
             at 2 a gate needs ~4.4 / (lr · gate_lr_scale) steps to close.
+        target_density: in (0, 1): the weight becomes the multiplier λ of "evaluation density ≤
+            target", starting at ``weight`` and updated after every optimizer step (module
+            docstring); None (default): the fixed ``weight``.
+        dual_lr: λ's step size per optimizer step and unit of density excess (> 0; with a target only).
     """
 
     def __init__(self, weight: WeightLike = 1e-2, params: Sequence[str] = ("*",), include_embeddings: bool = False,
                  init_log_alpha: float = 2.0, beta: float = 2 / 3, gamma: float = -0.1, zeta: float = 1.1,
-                 gate_lr_scale: float = 1.0, name: str | None = None):
+                 gate_lr_scale: float = 1.0, target_density: float | None = None, dual_lr: float = 0.01,
+                 name: str | None = None):
+        if target_density is not None:
+            if isinstance(target_density, bool) or not isinstance(target_density, (int, float)) \
+                    or not 0 < target_density < 1:
+                raise ValueError(f"target_density must be a number in (0, 1) (the share of gated entries left "
+                                 f"non-zero at evaluation) or None, got {target_density!r}")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
+                    or weight < 0:
+                raise ValueError(f"with target_density, weight is the starting multiplier λ and must be a finite "
+                                 f"number >= 0 (no schedule: λ follows the constraint), got {weight!r}")
+            if isinstance(dual_lr, bool) or not isinstance(dual_lr, (int, float)) or not math.isfinite(dual_lr) \
+                    or dual_lr <= 0:
+                raise ValueError(f"dual_lr must be a finite number > 0, got {dual_lr!r}")
         super().__init__(weight, name)
+        self.target_density = None if target_density is None else float(target_density)
+        self.dual_lr = float(dual_lr)
+        self.multiplier = float(weight) if target_density is not None else None
         self.params = _check_patterns(params)
         self.include_embeddings = bool(include_embeddings)
         for label, value in (("init_log_alpha", init_log_alpha), ("beta", beta), ("gamma", gamma), ("zeta", zeta)):
@@ -201,6 +239,27 @@ class HardConcreteL0(Regularizer):
         gates = [g for _, g in self.gates(model)]
         return sum(int((g.gates(sample=False) > 0).sum()) for g in gates) / sum(g.log_alpha.numel() for g in gates)
 
+    # ------------------------------------------------------------------ the density target
+    def current_weight(self) -> float:
+        return self.schedule(self.step) if self.multiplier is None else self.multiplier
+
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        """With a target density: one step of dual ascent on λ (module docstring)."""
+        if self.target_density is not None:
+            excess = self.density(model) - self.target_density
+            self.multiplier = self.multiplier + self.dual_lr * excess if excess > 0 else 0.0
+
+    def get_extra_state(self) -> dict:
+        state = super().get_extra_state()
+        if self.multiplier is not None:
+            state["multiplier"] = self.multiplier
+        return state
+
+    def set_extra_state(self, state: dict) -> None:
+        super().set_extra_state(state)
+        if self.multiplier is not None and "multiplier" in state:
+            self.multiplier = float(state["multiplier"])
+
     # ------------------------------------------------------------------ the loss term
     def terms(self, ctx: RegularizerContext) -> dict[str, torch.Tensor]:
         gates = [g for _, g in self.gates(ctx.model)]
@@ -210,4 +269,6 @@ class HardConcreteL0(Regularizer):
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, params={list(self.params)}, include_embeddings={self.include_embeddings}, "
                 f"init_log_alpha={self.init_log_alpha:g}, beta={self.beta:g}, gamma={self.gamma:g}, "
-                f"zeta={self.zeta:g}, gate_lr_scale={self.gate_lr_scale:g}")
+                f"zeta={self.zeta:g}, gate_lr_scale={self.gate_lr_scale:g}"
+                + ("" if self.target_density is None else
+                   f", target_density={self.target_density:g}, dual_lr={self.dual_lr:g}, λ={self.multiplier:g}"))
