@@ -76,7 +76,7 @@ def measure(run_dir: Path) -> dict:
     log_alpha = torch.cat(log_alpha)
     return {"run_dir": str(run_dir), "step": int(metrics["global_step"]), "test_acc": float(metrics["test/acc"]),
             "eval_density": reg.density(module), "expected_density": metrics.get("reg/hard_concrete_l0/l0"),
-            "final_weight": reg.current_weight(),
+            "final_weight": reg.current_weight(), "settings": reg.extra_repr(),
             "per_matrix": per_matrix, "min_log_alpha": float(log_alpha.min()),
             "median_log_alpha": float(log_alpha.median())}
 
@@ -96,7 +96,7 @@ def main() -> int:
     parser.add_argument("--root", default=None, help="checkpoint root (default: a temporary directory)")
     parser.add_argument("--runs", nargs="+", default=None,
                         help="measure these trained run directories (e.g. the study's <root>/modular_addition/l0_x1/"
-                             "seed<k>) instead of training; the settings printed are the recipe's")
+                             "seed<k>) instead of training; the first run's settings are printed")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     args = parser.parse_args()
@@ -134,7 +134,9 @@ def main() -> int:
     earliest = (reg.init_log_alpha - cutoff) / lr
     target = "" if reg.target_density is None else (f" (starting λ), target density {reg.target_density:g}, "
                                                     f"dual lr {reg.dual_lr:g}")
-    print(f"HardConcreteL0 weight {args.weight:g}{target}, {args.steps} steps, runs {', '.join(rows)}; "
+    if args.runs:  # the runs' own settings, not the recipe's
+        print(f"HardConcreteL0 of {args.runs[0]}: {next(iter(rows.values()))['settings']}")
+    print(f"{'recipe: ' if args.runs else ''}HardConcreteL0 weight {args.weight:g}{target}, {args.steps} steps, runs {', '.join(rows)}; "
           f"earliest close ≈ {earliest:.0f} steps "
           f"(log α {reg.init_log_alpha:g} -> {cutoff:.2f} at log α's lr {lr:g})")
     matrices = list(next(iter(rows.values()))["per_matrix"])
