@@ -153,6 +153,31 @@ def llc_runs(tmp_path_factory):
     return tmp / "ckpt" / "digits"
 
 
+class NaNBeyond(Regularizer):
+    """Term ``blowup``: 0 while every parameter is within ``limit`` of 0, NaN after (a penalty
+    that breaks on a diverged SGLD chain, as an effective rank of NaN activations does)."""
+
+    limit = 0.05
+
+    def terms(self, ctx):
+        big = any(bool((p.abs() > self.limit).any()) for p in ctx.model.parameters())
+        return {"blowup": torch.tensor(math.nan if big else 0.0)}
+
+
+def test_a_penalty_that_turns_non_finite_on_a_chain_marks_the_chain_not_the_run():
+    # SGLD's noise (√lr = 0.01 per step) carries some parameter past 0.05 within the chain; the
+    # penalty's NaN (NonFiniteRegularizerError in training) is a non-finite loss: the chain stops
+    # and is reported unhealthy, as a diverged task-loss chain is, instead of raising
+    model, batches, _, _ = _noise_regression()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = estimate_llc(model, batches, per_example_mse, lr=LR, localization=GAMMA, num_chains=2, num_draws=50,
+                           num_burnin_steps=50, seed=0, progress=False, regularizers=[NaNBeyond(weight=1.0)])
+    assert not res.healthy
+    assert all(math.isnan(v) for v in res.per_chain) and math.isnan(res.mean)
+    assert torch.all(model.weight == 0) and torch.all(model.bias == 0)  # w* restored
+
+
 def test_compare_llc_columns_name_their_loss(llc_runs):
     from evaluation.compare import MeasureOptions, runs_from_paths
     from evaluation.compare.data import batches as cut, split_tensors

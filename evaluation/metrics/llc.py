@@ -109,10 +109,13 @@ def _batch_loss(model: nn.Module, batch, loss_fn, regularizers: Sequence = ()) -
     inputs, targets, extras = default_batch_fn(batch)
     if not regularizers:
         return loss_fn(model_output(model(inputs)), targets).mean()
-    from interp_train.regularizers.base import regularized_loss
+    from interp_train.regularizers.base import NonFiniteRegularizerError, regularized_loss
 
-    return regularized_loss(model, inputs, targets, list(regularizers), loss_fn=loss_fn, extras=extras,
-                            advance=False).total
+    try:
+        return regularized_loss(model, inputs, targets, list(regularizers), loss_fn=loss_fn, extras=extras,
+                                advance=False).total
+    except NonFiniteRegularizerError:  # a diverged chain: a non-finite loss, as for the task loss
+        return torch.tensor(math.nan)
 
 
 def _first_batch_size(loader: Iterable) -> int:
