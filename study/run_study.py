@@ -184,9 +184,11 @@ def random_alignment(compare_dir: Path, variant: str, seed: int) -> dict | None:
 
 
 def compare(plan: TaskPlan, task: str, todo: list[Cell], root: Path, out: Path, command: str = "",
-            llc: bool | None = None, figures: Path | None = None, log=print, cached: bool = False):
+            llc: bool | None = None, figures: Path | None = None, log=print, cached: bool = False,
+            selected: list[Cell] | None = None):
     """``interp-eval compare`` on the trained cells of ``todo`` (cache: ``<root>/<task>/compare/cache``);
-    report.json|md, plots and tradeoff.png go to ``<out>/<task>/``, cost and commands to its study.json."""
+    report.json|md, plots and tradeoff.png go to ``<out>/<task>/``, cost and commands to its study.json.
+    ``selected``: the cells asked for (default ``todo``); those not trained are listed as missing."""
     from evaluation.compare import MeasureOptions, run_compare, runs_from_paths
     from interp_train.io import write_json_atomic
     from study.tradeoff import plot_tradeoff
@@ -195,7 +197,7 @@ def compare(plan: TaskPlan, task: str, todo: list[Cell], root: Path, out: Path, 
     for cell in todo:
         if cell.done:
             done.setdefault(cell.variant, []).append(cell)
-    missing = [f"{c.variant}/seed{c.seed}" for c in todo if not c.done]
+    missing = [f"{c.variant}/seed{c.seed}" for c in (todo if selected is None else selected) if not c.done]
     if missing:
         log(f"[{task}] not trained, left out of the report: {', '.join(missing)}")
     if BASELINE not in done:
@@ -344,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
         strengths = sorted(set(plan.multipliers) | set(args.multipliers or ()))
         everything = list(cells(plan, task, args.seeds, root, ROOT, multipliers=strengths))
         compare(plan, task, everything, root, out, command, llc=args.llc, figures=figures, log=log,
-                cached=args.cached)
+                cached=args.cached, selected=todo[task])
     if not args.train_only:
         log(f"wrote {write_summary(out, list(PLANS))}")
 

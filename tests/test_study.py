@@ -287,6 +287,14 @@ def test_train_and_compare_end_to_end(tmp_path):
     again = run_study.compare(plan, "manifold", todo, tmp_path / "runs", tmp_path / "out2", "cmd", log=lambda m: None,
                               cached=True)  # from the cache alone: the same report, nothing measured
     assert again.report["variants"] == result.report["variants"]
+    assert info["missing"] == []
+    # a part asked for (grad_norm 0.1x, seeds 0-2): the report still covers every trained cell, and
+    # "missing" lists what of that part is not trained
+    part = list(cells(plan, "manifold", [0, 1, 2], tmp_path / "runs", REPO, ["grad_norm"], [0.1]))
+    run_study.compare(plan, "manifold", todo, tmp_path / "runs", tmp_path / "out3", "cmd", log=lambda m: None,
+                      cached=True, selected=part)
+    info3 = json.loads((tmp_path / "out3/manifold/study.json").read_text())
+    assert info3["missing"] == ["grad_norm_x0.1/seed2"] and info3["n_runs"] == 6
     rand = info["alignment_random_baseline"]  # the recipe's latent_dim 4 in ambient_dim 64: sqrt(4/64)
     assert (rand["k"], rand["d"]) == (4, 64) and rand["baseline"] == pytest.approx(0.25)
 
