@@ -85,7 +85,7 @@ PLANS: dict[str, TaskPlan] = {
                                  {"interaction": "cpu_interaction", "degeneracy": "cpu_degeneracy"},
                                  fixed={"weight_sparsity_d0.25": "cpu_weight_sparsity",
                                         "weight_sparsity_d0.1": "cpu_weight_sparsity_strong", "l0": "cpu_l0",
-                                        "l0_target0.4": "cpu_l0_target"},
+                                        "l0_target0.4": "cpu_l0_target", "l0_target0.1": "cpu_l0_target_strong"},
                                  extra=("--trainer.max_steps", "1000"), llc=True,
                                  measure=dict(circuit=True, circuit_zero=True, edge_ablation=True)),
     # 2000 of the recipe's 3000 steps, for the 2-core machine: validation loss is still falling by
