@@ -61,13 +61,6 @@ def short_name(name: str) -> str:
     return ".".join(parts[2:] if parts[:2] == ["model", "net"] else parts)
 
 
-@torch.no_grad()
-def expected_density(reg, module) -> float:
-    """The l0 term of the final gates: mean P(z ≠ 0) over the gated entries."""
-    gates = [g for _, g in reg.gates(module)]
-    return float(sum(g.prob_nonzero().double().sum() for g in gates) / sum(g.log_alpha.numel() for g in gates))
-
-
 def measure(run_dir: Path) -> dict:
     from interp_train.recipes import load_recipe
 
@@ -83,7 +76,7 @@ def measure(run_dir: Path) -> dict:
     log_alpha = torch.cat(log_alpha)
     return {"run_dir": str(run_dir), "step": int(metrics["global_step"]), "test_acc": float(metrics["test/acc"]),
             # from the final gates: the logged l0 term stops at the last step with a non-zero weight
-            "eval_density": reg.density(module), "expected_density": expected_density(reg, module),
+            "eval_density": reg.density(module), "expected_density": float(reg.expected_density(module).detach()),
             "final_weight": reg.current_weight(), "settings": reg.extra_repr(),
             "per_matrix": per_matrix, "min_log_alpha": float(log_alpha.min()),
             "median_log_alpha": float(log_alpha.median())}

@@ -115,7 +115,7 @@ def _batch_loss(model: nn.Module, batch, loss_fn, regularizers: Sequence = ()) -
         return regularized_loss(model, inputs, targets, list(regularizers), loss_fn=loss_fn, extras=extras,
                                 advance=False).total
     except NonFiniteRegularizerError:  # a diverged chain: a non-finite loss, as for the task loss
-        return torch.tensor(math.nan)
+        return torch.tensor(math.nan, device=inputs.device)
 
 
 def _first_batch_size(loader: Iterable) -> int:

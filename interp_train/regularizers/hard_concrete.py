@@ -66,6 +66,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from interp_train.checks import check_number
 from interp_train.regularizers._picklable_parametrize import make_picklable
 from interp_train.regularizers.base import Regularizer, RegularizerContext
 from interp_train.regularizers.weight_sparsity import _check_patterns, select_parameters
@@ -152,9 +153,7 @@ class HardConcreteL0(Regularizer):
                     or weight < 0:
                 raise ValueError(f"with target_density, weight is the starting multiplier λ and must be a finite "
                                  f"number >= 0 (no schedule: λ follows the constraint), got {weight!r}")
-            if isinstance(dual_lr, bool) or not isinstance(dual_lr, (int, float)) or not math.isfinite(dual_lr) \
-                    or dual_lr <= 0:
-                raise ValueError(f"dual_lr must be a finite number > 0, got {dual_lr!r}")
+            check_number(dual_lr, "dual_lr", positive=True)
         super().__init__(weight, name)
         self.target_density = None if target_density is None else float(target_density)
         self.dual_lr = float(dual_lr)
@@ -261,10 +260,13 @@ class HardConcreteL0(Regularizer):
             self.multiplier = float(state["multiplier"])
 
     # ------------------------------------------------------------------ the loss term
+    def expected_density(self, model: nn.Module) -> torch.Tensor:
+        """The l0 term: mean P(z ≠ 0) over the selected entries (differentiable in log α)."""
+        gates = [g for _, g in self.gates(model)]
+        return sum(g.prob_nonzero().sum() for g in gates) / sum(g.log_alpha.numel() for g in gates)
+
     def terms(self, ctx: RegularizerContext) -> dict[str, torch.Tensor]:
-        gates = [g for _, g in self.gates(ctx.model)]
-        expected = sum(g.prob_nonzero().sum() for g in gates)
-        return {"l0": expected / sum(g.log_alpha.numel() for g in gates)}
+        return {"l0": self.expected_density(ctx.model)}
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, params={list(self.params)}, include_embeddings={self.include_embeddings}, "
