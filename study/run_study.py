@@ -290,7 +290,10 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--root", default="checkpoints/study", help="run directories (and compare's cache) go here")
     parser.add_argument("--out", default="study/results", help="reports go here")
     parser.add_argument("--figures", default="study/figures", help="copies of the key plots, <task>_<plot>.png")
-    parser.add_argument("--no-llc", dest="llc", action="store_false", default=None, help="skip the LLC everywhere")
+    llc = parser.add_mutually_exclusive_group()
+    llc.add_argument("--llc", dest="llc", action="store_true", default=None,
+                     help="measure the LLC on every task (default: on the tasks whose plan has it)")
+    llc.add_argument("--no-llc", dest="llc", action="store_false", default=None, help="skip the LLC everywhere")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--train-only", action="store_true", help="train the missing runs, measure nothing")
     mode.add_argument("--compare-only", action="store_true", help="measure and report the runs trained so far")

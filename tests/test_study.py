@@ -210,6 +210,15 @@ def test_dry_run_and_argument_errors(tmp_path, capsys):
         run_study.main(["--tasks", "digits", "--families", "adversarial", "--root", str(tmp_path), "--dry-run"])
 
 
+def test_llc_flags_override_the_plan_and_exclude_each_other(capsys):
+    assert run_study.parse_args(["--tasks", "text"]).llc is None  # the plan decides
+    assert run_study.parse_args(["--tasks", "text", "--llc"]).llc is True
+    assert run_study.parse_args(["--tasks", "modular_addition", "--no-llc"]).llc is False
+    with pytest.raises(SystemExit):
+        run_study.parse_args(["--llc", "--no-llc"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
 def sweep_report():
     """A compare report of a sweep: baseline and two families at 0.1 / 1 / 10, 3 seeds each."""
     from evaluation.compare import build_report
