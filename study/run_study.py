@@ -101,6 +101,13 @@ PLANS: dict[str, TaskPlan] = {
                      # bisection step, in three bases
                      measure=dict(max_samples=64, lib_sources=8, lib_edge_sources=1, lib_jacobian_dtype="float32",
                                   circuit=True, circuit_zero=True)),
+    # the recipe's full 3000 steps (validation loss every 250), for the cells the 2000-step sweep
+    # found within the 1-point budget: does the longer run change the comparison (issue 16, plateau)
+    "text_3000": TaskPlan("recipes/text", "baseline", {},
+                          fixed={"weight_sparsity_d0.5": "weight_sparsity", "weight_sparsity_d0.25": "weight_sparsity_strong"},
+                          extra=("--trainer.val_check_interval", "250"),
+                          measure=dict(max_samples=64, lib_sources=8, lib_edge_sources=1, lib_jacobian_dtype="float32",
+                                       circuit=True, circuit_zero=True)),
 }
 
 STUDY_FILE = "study.json"  # per run (training cost) and per task report (compare cost, commands)
