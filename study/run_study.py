@@ -106,8 +106,10 @@ PLANS: dict[str, TaskPlan] = {
     "text_3000": TaskPlan("recipes/text", "baseline", {},
                           fixed={"weight_sparsity_d0.5": "weight_sparsity", "weight_sparsity_d0.25": "weight_sparsity_strong"},
                           extra=("--trainer.val_check_interval", "250"),
+                          # mean-ablation circuits only: zero ablation changed the 2000-step circuits by < 2 % in nodes
+                          # and costs a second search (4-5 min of CPU per run)
                           measure=dict(max_samples=64, lib_sources=8, lib_edge_sources=1, lib_jacobian_dtype="float32",
-                                       circuit=True, circuit_zero=True)),
+                                       circuit=True)),
 }
 
 STUDY_FILE = "study.json"  # per run (training cost) and per task report (compare cost, commands)
