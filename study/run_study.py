@@ -53,6 +53,9 @@ DIGIT_MANIFOLD_SIZE = ("--trainer.max_epochs", "12")
 CNN_HEAD_LAYERS = ("model.features.5", "model.head.2", "output")
 DIGIT_MANIFOLD_FAMILIES = ("adversarial", "grad_norm", "off_manifold_grad", "off_manifold_noise")
 
+TEXT_MEASURE = dict(max_samples=64, lib_sources=8, lib_edge_sources=1, lib_jacobian_dtype="float32",
+                    circuit=True, circuit_zero=True)
+
 PLANS: dict[str, TaskPlan] = {
     # the headline task: decoder-generated digits, exact tangents (recipes/digit_manifold); 12 of the
     # recipe's 30 epochs (384 steps: validation accuracy ~1.5 points below its plateau, the 200-step
@@ -99,8 +102,7 @@ PLANS: dict[str, TaskPlan] = {
                      # over the 64 windows; with both ablations one run's compare took 555 s of CPU (baseline
                      # seed 0, load 3). No edge ablation: up to one section pass per output feature and
                      # bisection step, in three bases
-                     measure=dict(max_samples=64, lib_sources=8, lib_edge_sources=1, lib_jacobian_dtype="float32",
-                                  circuit=True, circuit_zero=True)),
+                     measure=TEXT_MEASURE),
     # the recipe's full 3000 steps (validation loss every 250), for the cells the 2000-step sweep
     # found within the 1-point budget: does the longer run change the comparison (issue 16, plateau)
     "text_3000": TaskPlan("recipes/text", "baseline", {},
@@ -108,8 +110,7 @@ PLANS: dict[str, TaskPlan] = {
                           extra=("--trainer.val_check_interval", "250"),
                           # mean-ablation circuits only: zero ablation changed the 2000-step circuits by < 2 % in nodes
                           # and costs a second search (4-5 min of CPU per run)
-                          measure=dict(max_samples=64, lib_sources=8, lib_edge_sources=1, lib_jacobian_dtype="float32",
-                                       circuit=True)),
+                          measure={**TEXT_MEASURE, "circuit_zero": False}),
 }
 
 STUDY_FILE = "study.json"  # per run (training cost) and per task report (compare cost, commands)
