@@ -308,5 +308,8 @@ def test_log_alpha_trains_at_its_own_learning_rate():
         g = p.grad.double()
         expected = old.double() * (1 - lr * decay) - lr * g / (g.abs() + 1e-8)  # AdamW: decoupled decay first
         assert (g != 0).any() and torch.allclose(p.detach().double(), expected, atol=1e-6)
-    with pytest.raises(ValueError, match=r"gate_lr_scale must be a finite number > 0 .*got 0"):
-        HardConcreteL0(gate_lr_scale=0)
+    for bad in (0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match=rf"gate_lr_scale must be a finite number > 0, got {bad!r}"):
+            HardConcreteL0(gate_lr_scale=bad)
+    with pytest.raises(TypeError, match=r"gate_lr_scale must be a number, got 'fast'"):
+        HardConcreteL0(gate_lr_scale="fast")

@@ -165,10 +165,8 @@ class HardConcreteL0(Regularizer):
                 raise ValueError(f"{label} must be a finite number, got {value!r}")
         if beta <= 0:
             raise ValueError(f"beta (the concrete temperature) must be > 0, got {beta!r}")
-        if isinstance(gate_lr_scale, bool) or not isinstance(gate_lr_scale, (int, float)) \
-                or not math.isfinite(gate_lr_scale) or gate_lr_scale <= 0:
-            raise ValueError(f"gate_lr_scale must be a finite number > 0 (log α's learning rate as a multiple of the "
-                             f"optimizer's), got {gate_lr_scale!r}")
+        # log α's learning rate as a multiple of the optimizer's
+        gate_lr_scale = check_number(gate_lr_scale, "gate_lr_scale", positive=True)
         if not (gamma < 0 and zeta > 1):
             raise ValueError(f"the stretch interval must contain [0, 1]: gamma < 0 < 1 < zeta, got gamma={gamma!r}, "
                              f"zeta={zeta!r}")
