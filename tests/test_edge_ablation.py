@@ -223,3 +223,53 @@ def test_lib_command_writes_the_python_calls_figures(tmp_path, capsys):
                "--out", str(tmp_path / "bad")])
     assert rc == 2 and "tolerance must be a number in [0, 1)" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def naive_section_ablated_logits(model, x, l_in, l_out, b_in, b_out, keep, ablation):
+    """The module docstring's formula one output feature at a time, each with its own forward pass of
+    the unstacked batch (no grouping of equal rows, no repeated batch)."""
+    from evaluation.lib.positions import insert, select, site_of
+    from interp_train.sites import run_model
+
+    def aug(t):
+        return torch.cat([torch.ones(*t.shape[:-1], 1, dtype=t.dtype), t], -1)
+
+    s_in, s_out = site_of(l_in), site_of(l_out)
+    clean = run_model(model, x, record=[s for s in (s_in, s_out) if s != "output"])
+    f = select(l_in, clean.activations[s_in]).double()
+    h = select(l_out, clean.output if s_out == "output" else clean.activations[s_out]).double()
+    f_hat, h_hat = aug(f) @ b_in.C, aug(h) @ b_out.C
+    fill = aug(b_in.mean.double()) @ b_in.C if ablation == "mean" else torch.zeros(b_in.C.shape[1], dtype=torch.float64)
+    new = h_hat.clone()
+    for i in range(1, b_out.C.shape[1]):
+        x_i = f + ((fill - f_hat)[..., 1:] * ~keep[i - 1]) @ b_in.C_pinv[1:, 1:]
+        edit = {s_in: lambda a, v=x_i: insert(l_in, a, v.to(a.dtype))}
+        run = run_model(model, x, record=[] if s_out == "output" else [s_out], edit=edit)
+        h_i = select(l_out, run.output if s_out == "output" else run.activations[s_out]).double()
+        new[..., i] = (aug(h_i) @ b_out.C)[..., i]
+    h_new = h + (new - h_hat)[..., 1:] @ b_out.C_pinv[1:, 1:]
+    if s_out == "output":
+        return insert(l_out, clean.output, h_new.to(clean.output.dtype))
+    return run_model(model, x, edit={s_out: lambda a: insert(l_out, a, h_new.to(a.dtype))}).output
+
+
+def test_transformer_sections_with_partial_masks_match_a_naive_per_output_reference(tmp_path):
+    """Every section of a tiny TransformerLens model (resid_mid edited through the attention output,
+    position-indexed layers), half its edges kept: the grouped passes, which repeat the batch only
+    from the section's input layer on, give the per-output reference's logits."""
+    from evaluation.metrics import edge_ablation as module
+
+    model, x, batches, layers, result = tiny_transformer(tmp_path)
+    x = x[:40]
+    with torch.no_grad():
+        for basis, ablation in (("lib", "zero"), ("neuron", "mean")):
+            bases, edges = basis_set(result, basis)
+            for l_in, l_out in zip(layers[:-1], layers[1:]):
+                E = edges[l_in]
+                keep = keep_mask(E, (E.shape[0] - 1) * (E.shape[1] - 1) // 2)
+                ref = naive_section_ablated_logits(model, x, l_in, l_out, bases[l_in], bases[l_out], keep, ablation)
+                for _ in range(2):  # the first call checks the repeat against the stacked batch, the second uses it
+                    ours = ablated_logits(model, x, l_in, l_out, bases[l_in], bases[l_out], keep, ablation)
+                    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+                site = "blocks.0.hook_resid_pre" if l_in.startswith("blocks.0.hook_resid_mid") else l_in.split("[")[0]
+                assert module._REPEAT_AT[model][(l_in, l_out)] == site

@@ -33,6 +33,7 @@ Accuracy: argmax of the logits; (B,) targets with (B, T, C) logits are read at t
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
@@ -133,26 +134,73 @@ def _hits(logits: Tensor, targets: Tensor) -> tuple[float, int]:
     return float(correct.sum()), correct.numel()
 
 
-def _section_outputs(model, inputs, l_in, l_out, x: Tensor) -> Tensor:
-    """f^{l+1} (at l+1's positions) with node layer l's part of every copy of the batch replaced by x (n·B, P, d)."""
+def _section_outputs(model, inputs, l_in, l_out, x: Tensor, repeat_at: str | None) -> Tensor:
+    """f^{l+1} (at l+1's positions) with node layer l's part of every copy of the batch replaced by x (n·B, P, d).
+
+    repeat_at: a site at or before l where the batch's activation is repeated n times, so that the
+    model before it runs on the batch once (None: run the stacked batch from the input)."""
     n = x.shape[0] // inputs.shape[0]
-    stacked = torch.cat([inputs] * n) if n > 1 else inputs
+    feed = inputs if repeat_at or n == 1 else torch.cat([inputs] * n)
     holder = {}
 
+    def repeat(act):
+        return torch.cat([act] * n) if act.shape[0] != x.shape[0] else act
+
     def replace(act):
+        act = repeat(act)
         return insert(l_in, act, x.to(act.dtype).reshape(select(l_in, act).shape))
 
     def stop(act):
         holder["out"] = select(l_out, act)
         raise _Reached
 
+    edit = {repeat_at: repeat} if repeat_at and repeat_at != site_of(l_in) else {}
+    edit[site_of(l_in)] = replace
     if site_of(l_out) == OUTPUT:
-        return select(l_out, run_model(model, stacked, edit={site_of(l_in): replace}).output)
+        return select(l_out, run_model(model, feed, edit=edit).output)
     try:
-        run_model(model, stacked, edit={site_of(l_in): replace, site_of(l_out): stop})
+        run_model(model, feed, edit={**edit, site_of(l_out): stop})
     except _Reached:
         pass
     return holder["out"]
+
+
+def _repeat_sites(l_in: str) -> list[str]:
+    """Where the batch may be repeated for a section from l_in: l_in's own site, or for a
+    TransformerLens resid_mid (edited through the attention output, whose residual add meets
+    resid_pre) the block's resid_pre."""
+    site = site_of(l_in)
+    if site.endswith("hook_resid_mid"):
+        return [site, site[: -len("hook_resid_mid")] + "hook_resid_pre"]
+    return [site]
+
+
+# model -> {(l_in, l_out): the site where repeating the batch gives the stacked batch's outputs, or
+# None}; structural, so checked once per model and section
+_REPEAT_AT: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _checked_section_outputs(model, inputs, l_in, l_out, x: Tensor) -> Tensor:
+    """``_section_outputs``, repeating the batch at the first of ``_repeat_sites`` that was checked,
+    on the first call for this model and section, to reproduce running the stacked batch (a model
+    that mixes the batch, or an edit that meets a tensor computed with the batch's own size, fails
+    the check and keeps the stacked batch)."""
+    known = _REPEAT_AT.setdefault(model, {})
+    key = (l_in, l_out)
+    if key in known or x.shape[0] == inputs.shape[0]:
+        return _section_outputs(model, inputs, l_in, l_out, x, known.get(key))
+    stacked = _section_outputs(model, inputs, l_in, l_out, x, None)
+    known[key] = None
+    scale = float(stacked.abs().max()) or 1.0
+    for site in _repeat_sites(l_in):
+        try:
+            repeated = _section_outputs(model, inputs, l_in, l_out, x, site)
+        except RuntimeError:  # shapes that do not broadcast
+            continue
+        if repeated.shape == stacked.shape and float((repeated - stacked).abs().max()) <= 1e-5 * scale:
+            known[key] = site
+            break
+    return stacked
 
 
 def ablated_logits(model: nn.Module, inputs: Tensor, l_in: str, l_out: str, basis_in, basis_out, keep: Tensor,
@@ -183,10 +231,14 @@ def ablated_logits(model: nn.Module, inputs: Tensor, l_in: str, l_out: str, basi
     patterns, group = torch.unique(keep, dim=0, return_inverse=True)
     todo = [p for p in range(patterns.shape[0]) if not bool(patterns[p].all())]
     per_pass = max(1, chunk_elements // max(f.numel(), 1))
+    # the section's inputs in the model's own dtype, which they are cast to anyway (float32 halves the
+    # cost of these products, which rival a cheap section's pass)
+    work = select(l_in, clean.activations[in_site]).dtype
+    f_w, delta_w, C_pinv_w = f.to(work), delta.to(work), C_pinv[1:, 1:].to(work)
     for start in range(0, len(todo), per_pass):
         chunk = todo[start:start + per_pass]
-        x = torch.cat([f + (delta * ~patterns[p]) @ C_pinv[1:, 1:] for p in chunk])       # (n·B, P, d)
-        outs = as_positions(_section_outputs(model, inputs, l_in, l_out, x)).to(torch.float64)
+        x = torch.cat([f_w + (delta_w * ~patterns[p]) @ C_pinv_w for p in chunk])          # (n·B, P, d)
+        outs = as_positions(_checked_section_outputs(model, inputs, l_in, l_out, x)).to(torch.float64)
         for slot, p in enumerate(chunk):
             cols = (group == p).nonzero().flatten() + 1                                   # output features of p
             o = outs[slot * f.shape[0]:(slot + 1) * f.shape[0]]
