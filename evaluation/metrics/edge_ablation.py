@@ -17,7 +17,10 @@ f̂ = [1, f] C, f = (f̂ C⁺)[1:]), output basis (C′, C′⁺) and edges E (k
   f′^{l+1} = f^{l+1} + Σ_{i ≥ 1} (ĥ_i − ĥ_i^{clean}) C′⁺_{i, 1:}. Directions a basis truncated keep
   their clean values on both sides, so keeping every edge is the model itself. Outputs whose rows
   of K_n are equal share one pass of the section (rib's grouping): an evaluation costs one section
-  pass per distinct non-full row, one clean pass and one pass downstream of l+1, per batch.
+  pass per distinct non-full row, one clean pass and one pass downstream of l+1, per batch. The
+  passes are batched n copies at a time, the model before l run once and its activation repeated
+  at l (for a TransformerLens bridge's resid_mid: at the block's resid_pre), after checking once
+  per model and section that this reproduces running the n stacked copies from the input.
 * n*_l = min {n ∈ [0, N_l] : acc_l(n) ≥ acc − tolerance}, acc the unablated accuracy and acc_l(n)
   the accuracy with section l ablated alone (the others clean), by bisection (⌈log₂ N_l⌉ + 1
   evaluations). Bisection assumes acc_l(n) monotone in n, as rib's schedules do; the probed
