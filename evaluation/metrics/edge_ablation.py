@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from evaluation.lib.edges import OUTPUT, as_positions
 from evaluation.lib.positions import insert, select, site_of
-from interp_train.sites import eval_mode, run_model
+from interp_train.sites import RESID_MID, eval_mode, run_model
 
 ABLATIONS = ("mean", "zero")
 BASES = ("lib", "pca", "neuron")
@@ -173,8 +173,8 @@ def _repeat_sites(l_in: str) -> list[str]:
     TransformerLens resid_mid (edited through the attention output, whose residual add meets
     resid_pre) the block's resid_pre."""
     site = site_of(l_in)
-    if site.endswith("hook_resid_mid"):
-        return [site, site[: -len("hook_resid_mid")] + "hook_resid_pre"]
+    if site.endswith(RESID_MID):  # the suffix run_model reroutes through the attention output
+        return [site, site[: -len(RESID_MID)] + "hook_resid_pre"]
     return [site]
 
 
