@@ -76,8 +76,7 @@ def clock() -> tuple[float, float]:
 
 def pass_timing(model, test, layers, result, args) -> None:
     """Seconds of one ``ablated_logits`` call per section and basis, batch repeated vs stacked."""
-    from evaluation.metrics import edge_ablation as ablation_module
-    from evaluation.metrics.edge_ablation import ablated_logits, basis_set, keep_mask
+    from evaluation.metrics.edge_ablation import ablated_logits, basis_set, keep_mask, repeat_site
 
     print("| basis | section | output features | stacked CPU s | repeated CPU s | ratio | max |Δ logits| |")
     print("|---|---|---:|---:|---:|---:|---:|")
@@ -87,17 +86,15 @@ def pass_timing(model, test, layers, result, args) -> None:
         for l_in, l_out in zip(layers[:-1], layers[1:]):
             E = edges[l_in]
             keep = keep_mask(E, (E.shape[0] - 1) * (E.shape[1] - 1) // 2)
-            known = ablation_module._REPEAT_AT.setdefault(model, {})
             seconds, logits = [], []
             with torch.no_grad():
                 ablated_logits(model, test[0], l_in, l_out, bases[l_in], bases[l_out], keep)  # the one-time check
-                site = known[(l_in, l_out)]
-                for repeat_at in (None, site):
-                    known[(l_in, l_out)] = repeat_at
+                site = repeat_site(model, l_in, l_out)
+                for stacked in (True, False):
                     c0, _ = clock()
-                    logits.append(ablated_logits(model, test[0], l_in, l_out, bases[l_in], bases[l_out], keep))
+                    logits.append(ablated_logits(model, test[0], l_in, l_out, bases[l_in], bases[l_out], keep,
+                                                 stacked=stacked))
                     seconds.append(clock()[0] - c0)
-            known[(l_in, l_out)] = site
             totals = [t + s for t, s in zip(totals, seconds)]
             delta = float((logits[0] - logits[1]).abs().max())
             print(f"| {basis} | {l_in} → {l_out} | {E.shape[0] - 1} | {seconds[0]:.2f} | {seconds[1]:.2f} "

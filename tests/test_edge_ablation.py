@@ -257,7 +257,7 @@ def test_transformer_sections_with_partial_masks_match_a_naive_per_output_refere
     """Every section of a tiny TransformerLens model (resid_mid edited through the attention output,
     position-indexed layers), half its edges kept: the grouped passes, which repeat the batch only
     from the section's input layer on, give the per-output reference's logits."""
-    from evaluation.metrics import edge_ablation as module
+    from evaluation.metrics.edge_ablation import repeat_site
 
     model, x, batches, layers, result = tiny_transformer(tmp_path)
     x = x[:40]
@@ -268,8 +268,10 @@ def test_transformer_sections_with_partial_masks_match_a_naive_per_output_refere
                 E = edges[l_in]
                 keep = keep_mask(E, (E.shape[0] - 1) * (E.shape[1] - 1) // 2)
                 ref = naive_section_ablated_logits(model, x, l_in, l_out, bases[l_in], bases[l_out], keep, ablation)
-                for _ in range(2):  # the first call checks the repeat against the stacked batch, the second uses it
-                    ours = ablated_logits(model, x, l_in, l_out, bases[l_in], bases[l_out], keep, ablation)
+                # the first call checks the repeat against the stacked batch, the second uses it
+                for stacked in (False, False, True):
+                    ours = ablated_logits(model, x, l_in, l_out, bases[l_in], bases[l_out], keep, ablation,
+                                          stacked=stacked)
                     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
                 site = "blocks.0.hook_resid_pre" if l_in.startswith("blocks.0.hook_resid_mid") else l_in.split("[")[0]
-                assert module._REPEAT_AT[model][(l_in, l_out)] == site
+                assert repeat_site(model, l_in, l_out) == site

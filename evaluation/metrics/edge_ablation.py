@@ -183,6 +183,12 @@ def _repeat_sites(l_in: str) -> list[str]:
 _REPEAT_AT: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
+def repeat_site(model: nn.Module, l_in: str, l_out: str) -> str | None:
+    """The site at which ``ablated_logits`` repeats the batch for this model and section, once it
+    has been checked (None: not checked yet, or the stacked batch is used)."""
+    return _REPEAT_AT.get(model, {}).get((l_in, l_out))
+
+
 def _checked_section_outputs(model, inputs, l_in, l_out, x: Tensor) -> Tensor:
     """``_section_outputs``, repeating the batch at the first of ``_repeat_sites`` that was checked,
     on the first call for this model and section, to reproduce running the stacked batch (a model
@@ -207,9 +213,12 @@ def _checked_section_outputs(model, inputs, l_in, l_out, x: Tensor) -> Tensor:
 
 
 def ablated_logits(model: nn.Module, inputs: Tensor, l_in: str, l_out: str, basis_in, basis_out, keep: Tensor,
-                   ablation: str = "mean", chunk_elements: int = 2 ** 22) -> Tensor:
+                   ablation: str = "mean", chunk_elements: int = 2 ** 22, stacked: bool = False) -> Tensor:
     """The model's logits with the section l_in → l_out computed edge by edge: output feature i
-    (row i − 1 of ``keep``) from the inputs j ≥ 1 with keep[i − 1, j − 1] only (module docstring)."""
+    (row i − 1 of ``keep``) from the inputs j ≥ 1 with keep[i − 1, j − 1] only (module docstring).
+
+    stacked: run every copy of the batch through the whole model, the reference the repeated batch
+    is checked against (slower; for benchmarks and checks)."""
     in_site, out_site = site_of(l_in), site_of(l_out)
     record = [s for s in (in_site, out_site) if s != OUTPUT]
     clean = run_model(model, inputs, record=record)
@@ -241,7 +250,9 @@ def ablated_logits(model: nn.Module, inputs: Tensor, l_in: str, l_out: str, basi
     for start in range(0, len(todo), per_pass):
         chunk = todo[start:start + per_pass]
         x = torch.cat([f_w + (delta_w * ~patterns[p]) @ C_pinv_w for p in chunk])          # (n·B, P, d)
-        outs = as_positions(_checked_section_outputs(model, inputs, l_in, l_out, x)).to(torch.float64)
+        outs = (_section_outputs(model, inputs, l_in, l_out, x, None) if stacked
+                else _checked_section_outputs(model, inputs, l_in, l_out, x))
+        outs = as_positions(outs).to(torch.float64)
         for slot, p in enumerate(chunk):
             cols = (group == p).nonzero().flatten() + 1                                   # output features of p
             o = outs[slot * f.shape[0]:(slot + 1) * f.shape[0]]
