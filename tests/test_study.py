@@ -219,6 +219,35 @@ def test_llc_flags_override_the_plan_and_exclude_each_other(capsys):
     assert "not allowed with argument" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, expected", [([], {"text": False, "digits": True}), (["--llc"], {"text": True, "digits": True}),
+                                             (["--no-llc"], {"text": False, "digits": False})])
+def test_llc_flag_reaches_the_measure_options_of_each_task(tmp_path, monkeypatch, flags, expected):
+    """What ``--llc`` / ``--no-llc`` / neither hand to compare: the flag when given, else the plan's."""
+    import evaluation.compare
+
+    class Measured(Exception):
+        pass
+
+    seen = {}
+
+    def fake_run_compare(variants, cache_dir, options, **kwargs):
+        seen[cache_dir.parent.name] = options
+        raise Measured
+
+    monkeypatch.setattr(evaluation.compare, "run_compare", fake_run_compare)
+    monkeypatch.setattr(evaluation.compare, "runs_from_paths", lambda variant, paths: list(paths))
+    for task in expected:
+        done = run_dir(tmp_path, task, "baseline", 0)
+        done.mkdir(parents=True)
+        (done / "metrics.json").write_text("{}")
+        with pytest.raises(Measured):
+            run_study.main(["--tasks", task, "--families", "baseline", "--seeds", "0", "--root", str(tmp_path),
+                            "--out", str(tmp_path / "out"), "--compare-only", *flags])
+    assert {task: options.llc for task, options in seen.items()} == expected
+    assert run_study.PLANS["text"].llc is False and run_study.PLANS["digits"].llc is True  # what the default row assumes
+    assert seen["text"].edge_ablation is False and seen["text"].circuit is True  # the plan's other options still apply
+
+
 def sweep_report():
     """A compare report of a sweep: baseline and two families at 0.1 / 1 / 10, 3 seeds each."""
     from evaluation.compare import build_report
