@@ -1,0 +1,163 @@
+"""Pruned circuits of a narrow task inside the byte LM (issue 15): Gao et al.'s 16x is for narrow
+tasks inside a general language model, while the study's circuit metric prunes for next-byte
+prediction at every position, which uses the whole model. This measures the same pruning search
+(``evaluation.metrics.circuit.prune_circuit``: node gates, mean ablation, δ = 0.01 nats) on one of
+their tasks, closing a string literal with the quote that opened it:
+
+* Examples: every string literal in the held-out windows (validation and test splits of the
+  recipe's data, never trained on) of the form ``<sep>'abc'`` or ``<sep>"abc"`` — ``<sep>`` one of
+  ``( [ = , : { space``, contents 1–30 bytes of ``[A-Za-z0-9_./ -]`` — whose closing quote lies in
+  the window. Input: the 64-byte window; the logits at the byte before the closing quote.
+* Task loss: binary cross-entropy between the two quote bytes (the logits of ``'`` and ``"``
+  only), as in Gao et al.'s tasks; task accuracy: the matching quote scores higher.
+
+Per run: the task's accuracy and loss, and the circuit's nodes and edges. Per cell: mean ± std over
+seeds; cells against the baseline by Welch's t-test, Holm over the comparisons made.
+
+    python study/narrow_circuits.py ROOT/text_3000 [--cells baseline weight_sparsity_d0.5_x1] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+QUOTES = (ord("'"), ord('"'))
+LITERAL = re.compile(rb"(?<=[(\[=,:{ ])(['\"])([A-Za-z0-9_./ -]{1,30}?)\1")
+CONTEXT = 24  # bytes of input before the closing quote; the literal opens inside them
+
+
+def quote_examples(text: torch.Tensor, windows: torch.Tensor, seq_len: int, context: int = CONTEXT
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs (M, context), targets (M,): 1 if the closing quote is '"' else 0) for every string
+    literal of ``text`` (a 1-D byte tensor) whose closing quote is a target of one of ``windows``
+    (indices of its seq_len-byte windows: window w predicts bytes w·seq_len + 1 … (w + 1)·seq_len)
+    and whose opening quote lies within the ``context`` bytes before it. The input is those bytes,
+    so the logits are read at the last position."""
+    chosen = set(windows.tolist())
+    data = bytes(text.tolist())
+    inputs, targets = [], []
+    for match in LITERAL.finditer(data):
+        close = match.end() - 1
+        if (close - 1) // seq_len in chosen and close - match.start() < context <= close:
+            inputs.append(list(data[close - context:close]))
+            targets.append(int(data[close] == QUOTES[1]))
+    if not inputs:
+        raise ValueError("no string literal closes inside these windows; the narrow task needs text with quotes")
+    return torch.tensor(inputs), torch.tensor(targets)
+
+
+def quote_logits(output: torch.Tensor) -> torch.Tensor:
+    """(M, 2): the logits of ' and " at the last position."""
+    return output[:, -1][:, list(QUOTES)]
+
+
+def quote_loss(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-example binary cross-entropy between the two quote bytes, (M,)."""
+    return torch.nn.functional.cross_entropy(quote_logits(output), targets, reduction="none")
+
+
+def held_out_windows(datamodule) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the recipe's text as bytes, indices of its validation and test windows): the split the data
+    module itself makes (``ByteTextDataModule.build``)."""
+    from interp_train.recipes import split_indices
+
+    text = torch.frombuffer(bytearray(datamodule.text_bytes()), dtype=torch.uint8).long()
+    n = (len(text) - 1) // datamodule.seq_len
+    dm = datamodule
+    parts = split_indices(n, [1.0 - dm.val_fraction - dm.test_fraction, dm.val_fraction, dm.test_fraction],
+                          dm.split_seed)
+    return text, torch.cat([torch.as_tensor(parts[1]), torch.as_tensor(parts[2])])
+
+
+def measure_run(run: Path, delta: float) -> dict:
+    from evaluation.io.checkpoints import load_checkpoint
+    from evaluation.metrics.circuit import CircuitConfig, prune_circuit
+    from interp_train.sites import run_model
+
+    loaded = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    model = loaded.model.eval()
+    text, windows = held_out_windows(loaded.datamodule)
+    inputs, targets = quote_examples(text, windows, loaded.datamodule.seq_len)
+    with torch.no_grad():
+        logits = quote_logits(run_model(model, inputs).output)
+    start = time.process_time()
+    circuit = prune_circuit(model, inputs, targets, CircuitConfig(delta=delta), loss_fn=quote_loss)
+    return {"run": str(run), "examples": len(targets), "double_quote_share": float(targets.float().mean()),
+            "accuracy": float((logits.argmax(1) == targets).float().mean()),
+            "loss": circuit.full_loss, "nodes": circuit.nodes_kept, "nodes_total": circuit.nodes_total,
+            "edges": circuit.edges, "edges_total": circuit.edges_total, "circuit_loss": circuit.loss,
+            "kept": circuit.kept, "search_cpu_s": time.process_time() - start}
+
+
+def summarise(results: dict[str, list[dict]], baseline: str) -> str:
+    from evaluation.compare.stats import adjust_pvalues, welch_t_test
+
+    metrics = ("accuracy", "loss", "nodes", "edges")
+    tests = [(cell, m) for cell in results if cell != baseline for m in metrics]
+    raw = [welch_t_test([r[m] for r in results[cell]], [r[m] for r in results[baseline]])[1] for cell, m in tests]
+    holm = dict(zip(tests, adjust_pvalues(raw, "holm")))
+    lines = [f"| cell | seeds | examples | {' | '.join(metrics)} |", "|---|---|---|" + "---|" * len(metrics)]
+    for cell, rows in results.items():
+        cols = []
+        for m in metrics:
+            values = [r[m] for r in rows]
+            text = f"{statistics.mean(values):.4g} ± {statistics.stdev(values) if len(values) > 1 else 0:.2g}"
+            if cell != baseline:
+                ratio = statistics.mean(r[m] for r in results[baseline]) / statistics.mean(values)
+                p = raw[tests.index((cell, m))]
+                text += f" (base/cell {ratio:.2f}×, p = {p:.2g}, Holm {holm[(cell, m)]:.2g})"
+            cols.append(text)
+        lines.append(f"| `{cell}` | {len(rows)} | {rows[0]['examples']} | {' | '.join(cols)} |")
+    lines.append(f"\nHolm over {len(tests)} comparisons (Welch's t-test).")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("task_root", type=Path, help="ROOT/<task> holding <cell>/seed<k>/checkpoints/last.ckpt")
+    parser.add_argument("--cells", nargs="+", default=["baseline", "weight_sparsity_d0.5_x1"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--delta", type=float, default=0.01)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, help="JSON lines, one per run; runs already there are not measured again")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    done = {}
+    if args.out and args.out.is_file():
+        done = {json.loads(line)["run"]: json.loads(line) for line in args.out.read_text().splitlines() if line}
+    results: dict[str, list[dict]] = {}
+    for cell in args.cells:
+        for seed in args.seeds:
+            run = args.task_root / cell / f"seed{seed}"
+            if not (run / "checkpoints" / "last.ckpt").is_file():
+                print(f"{run}: no checkpoint, left out", file=sys.stderr)
+                continue
+            row = done.get(str(run))
+            if row is None:
+                row = measure_run(run, args.delta)
+                if args.out:
+                    with args.out.open("a") as fh:
+                        fh.write(json.dumps(row) + "\n")
+            print(f"{cell} seed{seed}: {row['examples']} examples, accuracy {row['accuracy']:.3f}, loss "
+                  f"{row['loss']:.3f}, circuit {row['nodes']}/{row['nodes_total']} nodes, {row['edges']} edges "
+                  f"({row['search_cpu_s']:.0f} s CPU)", flush=True)
+            results.setdefault(cell, []).append(row)
+    if args.cells[0] in results and len(results) > 1:
+        print(summarise(results, args.cells[0]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
