@@ -105,9 +105,11 @@ def summarise(results: dict[str, list[dict]], baseline: str) -> str:
     from evaluation.compare.stats import adjust_pvalues, welch_t_test
 
     metrics = ("accuracy", "loss", "nodes", "edges")
-    tests = [(cell, m) for cell in results if cell != baseline for m in metrics]
+    enough = lambda cell: len(results[cell]) >= 2  # noqa: E731
+    tests = [(cell, m) for cell in results if cell != baseline and enough(cell) and enough(baseline) for m in metrics]
     raw = [welch_t_test([r[m] for r in results[cell]], [r[m] for r in results[baseline]])[1] for cell, m in tests]
-    holm = dict(zip(tests, adjust_pvalues(raw, "holm")))
+    raw = [1.0 if p != p else p for p in raw]  # nan: both samples constant (e.g. every accuracy 1.0)
+    holm = dict(zip(tests, adjust_pvalues(raw, "holm"))) if tests else {}
     lines = [f"| cell | seeds | examples | {' | '.join(metrics)} |", "|---|---|---|" + "---|" * len(metrics)]
     for cell, rows in results.items():
         cols = []
@@ -116,11 +118,24 @@ def summarise(results: dict[str, list[dict]], baseline: str) -> str:
             text = f"{statistics.mean(values):.4g} ± {statistics.stdev(values) if len(values) > 1 else 0:.2g}"
             if cell != baseline:
                 ratio = statistics.mean(r[m] for r in results[baseline]) / statistics.mean(values)
-                p = raw[tests.index((cell, m))]
-                text += f" (base/cell {ratio:.2f}×, p = {p:.2g}, Holm {holm[(cell, m)]:.2g})"
+                text += f" (base/cell {ratio:.2f}×"
+                text += (f", p = {raw[tests.index((cell, m))]:.2g}, Holm {holm[(cell, m)]:.2g})"
+                         if (cell, m) in holm else ", no test)")
             cols.append(text)
         lines.append(f"| `{cell}` | {len(rows)} | {rows[0]['examples']} | {' | '.join(cols)} |")
     lines.append(f"\nHolm over {len(tests)} comparisons (Welch's t-test).")
+    return "\n".join(lines) + "\n\n" + composition_table(results)
+
+
+def composition_table(results: dict[str, list[dict]]) -> str:
+    """Nodes kept per site (mean over seeds), as study/circuit_composition.py prints the study's circuits."""
+    from study.circuit_composition import short_site, site_order
+
+    sites = sorted({site for rows in results.values() for r in rows for site in r["kept"]}, key=site_order)
+    lines = [f"| cell | {' | '.join(short_site(s) for s in sites)} | all |", "|---|" + "---|" * (len(sites) + 1)]
+    for cell, rows in results.items():
+        cols = [f"{statistics.mean(len(r['kept'].get(s, [])) for r in rows):.1f}" for s in sites]
+        lines.append(f"| `{cell}` | {' | '.join(cols)} | {statistics.mean(r['nodes'] for r in rows):.1f} |")
     return "\n".join(lines)
 
 
