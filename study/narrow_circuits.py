@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import statistics
 import sys
 import time
@@ -147,6 +148,7 @@ def main(argv=None) -> int:
     parser.add_argument("--delta", type=float, default=0.01)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, help="JSON lines, one per run; runs already there are not measured again")
+    parser.add_argument("--report", type=Path, help="write the tables (markdown, with the command and date) here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     done = {}
@@ -170,7 +172,18 @@ def main(argv=None) -> int:
                   f"({row['search_cpu_s']:.0f} s CPU)", flush=True)
             results.setdefault(cell, []).append(row)
     if args.cells[0] in results and len(results) > 1:
-        print(summarise(results, args.cells[0]))
+        tables = summarise(results, args.cells[0])
+        print(tables)
+        if args.report:
+            from interp_train.io import write_atomic
+
+            command = "python study/narrow_circuits.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+            seeds = {cell: [Path(r["run"]).name for r in rows] for cell, rows in results.items()}
+            write_atomic(args.report, f"# Narrow-task circuits: closing a string literal with its own quote\n\n"
+                         f"`{command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; runs {seeds}).\n"
+                         f"Pruning: mean ablation, δ = {args.delta} nats on the two-way cross-entropy; "
+                         f"mean ± std over seeds (ddof 1); study/narrow_circuits.py's docstring has the task.\n\n"
+                         f"{tables}\n")
     return 0
 
 

@@ -48,3 +48,25 @@ def test_quote_loss_is_the_two_way_cross_entropy_at_the_last_position():
         chosen = double if t else single
         expected = -(chosen - math.log(math.exp(single) + math.exp(double)))
         assert float(got[i]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_summary_tests_each_metric_against_the_baseline_with_holm():
+    from scipy.stats import ttest_ind
+
+    from study.narrow_circuits import summarise
+
+    def rows(nodes, edges):
+        return [{"run": f"r/seed{i}", "examples": 10, "accuracy": 1.0, "loss": 0.01 * (i + 1), "nodes": n,
+                 "edges": e, "kept": {"blocks.0.mlp.hook_post": list(range(n))}} for i, (n, e) in enumerate(zip(nodes, edges))]
+
+    base, sparse = rows([40, 44, 42], [900, 1000, 950]), rows([20, 23, 22], [300, 350, 320])
+    text = summarise({"baseline": base, "sparse": sparse}, "baseline")
+    p_nodes = ttest_ind([20, 23, 22], [40, 44, 42], equal_var=False).pvalue
+    p_edges = ttest_ind([300, 350, 320], [900, 1000, 950], equal_var=False).pvalue
+    # Holm over 4 tests (accuracy and loss have p = 1): the smallest p times 4, the next times 3
+    small, large = sorted([p_nodes, p_edges])
+    assert f"p = {small:.2g}, Holm {4 * small:.2g}" in text and f"p = {large:.2g}, Holm {max(3 * large, 4 * small):.2g}" in text
+    assert "Holm over 4 comparisons" in text
+    assert "| `sparse` | 0.0 | 0.0 |" not in text and "| `sparse` | 21.7 | 21.7 |" in text  # nodes kept per site, mean
+    single = summarise({"baseline": base, "sparse": sparse[:1]}, "baseline")
+    assert "no test" in single and "Holm over 0 comparisons" in single
