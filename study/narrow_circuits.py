@@ -1,7 +1,8 @@
 """Pruned circuits of a narrow task inside the byte LM (issue 15): Gao et al.'s 16x is for narrow
 tasks inside a general language model, while the study's circuit metric prunes for next-byte
 prediction at every position, which uses the whole model. This measures the same pruning search
-(``evaluation.metrics.circuit.prune_circuit``: node gates, mean ablation, δ = 0.01 nats) on one of
+(``evaluation.metrics.circuit.prune_circuit``: node gates, mean ablation by default or zero
+ablation, δ = 0.01 nats) on one of
 their tasks, closing a string literal with the quote that opened it:
 
 * Examples: every string literal in the held-out windows (validation and test splits of the
@@ -82,7 +83,7 @@ def held_out_windows(datamodule) -> tuple[torch.Tensor, torch.Tensor]:
     return text, torch.cat([torch.as_tensor(parts[1]), torch.as_tensor(parts[2])])
 
 
-def measure_run(run: Path, delta: float) -> dict:
+def measure_run(run: Path, delta: float, ablation: str = "mean") -> dict:
     from evaluation.io.checkpoints import load_checkpoint
     from evaluation.metrics.circuit import CircuitConfig, prune_circuit
     from interp_train.sites import run_model
@@ -94,8 +95,9 @@ def measure_run(run: Path, delta: float) -> dict:
     with torch.no_grad():
         logits = quote_logits(run_model(model, inputs).output)
     start = time.process_time()
-    circuit = prune_circuit(model, inputs, targets, CircuitConfig(delta=delta), loss_fn=quote_loss)
-    return {"run": str(run), "examples": len(targets), "double_quote_share": float(targets.float().mean()),
+    circuit = prune_circuit(model, inputs, targets, CircuitConfig(delta=delta, ablation=ablation),
+                            loss_fn=quote_loss)
+    return {"run": str(run), "ablation": ablation, "delta": delta, "examples": len(targets), "double_quote_share": float(targets.float().mean()),
             "accuracy": float((logits.argmax(1) == targets).float().mean()),
             "loss": circuit.full_loss, "nodes": circuit.nodes_kept, "nodes_total": circuit.nodes_total,
             "edges": circuit.edges, "edges_total": circuit.edges_total, "circuit_loss": circuit.loss,
@@ -146,6 +148,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cells", nargs="+", default=["baseline", "weight_sparsity_d0.5_x1"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--delta", type=float, default=0.01)
+    parser.add_argument("--ablation", choices=["mean", "zero"], default="mean")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, help="JSON lines, one per run; runs already there are not measured again")
     parser.add_argument("--report", type=Path, help="write the tables (markdown, with the command and date) here")
@@ -153,7 +156,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     done = {}
     if args.out and args.out.is_file():
-        done = {json.loads(line)["run"]: json.loads(line) for line in args.out.read_text().splitlines() if line}
+        for row in map(json.loads, filter(None, args.out.read_text().splitlines())):
+            done[(row["run"], row.get("ablation", "mean"), row.get("delta", 0.01))] = row
     results: dict[str, list[dict]] = {}
     for cell in args.cells:
         for seed in args.seeds:
@@ -161,9 +165,9 @@ def main(argv=None) -> int:
             if not (run / "checkpoints" / "last.ckpt").is_file():
                 print(f"{run}: no checkpoint, left out", file=sys.stderr)
                 continue
-            row = done.get(str(run))
+            row = done.get((str(run), args.ablation, args.delta))
             if row is None:
-                row = measure_run(run, args.delta)
+                row = measure_run(run, args.delta, args.ablation)
                 if args.out:
                     with args.out.open("a") as fh:
                         fh.write(json.dumps(row) + "\n")
@@ -181,7 +185,7 @@ def main(argv=None) -> int:
             seeds = {cell: [Path(r["run"]).name for r in rows] for cell, rows in results.items()}
             write_atomic(args.report, f"# Narrow-task circuits: closing a string literal with its own quote\n\n"
                          f"`{command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; runs {seeds}).\n"
-                         f"Pruning: mean ablation, δ = {args.delta} nats on the two-way cross-entropy; "
+                         f"Pruning: {args.ablation} ablation, δ = {args.delta} nats on the two-way cross-entropy; "
                          f"mean ± std over seeds (ddof 1); study/narrow_circuits.py's docstring has the task.\n\n"
                          f"{tables}\n")
     return 0
