@@ -2,20 +2,22 @@
 tasks inside a general language model, while the study's circuit metric prunes for next-byte
 prediction at every position, which uses the whole model. This measures the same pruning search
 (``evaluation.metrics.circuit.prune_circuit``: node gates, mean ablation by default or zero
-ablation, δ = 0.01 nats) on one of
-their tasks, closing a string literal with the quote that opened it:
+ablation, δ = 0.01 nats) on one of their tasks, closing a string literal with the quote that
+opened it:
 
-* Examples: every string literal in the held-out windows (validation and test splits of the
-  recipe's data, never trained on) of the form ``<sep>'abc'`` or ``<sep>"abc"`` — ``<sep>`` one of
-  ``( [ = , : { space``, contents 1–30 bytes of ``[A-Za-z0-9_./ -]`` — whose closing quote lies in
-  the window. Input: the 64-byte window; the logits at the byte before the closing quote.
+* Examples: every string literal of the form ``<sep>'abc'`` or ``<sep>"abc"`` — ``<sep>`` one of
+  ``( [ = , : { space``, contents 1–30 bytes of ``[A-Za-z0-9_./ -]`` — whose closing quote is a
+  target of a held-out window (validation and test splits of the recipe's data, never trained on)
+  and whose opening quote lies within the 24 bytes before it. Input: those 24 bytes; the logits
+  are read at the last position.
 * Task loss: binary cross-entropy between the two quote bytes (the logits of ``'`` and ``"``
   only), as in Gao et al.'s tasks; task accuracy: the matching quote scores higher.
 
 Per run: the task's accuracy and loss, and the circuit's nodes and edges. Per cell: mean ± std over
 seeds; cells against the baseline by Welch's t-test, Holm over the comparisons made.
 
-    python study/narrow_circuits.py ROOT/text_3000 [--cells baseline weight_sparsity_d0.5_x1] [--out FILE]
+    python study/narrow_circuits.py ROOT/text_3000 [--cells baseline weight_sparsity_d0.5_x1] [--ablation zero]
+        [--out runs.jsonl] [--report report.md]
 """
 
 from __future__ import annotations
@@ -77,9 +79,8 @@ def held_out_windows(datamodule) -> tuple[torch.Tensor, torch.Tensor]:
 
     text = torch.frombuffer(bytearray(datamodule.text_bytes()), dtype=torch.uint8).long()
     n = (len(text) - 1) // datamodule.seq_len
-    dm = datamodule
-    parts = split_indices(n, [1.0 - dm.val_fraction - dm.test_fraction, dm.val_fraction, dm.test_fraction],
-                          dm.split_seed)
+    val, test = datamodule.val_fraction, datamodule.test_fraction
+    parts = split_indices(n, [1.0 - val - test, val, test], datamodule.split_seed)
     return text, torch.cat([torch.as_tensor(parts[1]), torch.as_tensor(parts[2])])
 
 
@@ -97,7 +98,8 @@ def measure_run(run: Path, delta: float, ablation: str = "mean") -> dict:
     start = time.process_time()
     circuit = prune_circuit(model, inputs, targets, CircuitConfig(delta=delta, ablation=ablation),
                             loss_fn=quote_loss)
-    return {"run": str(run), "ablation": ablation, "delta": delta, "examples": len(targets), "double_quote_share": float(targets.float().mean()),
+    return {"run": str(run), "ablation": ablation, "delta": delta, "examples": len(targets),
+            "double_quote_share": float(targets.float().mean()),
             "accuracy": float((logits.argmax(1) == targets).float().mean()),
             "loss": circuit.full_loss, "nodes": circuit.nodes_kept, "nodes_total": circuit.nodes_total,
             "edges": circuit.edges, "edges_total": circuit.edges_total, "circuit_loss": circuit.loss,
