@@ -42,15 +42,14 @@ LITERAL = re.compile(rb"(?<=[(\[=,:{ ])(['\"])([A-Za-z0-9_./ -]{1,30}?)\1")
 CONTEXT = 24  # bytes of input before the closing quote; the literal opens inside them
 
 
-def quote_examples(text: torch.Tensor, windows: torch.Tensor, seq_len: int, context: int = CONTEXT
+def quote_examples(data: bytes, windows: torch.Tensor, seq_len: int, context: int = CONTEXT
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs (M, context), targets (M,): 1 if the closing quote is '"' else 0) for every string
-    literal of ``text`` (a 1-D byte tensor) whose closing quote is a target of one of ``windows``
+    literal of the text ``data`` whose closing quote is a target of one of ``windows``
     (indices of its seq_len-byte windows: window w predicts bytes w·seq_len + 1 … (w + 1)·seq_len)
     and whose opening quote lies within the ``context`` bytes before it. The input is those bytes,
     so the logits are read at the last position."""
     chosen = set(windows.tolist())
-    data = bytes(text.tolist())
     inputs, targets = [], []
     for match in LITERAL.finditer(data):
         close = match.end() - 1
@@ -72,16 +71,13 @@ def quote_loss(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(quote_logits(output), targets, reduction="none")
 
 
-def held_out_windows(datamodule) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the recipe's text as bytes, indices of its validation and test windows): the split the data
-    module itself makes (``ByteTextDataModule.build``)."""
-    from interp_train.recipes import split_indices
+def held_out_windows(datamodule) -> tuple[bytes, torch.Tensor]:
+    """(the recipe's text, indices of its validation and test windows): the data module's own split."""
+    from interp_train.data.text import byte_windows
 
-    text = torch.frombuffer(bytearray(datamodule.text_bytes()), dtype=torch.uint8).long()
-    n = (len(text) - 1) // datamodule.seq_len
-    val, test = datamodule.val_fraction, datamodule.test_fraction
-    parts = split_indices(n, [1.0 - val - test, val, test], datamodule.split_seed)
-    return text, torch.cat([torch.as_tensor(parts[1]), torch.as_tensor(parts[2])])
+    data = datamodule.text_bytes()
+    splits = datamodule.window_splits(len(byte_windows(data, datamodule.seq_len)))
+    return data, torch.cat([splits["val"], splits["test"]])
 
 
 def measure_run(run: Path, delta: float, ablation: str = "mean") -> dict:
@@ -107,14 +103,12 @@ def measure_run(run: Path, delta: float, ablation: str = "mean") -> dict:
 
 
 def summarise(results: dict[str, list[dict]], baseline: str) -> str:
-    from evaluation.compare.stats import adjust_pvalues, welch_t_test
+    from evaluation.compare.stats import apply_correction, compare_groups
 
-    metrics = ("accuracy", "loss", "nodes", "edges")
-    enough = lambda cell: len(results[cell]) >= 2  # noqa: E731
-    tests = [(cell, m) for cell in results if cell != baseline and enough(cell) and enough(baseline) for m in metrics]
-    raw = [welch_t_test([r[m] for r in results[cell]], [r[m] for r in results[baseline]])[1] for cell, m in tests]
-    raw = [1.0 if p != p else p for p in raw]  # nan: both samples constant (e.g. every accuracy 1.0)
-    holm = dict(zip(tests, adjust_pvalues(raw, "holm"))) if tests else {}
+    metrics = {"accuracy": True, "loss": False, "nodes": False, "edges": False}  # higher is better?
+    tests = {(cell, m): compare_groups([r[m] for r in results[baseline]], [r[m] for r in results[cell]], better)
+             for cell in results if cell != baseline for m, better in metrics.items()}
+    n_tested = apply_correction(list(tests.values()), "holm")
     lines = [f"| cell | seeds | examples | {' | '.join(metrics)} |", "|---|---|---|" + "---|" * len(metrics)]
     for cell, rows in results.items():
         cols = []
@@ -122,13 +116,13 @@ def summarise(results: dict[str, list[dict]], baseline: str) -> str:
             values = [r[m] for r in rows]
             text = f"{statistics.mean(values):.4g} ± {statistics.stdev(values) if len(values) > 1 else 0:.2g}"
             if cell != baseline:
-                ratio = statistics.mean(r[m] for r in results[baseline]) / statistics.mean(values)
-                text += f" (base/cell {ratio:.2f}×"
-                text += (f", p = {raw[tests.index((cell, m))]:.2g}, Holm {holm[(cell, m)]:.2g})"
-                         if (cell, m) in holm else ", no test)")
+                test = tests[(cell, m)]
+                text += f" (base/cell {test['mean_baseline'] / test['mean_variant']:.2f}×"
+                text += (f", p = {test['p']:.2g}, Holm {test['p_adjusted']:.2g})" if test["p"] is not None
+                         else ", no test)")
             cols.append(text)
         lines.append(f"| `{cell}` | {len(rows)} | {rows[0]['examples']} | {' | '.join(cols)} |")
-    lines.append(f"\nHolm over {len(tests)} comparisons (Welch's t-test).")
+    lines.append(f"\nHolm over {n_tested} comparisons (Welch's t-test).")
     return "\n".join(lines) + "\n\n" + composition_table(results)
 
 

@@ -14,15 +14,11 @@ if str(REPO) not in sys.path:
 from study.narrow_circuits import quote_examples, quote_loss  # noqa: E402
 
 
-def as_bytes(text: bytes) -> torch.Tensor:
-    return torch.tensor(list(text))
-
-
 def test_quote_examples_are_the_literals_closing_in_the_chosen_windows():
     # window 0: bytes 0-15, window 1: 16-31, window 2: 32-47 (seq_len 16; a window reads one byte more)
     text = b"padding padding x = 'ab' and f(\"cd\") it's don't [\"e\" " + b"." * 16
     close_ab, close_cd, close_e = text.index(b"' and"), text.index(b'") it'), text.index(b'" ')
-    got_x, got_y = quote_examples(as_bytes(text), torch.tensor([1, 2]), seq_len=16, context=8)
+    got_x, got_y = quote_examples(text, torch.tensor([1, 2]), seq_len=16, context=8)
     # 'ab' closes at 23 (window 1), "cd" at 34 (window 2), "e" at 51 (window 3, not chosen);
     # the apostrophes in it's / don't are not literals (no separator before the opening quote)
     assert (close_ab, close_cd, close_e) == (23, 34, 51)
@@ -30,12 +26,12 @@ def test_quote_examples_are_the_literals_closing_in_the_chosen_windows():
     assert [bytes(r) for r in got_x.tolist()] == [text[close_ab - 8:close_ab], text[close_cd - 8:close_cd]]
     # a literal opening before the context is left out: 'ab' and "cd" open 3 bytes before their
     # close, "e" 2 bytes; a literal across a window boundary ("cd" opens in window 1) is kept
-    short_x, short_y = quote_examples(as_bytes(text), torch.tensor([1, 2, 3]), seq_len=16, context=3)
+    short_x, short_y = quote_examples(text, torch.tensor([1, 2, 3]), seq_len=16, context=3)
     assert short_y.tolist() == [1] and bytes(short_x[0].tolist()) == text[close_e - 3:close_e]
-    all_x, all_y = quote_examples(as_bytes(text), torch.tensor([0, 1, 2, 3]), seq_len=16, context=8)
+    all_x, all_y = quote_examples(text, torch.tensor([0, 1, 2, 3]), seq_len=16, context=8)
     assert all_y.tolist() == [0, 1, 1]
     with pytest.raises(ValueError, match="no string literal closes"):
-        quote_examples(as_bytes(b"no quotes here at all, none" * 4), torch.tensor([0, 1]), seq_len=16)
+        quote_examples(b"no quotes here at all, none" * 4, torch.tensor([0, 1]), seq_len=16)
 
 
 def test_quote_loss_is_the_two_way_cross_entropy_at_the_last_position():

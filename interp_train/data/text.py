@@ -96,9 +96,13 @@ class ByteTextDataModule(SplitDataModule):
             data = tinystories_text(self.max_bytes or 20_000_000).encode("utf-8")
         return data[: self.max_bytes] if self.max_bytes else data
 
+    def window_splits(self, n_windows: int) -> dict[str, torch.Tensor]:
+        """{"train" | "val" | "test": indices of the windows in that split}, for n_windows windows."""
+        train_f = 1.0 - self.val_fraction - self.test_fraction
+        parts = split_indices(n_windows, [train_f, self.val_fraction, self.test_fraction], self.split_seed)
+        return dict(zip(("train", "val", "test"), parts))
+
     def build(self) -> dict[str, TensorDataset]:
         windows = byte_windows(self.text_bytes(), self.seq_len)
-        train_f = 1.0 - self.val_fraction - self.test_fraction
-        parts = split_indices(len(windows), [train_f, self.val_fraction, self.test_fraction], self.split_seed)
         return {name: TensorDataset(windows[idx, :-1], windows[idx, 1:])
-                for name, idx in zip(("train", "val", "test"), parts)}
+                for name, idx in self.window_splits(len(windows)).items()}
