@@ -13,11 +13,13 @@ opened it:
 * Task loss: binary cross-entropy between the two quote bytes (the logits of ``'`` and ``"``
   only), as in Gao et al.'s tasks; task accuracy: the matching quote scores higher.
 
-Per run: the task's accuracy and loss, and the circuit's nodes and edges. Per cell: mean ± std over
-seeds; cells against the baseline by Welch's t-test, Holm over the comparisons made.
+Per run: the LM's own next-byte test accuracy (the regularizer's cost, as ``interp-eval compare``
+measures it), the task's accuracy and loss, and the circuit's nodes and edges. Per cell: mean ± std
+over seeds; cells against the baseline by Welch's t-test, Holm over the comparisons made. Rows of
+``--out`` are reused without their checkpoints, so a report can be rebuilt after the runs are gone.
 
     python study/narrow_circuits.py ROOT/text_3000 [--cells baseline weight_sparsity_d0.5_x1] [--ablation zero]
-        [--out runs.jsonl] [--report report.md]
+        [--out runs.jsonl] [--report report.md] [--accuracy-from study/results/text_3000/report.json]
 """
 
 from __future__ import annotations
@@ -80,6 +82,24 @@ def held_out_windows(datamodule) -> tuple[bytes, torch.Tensor]:
     return data, torch.cat([splits["val"], splits["test"]])
 
 
+def next_byte_accuracy(model, datamodule) -> float:
+    """The LM's own held-out accuracy, as ``interp-eval compare`` measures it: every predicted byte
+    of the whole test split (the cost of a regularizer, beside the circuit it buys)."""
+    from evaluation.compare.data import batches, split_tensors
+    from evaluation.metrics.robustness import evaluate_accuracy
+
+    datamodule.setup("fit")
+    return evaluate_accuracy(model, batches(split_tensors(datamodule, "test"), 256), progress=False)["accuracy"]
+
+
+def accuracies_from_report(path: Path) -> dict[str, float]:
+    """{run directory: accuracy} from an ``interp-eval compare`` / run_study report.json, for rows
+    measured before this script recorded the LM's accuracy (the same metric on the same runs)."""
+    report = json.loads(path.read_text())
+    return {run: value for row in report["variants"].values()
+            for run, value in zip(row["runs"], row["metrics"]["accuracy"]["values"])}
+
+
 def measure_run(run: Path, delta: float, ablation: str = "mean") -> dict:
     from evaluation.io.checkpoints import load_checkpoint
     from evaluation.metrics.circuit import CircuitConfig, prune_circuit
@@ -99,17 +119,22 @@ def measure_run(run: Path, delta: float, ablation: str = "mean") -> dict:
             "accuracy": float((logits.argmax(1) == targets).float().mean()),
             "loss": circuit.full_loss, "nodes": circuit.nodes_kept, "nodes_total": circuit.nodes_total,
             "edges": circuit.edges, "edges_total": circuit.edges_total, "circuit_loss": circuit.loss,
-            "kept": circuit.kept, "search_cpu_s": time.process_time() - start}
+            "kept": circuit.kept, "search_cpu_s": time.process_time() - start,
+            "lm_accuracy": next_byte_accuracy(model, loaded.datamodule)}
 
 
 def summarise(results: dict[str, list[dict]], baseline: str) -> str:
     from evaluation.compare.stats import apply_correction, compare_groups
 
     metrics = {"accuracy": True, "loss": False, "nodes": False, "edges": False}  # higher is better?
+    if all("lm_accuracy" in r for rows in results.values() for r in rows):
+        metrics = {"lm_accuracy": True, **metrics}
     tests = {(cell, m): compare_groups([r[m] for r in results[baseline]], [r[m] for r in results[cell]], better)
              for cell in results if cell != baseline for m, better in metrics.items()}
     n_tested = apply_correction(list(tests.values()), "holm")
-    lines = [f"| cell | seeds | examples | {' | '.join(metrics)} |", "|---|---|---|" + "---|" * len(metrics)]
+    labels = {"lm_accuracy": "LM test accuracy", "accuracy": "task accuracy", "loss": "task loss",
+              "nodes": "circuit nodes", "edges": "circuit edges"}
+    lines = [f"| cell | seeds | examples | {' | '.join(labels[m] for m in metrics)} |", "|---|---|---|" + "---|" * len(metrics)]
     for cell, rows in results.items():
         cols = []
         for m in metrics:
@@ -148,7 +173,10 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, help="JSON lines, one per run; runs already there are not measured again")
     parser.add_argument("--report", type=Path, help="write the tables (markdown, with the command and date) here")
+    parser.add_argument("--accuracy-from", type=Path, metavar="REPORT_JSON",
+                        help="the LM's test accuracy of rows measured without it, from a compare report of the same runs")
     args = parser.parse_args(argv)
+    known_accuracy = accuracies_from_report(args.accuracy_from) if args.accuracy_from else {}
     torch.set_num_threads(args.threads)
     done = {}
     if args.out and args.out.is_file():
@@ -158,10 +186,10 @@ def main(argv=None) -> int:
     for cell in args.cells:
         for seed in args.seeds:
             run = args.task_root / cell / f"seed{seed}"
-            if not (run / "checkpoints" / "last.ckpt").is_file():
+            row = done.get((str(run), args.ablation, args.delta))
+            if row is None and not (run / "checkpoints" / "last.ckpt").is_file():
                 print(f"{run}: no checkpoint, left out", file=sys.stderr)
                 continue
-            row = done.get((str(run), args.ablation, args.delta))
             if row is None:
                 row = measure_run(run, args.delta, args.ablation)
                 if args.out:
@@ -170,6 +198,8 @@ def main(argv=None) -> int:
             print(f"{cell} seed{seed}: {row['examples']} examples, accuracy {row['accuracy']:.3f}, loss "
                   f"{row['loss']:.3f}, circuit {row['nodes']}/{row['nodes_total']} nodes, {row['edges']} edges "
                   f"({row['search_cpu_s']:.0f} s CPU)", flush=True)
+            if "lm_accuracy" not in row and str(run) in known_accuracy:
+                row = {**row, "lm_accuracy": known_accuracy[str(run)]}
             results.setdefault(cell, []).append(row)
     if args.cells[0] in results and len(results) > 1:
         tables = summarise(results, args.cells[0])

@@ -107,7 +107,7 @@ PLANS: dict[str, TaskPlan] = {
     # within the 1-point budget with the largest structural gain: does the longer run change the
     # comparison (issue 16, plateau)
     "text_3000": TaskPlan("recipes/text", "baseline", {},
-                          fixed={"weight_sparsity_d0.5": "weight_sparsity"},
+                          fixed={"weight_sparsity_d0.5": "weight_sparsity", "weight_sparsity_d0.25": "weight_sparsity_strong"},
                           extra=("--trainer.val_check_interval", "250"),
                           # mean-ablation circuits only: zero ablation changed the 2000-step circuits by < 2 % in nodes
                           # and costs a second search (4-5 min of CPU per run); edge ablation in the three bases

@@ -66,3 +66,35 @@ def test_summary_tests_each_metric_against_the_baseline_with_holm():
     assert "| `sparse` | 0.0 | 0.0 |" not in text and "| `sparse` | 21.7 | 21.7 |" in text  # nodes kept per site, mean
     single = summarise({"baseline": base, "sparse": sparse[:1]}, "baseline")
     assert "no test" in single and "Holm over 0 comparisons" in single
+
+
+def test_report_rebuilds_from_saved_rows_with_the_lm_accuracy_of_a_compare_report(tmp_path):
+    import json
+
+    from study.narrow_circuits import main
+
+    def row(run, nodes):
+        return {"run": str(run), "ablation": "mean", "delta": 0.01, "examples": 10, "accuracy": 1.0, "loss": 0.02,
+                "nodes": nodes, "nodes_total": 100, "edges": 10 * nodes, "search_cpu_s": 1.0,
+                "kept": {"blocks.0.mlp.hook_post": list(range(nodes))}}
+
+    root = tmp_path / "text_3000"  # no checkpoints: every row comes from runs.jsonl
+    runs = {cell: [root / cell / f"seed{k}" for k in range(3)] for cell in ("baseline", "sparse")}
+    out = tmp_path / "runs.jsonl"
+    out.write_text("".join(json.dumps(row(r, 40 + i)) + "\n" for i, r in enumerate(runs["baseline"]))
+                   + "".join(json.dumps(row(r, 20 + i)) + "\n" for i, r in enumerate(runs["sparse"])))
+    accuracy = {"baseline": [0.66, 0.65, 0.67], "sparse": [0.60, 0.61, 0.62]}
+    compare_report = tmp_path / "report.json"
+    compare_report.write_text(json.dumps({"variants": {
+        cell: {"runs": [str(r) for r in runs[cell]], "metrics": {"accuracy": {"values": accuracy[cell]}}}
+        for cell in runs}}))
+    report = tmp_path / "report.md"
+    assert main([str(root), "--cells", "baseline", "sparse", "--seeds", "0", "1", "2", "--out", str(out),
+                 "--report", str(report), "--accuracy-from", str(compare_report)]) == 0
+    text = report.read_text()
+    assert "| LM test accuracy | task accuracy |" in text
+    assert "| `baseline` | 3 | 10 | 0.66 ± 0.01 |" in text and "| `sparse` | 3 | 10 | 0.61 ± 0.01 (" in text
+    assert "Holm over 5 comparisons" in text  # LM accuracy, task accuracy, loss, nodes, edges
+    # without the compare report the column is left out rather than filled in
+    main([str(root), "--cells", "baseline", "sparse", "--seeds", "0", "1", "2", "--out", str(out), "--report", str(report)])
+    assert "LM test accuracy" not in report.read_text() and "Holm over 4 comparisons" in report.read_text()
