@@ -2,16 +2,18 @@
 tasks inside a general language model, while the study's circuit metric prunes for next-byte
 prediction at every position, which uses the whole model. This measures the same pruning search
 (``evaluation.metrics.circuit.prune_circuit``: node gates, mean ablation by default or zero
-ablation, δ = 0.01 nats) on one of their tasks, closing a string literal with the quote that
-opened it:
+ablation, δ = 0.01 nats) on two tasks of their kind (``--task``):
 
-* Examples: every string literal of the form ``<sep>'abc'`` or ``<sep>"abc"`` — ``<sep>`` one of
+* ``quote`` (default), closing a string literal with the quote that opened it. Examples: every string literal of the form ``<sep>'abc'`` or ``<sep>"abc"`` — ``<sep>`` one of
   ``( [ = , : { space``, contents 1–30 bytes of ``[A-Za-z0-9_./ -]`` — whose closing quote is a
   target of a held-out window (validation and test splits of the recipe's data, never trained on)
   and whose opening quote lies within the 24 bytes before it. Input: those 24 bytes; the logits
   are read at the last position.
-* Task loss: binary cross-entropy between the two quote bytes (the logits of ``'`` and ``"``
-  only), as in Gao et al.'s tasks; task accuracy: the matching quote scores higher.
+* ``bracket``, closing a bracket with its own kind: every innermost ``(…)`` or ``[…]`` (1–30 bytes,
+  no bracket or newline inside) closing in a held-out window and opening within the 24 bytes
+  before the closing bracket — function signatures, grammar rules and calls of the documentation.
+* Task loss: binary cross-entropy between the two answer bytes (the logits of ``'`` and ``"``, or
+  ``)`` and ``]``, only), as in Gao et al.'s tasks; task accuracy: the right one scores higher.
 
 Per run: the LM's own next-byte test accuracy (the regularizer's cost, as ``interp-eval compare``
 measures it), the task's accuracy and loss, and the circuit's nodes and edges. Per cell: mean ± std
@@ -31,6 +33,7 @@ import shlex
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,38 +42,56 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-QUOTES = (ord("'"), ord('"'))
-LITERAL = re.compile(rb"(?<=[(\[=,:{ ])(['\"])([A-Za-z0-9_./ -]{1,30}?)\1")
-CONTEXT = 24  # bytes of input before the closing quote; the literal opens inside them
+CONTEXT = 24  # bytes of input before the closing byte; the span opens inside them
 
 
-def quote_examples(data: bytes, windows: torch.Tensor, seq_len: int, context: int = CONTEXT
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs (M, context), targets (M,): 1 if the closing quote is '"' else 0) for every string
-    literal of the text ``data`` whose closing quote is a target of one of ``windows``
-    (indices of its seq_len-byte windows: window w predicts bytes w·seq_len + 1 … (w + 1)·seq_len)
-    and whose opening quote lies within the ``context`` bytes before it. The input is those bytes,
-    so the logits are read at the last position."""
-    chosen = set(windows.tolist())
-    inputs, targets = [], []
-    for match in LITERAL.finditer(data):
-        close = match.end() - 1
-        if (close - 1) // seq_len in chosen and close - match.start() < context <= close:
-            inputs.append(list(data[close - context:close]))
-            targets.append(int(data[close] == QUOTES[1]))
-    if not inputs:
-        raise ValueError("no string literal closes inside these windows; the narrow task needs text with quotes")
-    return torch.tensor(inputs), torch.tensor(targets)
+@dataclass(frozen=True)
+class NarrowTask:
+    """A two-way choice of the byte that closes a span opened within the context: each match of
+    ``pattern`` runs from the opening byte to the closing one, which is one of ``answers`` (target
+    0 or 1). The logits are read at the last input position; the loss is the cross-entropy between
+    the two answers' logits only, as in Gao et al.'s tasks."""
+
+    name: str
+    title: str
+    pattern: re.Pattern
+    answers: tuple[int, int]
+
+    def examples(self, data: bytes, windows: torch.Tensor, seq_len: int, context: int = CONTEXT
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs (M, context), targets (M,)) for every match in the text ``data`` whose closing
+        byte is a target of one of ``windows`` (indices of its seq_len-byte windows: window w
+        predicts bytes w·seq_len + 1 … (w + 1)·seq_len) and whose opening byte lies within the
+        ``context`` bytes before it. The input is those bytes."""
+        chosen = set(windows.tolist())
+        inputs, targets = [], []
+        for match in self.pattern.finditer(data):
+            close = match.end() - 1
+            if (close - 1) // seq_len in chosen and close - match.start() < context <= close:
+                inputs.append(list(data[close - context:close]))
+                targets.append(int(data[close] == self.answers[1]))
+        if not inputs:
+            raise ValueError(f"no {self.name} span closes inside these windows; the {self.name} task needs "
+                             f"text with {bytes(self.answers).decode()}")
+        return torch.tensor(inputs), torch.tensor(targets)
+
+    def logits(self, output: torch.Tensor) -> torch.Tensor:
+        """(M, 2): the two answers' logits at the last position."""
+        return output[:, -1][:, list(self.answers)]
+
+    def loss(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-example two-way cross-entropy, (M,)."""
+        return torch.nn.functional.cross_entropy(self.logits(output), targets, reduction="none")
 
 
-def quote_logits(output: torch.Tensor) -> torch.Tensor:
-    """(M, 2): the logits of ' and " at the last position."""
-    return output[:, -1][:, list(QUOTES)]
-
-
-def quote_loss(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-example binary cross-entropy between the two quote bytes, (M,)."""
-    return torch.nn.functional.cross_entropy(quote_logits(output), targets, reduction="none")
+TASKS = {task.name: task for task in (
+    # <sep>'abc' or <sep>"abc": the quote after a separator, contents 1-30 identifier-like bytes
+    NarrowTask("quote", "closing a string literal with its own quote",
+               re.compile(rb"(?<=[(\[=,:{ ])(['\"])([A-Za-z0-9_./ -]{1,30}?)\1"), (ord("'"), ord('"'))),
+    # (abc) or [abc]: innermost brackets (no bracket or newline inside), 1-30 bytes
+    NarrowTask("bracket", "closing a bracket with its own kind",
+               re.compile(rb"\(([^()\[\]\n]{1,30})\)|\[([^()\[\]\n]{1,30})\]"), (ord(")"), ord("]"))),
+)}
 
 
 def held_out_windows(datamodule) -> tuple[bytes, torch.Tensor]:
@@ -100,7 +121,7 @@ def accuracies_from_report(path: Path) -> dict[str, float]:
             for run, value in zip(row["runs"], row["metrics"]["accuracy"]["values"])}
 
 
-def measure_run(run: Path, delta: float, ablation: str = "mean") -> dict:
+def measure_run(run: Path, delta: float, ablation: str = "mean", task: NarrowTask = TASKS["quote"]) -> dict:
     from evaluation.io.checkpoints import load_checkpoint
     from evaluation.metrics.circuit import CircuitConfig, prune_circuit
     from interp_train.sites import run_model
@@ -108,14 +129,14 @@ def measure_run(run: Path, delta: float, ablation: str = "mean") -> dict:
     loaded = load_checkpoint(run / "checkpoints" / "last.ckpt")
     model = loaded.model.eval()
     text, windows = held_out_windows(loaded.datamodule)
-    inputs, targets = quote_examples(text, windows, loaded.datamodule.seq_len)
+    inputs, targets = task.examples(text, windows, loaded.datamodule.seq_len)
     with torch.no_grad():
-        logits = quote_logits(run_model(model, inputs).output)
+        logits = task.logits(run_model(model, inputs).output)
     start = time.process_time()
     circuit = prune_circuit(model, inputs, targets, CircuitConfig(delta=delta, ablation=ablation),
-                            loss_fn=quote_loss)
-    return {"run": str(run), "ablation": ablation, "delta": delta, "examples": len(targets),
-            "double_quote_share": float(targets.float().mean()),
+                            loss_fn=task.loss)
+    return {"run": str(run), "task": task.name, "ablation": ablation, "delta": delta, "examples": len(targets),
+            "second_answer_share": float(targets.float().mean()),
             "accuracy": float((logits.argmax(1) == targets).float().mean()),
             "loss": circuit.full_loss, "nodes": circuit.nodes_kept, "nodes_total": circuit.nodes_total,
             "edges": circuit.edges, "edges_total": circuit.edges_total, "circuit_loss": circuit.loss,
@@ -168,6 +189,7 @@ def main(argv=None) -> int:
     parser.add_argument("task_root", type=Path, help="ROOT/<task> holding <cell>/seed<k>/checkpoints/last.ckpt")
     parser.add_argument("--cells", nargs="+", default=["baseline", "weight_sparsity_d0.5_x1"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--task", choices=list(TASKS), default="quote")
     parser.add_argument("--delta", type=float, default=0.01)
     parser.add_argument("--ablation", choices=["mean", "zero"], default="mean")
     parser.add_argument("--threads", type=int, default=1)
@@ -176,22 +198,23 @@ def main(argv=None) -> int:
     parser.add_argument("--accuracy-from", type=Path, metavar="REPORT_JSON",
                         help="the LM's test accuracy of rows measured without it, from a compare report of the same runs")
     args = parser.parse_args(argv)
+    task = TASKS[args.task]
     known_accuracy = accuracies_from_report(args.accuracy_from) if args.accuracy_from else {}
     torch.set_num_threads(args.threads)
     done = {}
     if args.out and args.out.is_file():
         for row in map(json.loads, filter(None, args.out.read_text().splitlines())):
-            done[(row["run"], row.get("ablation", "mean"), row.get("delta", 0.01))] = row
+            done[(row["run"], row.get("task", "quote"), row.get("ablation", "mean"), row.get("delta", 0.01))] = row
     results: dict[str, list[dict]] = {}
     for cell in args.cells:
         for seed in args.seeds:
             run = args.task_root / cell / f"seed{seed}"
-            row = done.get((str(run), args.ablation, args.delta))
+            row = done.get((str(run), task.name, args.ablation, args.delta))
             if row is None and not (run / "checkpoints" / "last.ckpt").is_file():
                 print(f"{run}: no checkpoint, left out", file=sys.stderr)
                 continue
             if row is None:
-                row = measure_run(run, args.delta, args.ablation)
+                row = measure_run(run, args.delta, args.ablation, task)
                 if args.out:
                     with args.out.open("a") as fh:
                         fh.write(json.dumps(row) + "\n")
@@ -209,7 +232,7 @@ def main(argv=None) -> int:
 
             command = "python study/narrow_circuits.py " + shlex.join(sys.argv[1:] if argv is None else argv)
             seeds = {cell: [Path(r["run"]).name for r in rows] for cell, rows in results.items()}
-            write_atomic(args.report, f"# Narrow-task circuits: closing a string literal with its own quote\n\n"
+            write_atomic(args.report, f"# Narrow-task circuits: {task.title}\n\n"
                          f"`{command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; runs {seeds}).\n"
                          f"Pruning: {args.ablation} ablation, δ = {args.delta} nats on the two-way cross-entropy; "
                          f"mean ± std over seeds (ddof 1); study/narrow_circuits.py's docstring has the task.\n\n"

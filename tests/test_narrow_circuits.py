@@ -11,7 +11,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from study.narrow_circuits import quote_examples, quote_loss  # noqa: E402
+from study.narrow_circuits import TASKS  # noqa: E402
+
+quote_examples, quote_loss = TASKS["quote"].examples, TASKS["quote"].loss
 
 
 def test_quote_examples_are_the_literals_closing_in_the_chosen_windows():
@@ -30,7 +32,7 @@ def test_quote_examples_are_the_literals_closing_in_the_chosen_windows():
     assert short_y.tolist() == [1] and bytes(short_x[0].tolist()) == text[close_e - 3:close_e]
     all_x, all_y = quote_examples(text, torch.tensor([0, 1, 2, 3]), seq_len=16, context=8)
     assert all_y.tolist() == [0, 1, 1]
-    with pytest.raises(ValueError, match="no string literal closes"):
+    with pytest.raises(ValueError, match="no quote span closes"):
         quote_examples(b"no quotes here at all, none" * 4, torch.tensor([0, 1]), seq_len=16)
 
 
@@ -44,6 +46,24 @@ def test_quote_loss_is_the_two_way_cross_entropy_at_the_last_position():
         chosen = double if t else single
         expected = -(chosen - math.log(math.exp(single) + math.exp(double)))
         assert float(got[i]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_bracket_examples_are_the_innermost_brackets_and_their_kind():
+    # window 1: bytes 16-31 (targets 17-32), window 2: targets 33-48 (seq_len 16)
+    text = b"0123456789abcdef" + b"f(x, [ab]) + g[i" + b"] and (no\nclose)" + b"." * 16
+    brackets = TASKS["bracket"]
+    got_x, got_y = brackets.examples(text, torch.tensor([1, 2]), seq_len=16, context=6)
+    # [ab] closes at 24 (innermost: its enclosing (x, [ab]) is not a match), g[i] at 32, which is
+    # window 1's last target; (no\nclose) spans a newline
+    assert [text[i] for i in (24, 32)] == [ord("]")] * 2
+    assert got_y.tolist() == [1, 1]
+    assert [bytes(r) for r in got_x.tolist()] == [text[18:24], text[26:32]]
+    wide_x, wide_y = brackets.examples(b"........ (a, b) [c] (d)", torch.tensor([0, 1]), seq_len=16, context=8)
+    assert wide_y.tolist() == [0, 1, 0] and bytes(wide_x[0].tolist()) == b".. (a, b"
+    output = torch.zeros(2, 3, 256)
+    output[0, -1, ord(")")], output[1, -1, ord("]")] = 2.0, 3.0
+    assert brackets.loss(output, torch.tensor([0, 1])).tolist() == pytest.approx(
+        [math.log(1 + math.exp(-2.0)), math.log(1 + math.exp(-3.0))])
 
 
 def test_summary_tests_each_metric_against_the_baseline_with_holm():
