@@ -4,9 +4,10 @@ prediction at every position, which uses the whole model. This measures the same
 (``evaluation.metrics.circuit.prune_circuit``: node gates, mean ablation by default or zero
 ablation, δ = 0.01 nats) on two tasks of their kind (``--task``):
 
-* ``quote`` (default), closing a string literal with the quote that opened it. Examples: every string literal of the form ``<sep>'abc'`` or ``<sep>"abc"`` — ``<sep>`` one of
-  ``( [ = , : { space``, contents 1–30 bytes of ``[A-Za-z0-9_./ -]`` — whose closing quote is a
-  target of a held-out window (validation and test splits of the recipe's data, never trained on)
+* ``quote`` (default), closing a string literal with the quote that opened it. Examples: every
+  string literal of the form ``<sep>'abc'`` or ``<sep>"abc"`` — ``<sep>`` one of ``( [ = , : {
+  space``, contents 1–30 bytes of ``[A-Za-z0-9_./ -]`` — whose closing quote is a target of a
+  held-out window (validation and test splits of the recipe's data, never trained on)
   and whose opening quote lies within the 24 bytes before it. Input: those 24 bytes; the logits
   are read at the last position.
 * ``bracket``, closing a bracket with its own kind: every innermost ``(…)`` or ``[…]`` (1–30 bytes,
@@ -20,7 +21,7 @@ measures it), the task's accuracy and loss, and the circuit's nodes and edges. P
 over seeds; cells against the baseline by Welch's t-test, Holm over the comparisons made. Rows of
 ``--out`` are reused without their checkpoints, so a report can be rebuilt after the runs are gone.
 
-    python study/narrow_circuits.py ROOT/text_3000 [--cells baseline weight_sparsity_d0.5_x1] [--ablation zero]
+    python study/narrow_circuits.py ROOT/text_3000 [--task bracket] [--cells baseline weight_sparsity_d0.5_x1] [--ablation zero]
         [--out runs.jsonl] [--report report.md] [--accuracy-from study/results/text_3000/report.json]
 """
 
