@@ -105,9 +105,9 @@ def test_report_rebuilds_from_saved_rows_with_the_lm_accuracy_of_a_compare_repor
                    + "".join(json.dumps(row(r, 20 + i)) + "\n" for i, r in enumerate(runs["sparse"])))
     accuracy = {"baseline": [0.66, 0.65, 0.67], "sparse": [0.60, 0.61, 0.62]}
     compare_report = tmp_path / "report.json"
-    compare_report.write_text(json.dumps({"variants": {
-        cell: {"runs": [str(r) for r in runs[cell]], "metrics": {"accuracy": {"values": accuracy[cell]}}}
-        for cell in runs}}))
+    compare_report.write_text(json.dumps({"task": "text", "variants": {  # report.json's layout
+        cell: {"runs": [str(r) for r in runs[cell]], "seeds": [0, 1, 2],
+               "metrics": {"accuracy": {"values": accuracy[cell]}}} for cell in runs}}))
     report = tmp_path / "report.md"
     assert main([str(root), "--cells", "baseline", "sparse", "--seeds", "0", "1", "2", "--out", str(out),
                  "--report", str(report), "--accuracy-from", str(compare_report)]) == 0
