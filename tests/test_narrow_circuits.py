@@ -54,10 +54,15 @@ def test_bracket_examples_are_the_innermost_brackets_and_their_kind():
     brackets = TASKS["bracket"]
     got_x, got_y = brackets.examples(text, torch.tensor([1, 2]), seq_len=16, context=6)
     # [ab] closes at 24 (innermost: its enclosing (x, [ab]) is not a match), g[i] at 32, which is
-    # window 1's last target; (no\nclose) spans a newline
+    # window 1's last target
     assert [text[i] for i in (24, 32)] == [ord("]")] * 2
     assert got_y.tolist() == [1, 1]
     assert [bytes(r) for r in got_x.tolist()] == [text[18:24], text[26:32]]
+    # with 12 bytes of context (no\nclose) (opens at 38, closes at 47 in window 2) would fit; the
+    # newline inside keeps it out
+    assert text[38] == ord("(") and text[47] == ord(")")
+    assert brackets.examples(text, torch.tensor([1, 2]), seq_len=16, context=12)[1].tolist() == [1, 1]
+    assert brackets.examples(text.replace(b"\n", b" "), torch.tensor([1, 2]), seq_len=16, context=12)[1].tolist() == [1, 1, 0]
     wide_x, wide_y = brackets.examples(b"........ (a, b) [c] (d)", torch.tensor([0, 1]), seq_len=16, context=8)
     assert wide_y.tolist() == [0, 1, 0] and bytes(wide_x[0].tolist()) == b".. (a, b"
     output = torch.zeros(2, 3, 256)
