@@ -108,7 +108,7 @@ PLANS: dict[str, TaskPlan] = {
     # comparison (issue 16, plateau). WeightSparsity 0.25 (outside the budget at 2000 steps) is
     # trained on request (--families weight_sparsity_d0.25) for study/narrow_circuits.py; the
     # committed report compares baseline and density 0.5 only
-    "text_3000": TaskPlan("recipes/text", "baseline", {},
+    "text_3000": TaskPlan("recipes/text", "baseline", {"activation_sparsity": "activation_sparsity"},
                           fixed={"weight_sparsity_d0.5": "weight_sparsity", "weight_sparsity_d0.25": "weight_sparsity_strong"},
                           extra=("--trainer.val_check_interval", "250"),
                           # mean-ablation circuits only: zero ablation changed the 2000-step circuits by < 2 % in nodes
@@ -149,6 +149,7 @@ def train(plan: TaskPlan, todo: list[Cell], command: str = "", extra: list[str] 
     """Trains every cell of ``todo`` without metrics.json, in this process, one after another;
     writes the derived recipe and ``study.json`` (seconds, command, date) into each run directory.
     A run that fails is logged and left out (its failure.json says why); returns the failed cells."""
+    from evaluation.compare.cache import entry_lock
     from interp_train.cli import InterpTrainCLI
     from interp_train.io import write_json_atomic
 
@@ -161,22 +162,36 @@ def train(plan: TaskPlan, todo: list[Cell], command: str = "", extra: list[str] 
             log(f"{tag}: done already" + (f" (WARNING: trained with other settings: {changed}; delete "
                                           f"{cell.directory} to retrain)" if changed else ""))
             continue
-        write_derived_recipe(cell)
-        start = time.time()
-        try:
-            InterpTrainCLI(args=args)
-        except Exception as err:  # one diverged strength must not stop the other runs
-            log(f"{tag}: FAILED after {time.time() - start:.0f} s: {type(err).__name__}: {err}")
-            failed.append(cell)
-            continue
-        seconds = time.time() - start
-        write_json_atomic(cell.directory / STUDY_FILE, {
-            "task": cell.task, "variant": cell.variant, "family": cell.family, "multiplier": cell.multiplier,
-            "seed": cell.seed, "recipe": str(cell.recipe), "train_seconds": seconds, "command": command,
-            "fit_args": args,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
-        log(f"{tag}: trained in {seconds:.0f} s")
+        with entry_lock(training_lock(cell), wait=False) as held:
+            if not held:
+                log(f"{tag}: being trained by another process (its lock {training_lock(cell)} is held); skipped")
+                continue
+            if cell.done:  # finished by another process between the check above and the lock
+                log(f"{tag}: done already")
+                continue
+            write_derived_recipe(cell)
+            start = time.time()
+            try:
+                InterpTrainCLI(args=args)
+            except Exception as err:  # one diverged strength must not stop the other runs
+                log(f"{tag}: FAILED after {time.time() - start:.0f} s: {type(err).__name__}: {err}")
+                failed.append(cell)
+                continue
+            seconds = time.time() - start
+            write_json_atomic(cell.directory / STUDY_FILE, {
+                "task": cell.task, "variant": cell.variant, "family": cell.family, "multiplier": cell.multiplier,
+                "seed": cell.seed, "recipe": str(cell.recipe), "train_seconds": seconds, "command": command,
+                "fit_args": args,
+                "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
+            log(f"{tag}: trained in {seconds:.0f} s")
     return failed
+
+
+def training_lock(cell: Cell) -> Path:
+    """The lock a process holds while it trains ``cell`` (next to the run directory, which the
+    trainer creates): two processes given overlapping seeds train each run once, instead of both
+    writing into one directory."""
+    return cell.directory.parent / ".locks" / f"{cell.directory.name}.lock"
 
 
 def read_json(path: Path) -> dict:

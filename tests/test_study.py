@@ -366,3 +366,34 @@ def test_merge_reports_equals_one_report_of_all_runs_and_refuses_disagreeing_run
     new["options"] = {**new.get("options", {}), "max_samples": 64}
     with pytest.raises(ValueError, match="measurement options differ.*max_samples"):
         merge_reports(old, new)
+
+
+def test_a_run_another_process_is_training_is_skipped_not_trained_twice(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    import interp_train.cli
+
+    monkeypatch.setattr(interp_train.cli, "InterpTrainCLI", FakeFit)
+    FakeFit.calls, FakeFit.fail_in = [], None
+    plan = run_study.PLANS["digits"]
+    todo = list(cells(plan, "digits", [0, 1], tmp_path, REPO, families=["baseline"]))
+    lock = run_study.training_lock(todo[0])
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen(  # another process, holding an flock of its own on seed 0's lock
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+         "print('held', flush=True); time.sleep(60)", str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        logs = []
+        assert run_study.train(plan, todo, "cmd", log=logs.append) == []
+    finally:
+        holder.kill()
+        holder.wait()
+    trained = [Path(a[a.index("--run_dir") + 1]).relative_to(tmp_path) for a in FakeFit.calls]
+    assert trained == [Path("digits/baseline/seed1")]
+    assert any("baseline seed0: being trained by another process" in m for m in logs)
+    assert not (tmp_path / "digits/baseline/seed0/study_recipe.yaml").exists()
+    run_study.train(plan, todo, "cmd", log=logs.append)  # the holder is gone: seed 0 is trained now
+    assert [Path(a[a.index("--run_dir") + 1]).relative_to(tmp_path) for a in FakeFit.calls][1:] == \
+        [Path("digits/baseline/seed0")]

@@ -7,6 +7,7 @@ Families (formulas in each class docstring and in docs/DESIGN.md §3):
   ``interp_train.tangents``)
 * degeneracy: ActivationDegeneracy, GradientDegeneracy, FiringPatternDegeneracy
 * interaction: InteractionSparsity; connection cost: ConnectionCost (+ NeuronSwapCallback)
+* activation sparsity: ActivationSparsity (scale-free L1/L2 of each example's centred activations)
 * weight sparsity: WeightSparsity (top-k projection after each optimizer step), WeightL1,
   HardConcreteL0 (learned hard-concrete gates on the weights, expected-L0 term)
 """
@@ -20,6 +21,7 @@ from interp_train.regularizers.base import (
     apply_regularizers,
     regularized_loss,
 )
+from interp_train.regularizers.activation_sparsity import ActivationSparsity
 from interp_train.regularizers.connection_cost import ConnectionCost
 from interp_train.regularizers.hard_concrete import HardConcreteL0
 from interp_train.regularizers.degeneracy import ActivationDegeneracy, FiringPatternDegeneracy, GradientDegeneracy
@@ -37,6 +39,7 @@ from interp_train.regularizers.smoothness import (
 
 __all__ = [
     "ActivationDegeneracy",
+    "ActivationSparsity",
     "ConnectionCost",
     "FiniteDifferenceGradientNorm",
     "FiringPatternDegeneracy",
