@@ -146,6 +146,24 @@ def measure_run(run: Path, delta: float, ablation: str = "mean", task: NarrowTas
             "lm_accuracy": next_byte_accuracy(model, loaded.datamodule)}
 
 
+def activation_hoyer(run: Path, task: NarrowTask, sites) -> dict[str, float]:
+    """{site: centred Hoyer measure} of the run's activations on the task's inputs (every position),
+    at each residual-stream and MLP site of the circuit (``regularizers.activation_sparsity``: the
+    quantity ActivationSparsity trains down, 1/√d one channel per token … ≈ 0.80 dense Gaussian)."""
+    from evaluation.io.checkpoints import load_checkpoint
+    from interp_train.regularizers.activation_sparsity import ActivationSparsity
+    from interp_train.sites import run_model
+
+    loaded = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    text, windows = held_out_windows(loaded.datamodule)
+    inputs, _ = task.examples(text, windows, loaded.datamodule.seq_len)
+    sites = [s for s in sites if "resid" in s or s.endswith("mlp.hook_post")]
+    probe = ActivationSparsity(layers=sites)
+    with torch.no_grad():
+        acts = run_model(loaded.model.eval(), inputs, record=sites).activations
+    return {site: float(probe.measure(acts[site])) for site in sites}
+
+
 def summarise(results: dict[str, list[dict]], baseline: str) -> str:
     from evaluation.compare.stats import apply_correction, compare_groups
 
@@ -171,7 +189,24 @@ def summarise(results: dict[str, list[dict]], baseline: str) -> str:
             cols.append(text)
         lines.append(f"| `{cell}` | {len(rows)} | {rows[0]['examples']} | {' | '.join(cols)} |")
     lines.append(f"\nHolm over {n_tested} comparisons (Welch's t-test).")
-    return "\n".join(lines) + "\n\n" + composition_table(results)
+    return "\n".join(lines) + "\n\n" + composition_table(results) + hoyer_table(results)
+
+
+def hoyer_table(results: dict[str, list[dict]]) -> str:
+    """Mean over seeds of each site's centred Hoyer measure (not a tested comparison: it shows
+    whether an activation penalty did what it trains for); '' unless every row has it."""
+    from study.circuit_composition import short_site, site_order
+
+    if not all("hoyer" in r for rows in results.values() for r in rows):
+        return ""
+    sites = sorted({site for rows in results.values() for r in rows for site in r["hoyer"]}, key=site_order)
+    lines = ["\n\nActivation sparsity on the task's inputs, centred ||c||_1 / (sqrt(d) ||c||_2) per token "
+             "(1/sqrt(d): one channel, ~0.80: dense Gaussian), mean over seeds:\n",
+             f"| cell | {' | '.join(short_site(s) for s in sites)} |", "|---|" + "---|" * len(sites)]
+    for cell, rows in results.items():
+        means = [statistics.mean(r["hoyer"][s] for r in rows) for s in sites]
+        lines.append(f"| `{cell}` | {' | '.join(f'{m:.3f}' for m in means)} |")
+    return "\n".join(lines)
 
 
 def composition_table(results: dict[str, list[dict]]) -> str:
@@ -208,6 +243,8 @@ def main(argv=None) -> int:
         for row in map(json.loads, filter(None, args.out.read_text().splitlines())):
             done[(row["run"], row.get("task", "quote"), row.get("ablation", "mean"), row.get("delta", 0.01))] = row
     results: dict[str, list[dict]] = {}
+    filled = False  # a saved row without the Hoyer measure was given it (the file is rewritten)
+    new_rows: list[dict] = []
     for cell in args.cells:
         for seed in args.seeds:
             run = args.task_root / cell / f"seed{seed}"
@@ -217,15 +254,24 @@ def main(argv=None) -> int:
                 continue
             if row is None:
                 row = measure_run(run, args.delta, args.ablation, task)
+                row["hoyer"] = activation_hoyer(run, task, row["kept"])
+                new_rows.append(row)
                 if args.out:
                     with args.out.open("a") as fh:
                         fh.write(json.dumps(row) + "\n")
+            elif "hoyer" not in row and (run / "checkpoints" / "last.ckpt").is_file():
+                row["hoyer"] = activation_hoyer(run, task, row["kept"])  # updates the saved row too
+                filled = True
             print(f"{cell} seed{seed}: {row['examples']} examples, accuracy {row['accuracy']:.3f}, loss "
                   f"{row['loss']:.3f}, circuit {row['nodes']}/{row['nodes_total']} nodes, {row['edges']} edges "
                   f"({row['search_cpu_s']:.0f} s CPU)", flush=True)
             if "lm_accuracy" not in row and str(run) in known_accuracy:
                 row = {**row, "lm_accuracy": known_accuracy[str(run)]}
             results.setdefault(cell, []).append(row)
+    if filled and args.out:
+        from interp_train.io import write_atomic
+
+        write_atomic(args.out, "".join(json.dumps(r) + "\n" for r in [*done.values(), *new_rows]))
     if args.cells[0] in results and len(results) > 1:
         tables = summarise(results, args.cells[0])
         print(tables)

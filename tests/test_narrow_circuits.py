@@ -123,3 +123,68 @@ def test_report_rebuilds_from_saved_rows_with_the_lm_accuracy_of_a_compare_repor
     # without the compare report the column is left out rather than filled in
     main([str(root), "--cells", "baseline", "sparse", "--seeds", "0", "1", "2", "--out", str(out), "--report", str(report)])
     assert "LM test accuracy" not in report.read_text() and "Holm over 4 comparisons" in report.read_text()
+
+
+TINY_LM = """
+seed_everything: 0
+trainer: {max_steps: 2, accelerator: cpu, devices: 1, enable_progress_bar: false, enable_model_summary: false}
+model:
+  model:
+    class_path: interp_train.models.transformer.Transformer
+    init_args: {d_vocab: 256, d_vocab_out: 256, n_ctx: 32, d_model: 8, n_heads: 2, d_head: 4, d_mlp: 16,
+      n_layers: 1, act_fn: gelu, normalization_type: LN}
+data:
+  class_path: interp_train.data.text.ByteTextDataModule
+  init_args: {source: pydoc, seq_len: 32, max_bytes: 40000, batch_size: 16}
+"""
+
+
+def naive_hoyer(acts: torch.Tensor) -> float:
+    """Plain-Python mean over tokens of ||c||_1 / (sqrt(d) ||c||_2), c = token − the mean token."""
+    rows = acts.reshape(-1, acts.shape[-1]).double().tolist()
+    d = len(rows[0])
+    means = [math.fsum(r[j] for r in rows) / len(rows) for j in range(d)]
+    total = []
+    for r in rows:
+        c = [v - m for v, m in zip(r, means)]
+        total.append(math.fsum(map(abs, c)) / (math.sqrt(d) * math.sqrt(math.fsum(v * v for v in c))))
+    return math.fsum(total) / len(total)
+
+
+def test_hoyer_measure_is_filled_into_saved_rows_and_reported(tmp_path):
+    import json
+
+    from interp_train.cli import main as train_main
+    from evaluation.io.checkpoints import load_checkpoint
+    from study.narrow_circuits import activation_hoyer, held_out_windows, main
+
+    (tmp_path / "lm.yaml").write_text(TINY_LM)
+    root = tmp_path / "text_3000"
+    for cell in ("baseline", "other"):
+        train_main(["fit", "--config", str(tmp_path / "lm.yaml"), "--run_dir", str(root / cell / "seed0"),
+                    "--test_after_fit", "false"])
+    sites = ["blocks.0.hook_resid_pre", "blocks.0.attn.hook_z", "blocks.0.hook_resid_mid", "blocks.0.mlp.hook_post"]
+    run = root / "baseline" / "seed0"
+    measured = activation_hoyer(run, TASKS["bracket"], sites)
+    assert list(measured) == [s for s in sites if s != "blocks.0.attn.hook_z"]  # heads are not a feature axis
+    loaded = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    text, windows = held_out_windows(loaded.datamodule)
+    inputs, _ = TASKS["bracket"].examples(text, windows, 32)
+    assert len(inputs) > 3
+    with torch.no_grad():  # TransformerLens's own cache, not the toolkit's site recorder
+        _, cache = loaded.model.eval().model.net.run_with_cache(inputs)
+    for site, value in measured.items():
+        assert value == pytest.approx(naive_hoyer(cache[site]), rel=1e-5)
+
+    out, report = tmp_path / "runs.jsonl", tmp_path / "report.md"
+    saved = {"ablation": "mean", "delta": 0.01, "task": "bracket", "examples": len(inputs), "accuracy": 0.5,
+             "loss": 0.7, "nodes": 3, "nodes_total": 50, "edges": 2, "search_cpu_s": 0.0, "kept": {s: [0] for s in sites}}
+    gone = tmp_path / "gone" / "seed0"  # a row whose checkpoint is gone keeps what it had
+    out.write_text("".join(json.dumps({**saved, "run": str(r)}) + "\n" for r in (run, root / "other" / "seed0", gone)))
+    main([str(root), "--task", "bracket", "--cells", "baseline", "other", "--seeds", "0", "--out", str(out),
+          "--report", str(report)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["run"] for r in rows] == [str(run), str(root / "other" / "seed0"), str(gone)]
+    assert rows[0]["hoyer"] == pytest.approx(measured) and "hoyer" in rows[1] and "hoyer" not in rows[2]
+    assert "Activation sparsity on the task's inputs" in report.read_text()
+    assert f"| `baseline` | {measured['blocks.0.hook_resid_pre']:.3f} |" in report.read_text()
