@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from interp_train.regularizers.base import Regularizer, regularized_loss
+from interp_train.regularizers.activation_sparsity import ActivationSparsity
 from interp_train.regularizers.connection_cost import ConnectionCost
 from interp_train.regularizers.degeneracy import ActivationDegeneracy, FiringPatternDegeneracy, GradientDegeneracy
 from interp_train.regularizers.interaction import InteractionSparsity
@@ -75,6 +76,7 @@ CASES += [
     Case("interaction_sparsity (m=4)",
          lambda at: InteractionSparsity(source=_LAYERS[at]["source"], target_layer=_LAYERS[at]["target"], m=4), None),
     Case("connection_cost", lambda at: ConnectionCost(layers=_LAYERS[at]["linear"]), 2.5),
+    Case("activation_sparsity", lambda at: ActivationSparsity(layers=_LAYERS[at]["hidden"]), None),
 ]
 
 

@@ -17,7 +17,9 @@ ablation, δ = 0.01 nats) on two tasks of their kind (``--task``):
   ``)`` and ``]``, only), as in Gao et al.'s tasks; task accuracy: the right one scores higher.
 
 Per run: the LM's own next-byte test accuracy (the regularizer's cost, as ``interp-eval compare``
-measures it), the task's accuracy and loss, and the circuit's nodes and edges. Per cell: mean ± std
+measures it), the task's accuracy and loss, the circuit's nodes and edges, and the activations'
+centred Hoyer measure at each residual/MLP site on the task's inputs (what ActivationSparsity trains
+down; filled into saved rows whose checkpoint is present; reported, not tested). Per cell: mean ± std
 over seeds; cells against the baseline by Welch's t-test, Holm over the comparisons made. Rows of
 ``--out`` are reused without their checkpoints, so a report can be rebuilt after the runs are gone.
 
