@@ -107,8 +107,8 @@ PLANS: dict[str, TaskPlan] = {
     # within the 1-point budget with the largest structural gain: does the longer run change the
     # comparison (issue 16, plateau). WeightSparsity 0.25 (outside the budget at 2000 steps) is
     # trained on request (--families weight_sparsity_d0.25) for study/narrow_circuits.py, and so is
-    # ActivationSparsity at the recipe's 0.05 (--families activation_sparsity; 3x cost 3 points of
-    # accuracy on seed 0, 10x ~19 at step 500); the committed report compares baseline and density 0.5 only
+    # ActivationSparsity at the recipe's 0.05 (--families activation_sparsity; --multipliers 3 cost 3.4
+    # points of accuracy, 10x ~19 at step 500 on seed 0); the committed report compares baseline and density 0.5 only
     "text_3000": TaskPlan("recipes/text", "baseline", {"activation_sparsity": "activation_sparsity"},
                           fixed={"weight_sparsity_d0.5": "weight_sparsity", "weight_sparsity_d0.25": "weight_sparsity_strong"},
                           multipliers=(1.0,), extra=("--trainer.val_check_interval", "250"),
