@@ -145,25 +145,32 @@ def measure_run(run: Path, delta: float, ablation: str = "mean", task: NarrowTas
             "loss": circuit.full_loss, "nodes": circuit.nodes_kept, "nodes_total": circuit.nodes_total,
             "edges": circuit.edges, "edges_total": circuit.edges_total, "circuit_loss": circuit.loss,
             "kept": circuit.kept, "search_cpu_s": time.process_time() - start,
-            "lm_accuracy": next_byte_accuracy(model, loaded.datamodule)}
+            "lm_accuracy": next_byte_accuracy(model, loaded.datamodule),
+            "hoyer": site_hoyer(model, inputs, circuit.kept)}
+
+
+def site_hoyer(model, inputs: torch.Tensor, sites) -> dict[str, float]:
+    """{site: centred Hoyer measure} of the model's activations on ``inputs`` (every position), at
+    each residual-stream and MLP site among ``sites`` (``regularizers.activation_sparsity``: the
+    quantity ActivationSparsity trains down, 1/√d one channel per token … ≈ 0.80 dense Gaussian)."""
+    from interp_train.regularizers.activation_sparsity import ActivationSparsity
+    from interp_train.sites import run_model
+
+    sites = [s for s in sites if "resid" in s or s.endswith("mlp.hook_post")]
+    probe = ActivationSparsity(layers=sites)
+    with torch.no_grad():
+        acts = run_model(model, inputs, record=sites).activations
+    return {site: float(probe.measure(acts[site])) for site in sites}
 
 
 def activation_hoyer(run: Path, task: NarrowTask, sites) -> dict[str, float]:
-    """{site: centred Hoyer measure} of the run's activations on the task's inputs (every position),
-    at each residual-stream and MLP site of the circuit (``regularizers.activation_sparsity``: the
-    quantity ActivationSparsity trains down, 1/√d one channel per token … ≈ 0.80 dense Gaussian)."""
+    """``site_hoyer`` of a saved run on the task's inputs (for rows measured before it was recorded)."""
     from evaluation.io.checkpoints import load_checkpoint
-    from interp_train.regularizers.activation_sparsity import ActivationSparsity
-    from interp_train.sites import run_model
 
     loaded = load_checkpoint(run / "checkpoints" / "last.ckpt")
     text, windows = held_out_windows(loaded.datamodule)
     inputs, _ = task.examples(text, windows, loaded.datamodule.seq_len)
-    sites = [s for s in sites if "resid" in s or s.endswith("mlp.hook_post")]
-    probe = ActivationSparsity(layers=sites)
-    with torch.no_grad():
-        acts = run_model(loaded.model.eval(), inputs, record=sites).activations
-    return {site: float(probe.measure(acts[site])) for site in sites}
+    return site_hoyer(loaded.model.eval(), inputs, sites)
 
 
 def summarise(results: dict[str, list[dict]], baseline: str) -> str:
@@ -256,7 +263,6 @@ def main(argv=None) -> int:
                 continue
             if row is None:
                 row = measure_run(run, args.delta, args.ablation, task)
-                row["hoyer"] = activation_hoyer(run, task, row["kept"])
                 new_rows.append(row)
                 if args.out:
                     with args.out.open("a") as fh:

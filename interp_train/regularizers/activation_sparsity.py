@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 
 from interp_train.regularizers.base import Regularizer, RegularizerContext
-from interp_train.regularizers.degeneracy import as_rows
+from interp_train.regularizers.degeneracy import _layer_list, as_rows
 from interp_train.schedules import WeightLike
 
 __all__ = ["ActivationSparsity", "hoyer_measure"]
@@ -60,12 +60,7 @@ class ActivationSparsity(Regularizer):
     def __init__(self, weight: WeightLike = 1.0, layers: str | Sequence[str] = (), center: bool = True,
                  name: str | None = None):
         super().__init__(weight, name)
-        names = [layers] if isinstance(layers, str) else list(layers)
-        if not names:
-            raise ValueError("layers must name at least one layer (a module path or a TransformerLens hook name)")
-        for layer in names:
-            if not isinstance(layer, str) or not layer:
-                raise TypeError(f"a layer name must be a non-empty string, got {layer!r}")
+        names = _layer_list(layers)
         if not isinstance(center, bool):
             raise TypeError(f"center must be True or False, got {center!r}")
         self.layers = names
