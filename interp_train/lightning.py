@@ -13,6 +13,12 @@ the raw task loss, every unweighted term, every weighted term, every weight and 
 Regularizers are registered as the submodule ``regularizers``, so their schedule state is part
 of the module's checkpoint. Equivalently, subclass: ``class Mine(RegularizedMixin, MyLitModule)``
 and call ``self.set_regularizers(...)`` in ``__init__``.
+
+One forward pass per step: a regularizer that reads activations records them on the clean forward
+pass of its ``RegularizerContext``. If the ``training_step`` computes the task loss on its own
+``self(x)``, the step pays a second forward and backward pass. To share one, compute the task
+loss from ``output = self.regularizer_forward(batch)`` instead (``RecipeModule`` does so unless
+``shared_forward=False``): that output *is* the context's clean pass, which the terms then reuse.
 """
 
 from __future__ import annotations
@@ -98,16 +104,34 @@ class RegularizedMixin:
     def training_step(self, batch, *args, **kwargs):
         return super().training_step(batch, *args, **kwargs)
 
+    def regularizer_forward(self, batch) -> torch.Tensor:
+        """The model's output on the batch's inputs, for a ``training_step`` to compute its task loss
+        from: with regularizers it is their context's clean forward pass (activations recorded at
+        their sites), so the terms added after the step reuse it instead of running a second pass."""
+        inputs, targets, extras = self._regularizer_batch_fn(batch)
+        regs = list(getattr(self, "regularizers", []))
+        if not regs:
+            return self(inputs)
+        ctx = self._regularizer_context(inputs, targets, extras, regs)
+        self._step_context = (batch, ctx)
+        return ctx.clean().output
+
+    def _regularizer_context(self, inputs, targets, extras, regs) -> RegularizerContext:
+        return RegularizerContext(self, inputs, targets, loss_fn=self._regularizer_loss_fn, extras=extras,
+                                  sites=declared_sites(regs), step=int(self.global_step))
+
     def _add_regularizer_terms(self, batch, out):
         regs = list(getattr(self, "regularizers", []))
+        shared, self._step_context = getattr(self, "_step_context", None), None
         if not regs:
             return out
         task_loss = out["loss"] if isinstance(out, Mapping) else out
         if not isinstance(task_loss, torch.Tensor):
             raise TypeError("training_step must return the loss tensor (or a dict with 'loss') to be regularized")
-        inputs, targets, extras = self._regularizer_batch_fn(batch)
-        ctx = RegularizerContext(self, inputs, targets, loss_fn=self._regularizer_loss_fn, extras=extras,
-                                 sites=declared_sites(regs), step=int(self.global_step))
+        if shared is not None and shared[0] is batch:
+            ctx = shared[1]
+        else:
+            ctx = self._regularizer_context(*self._regularizer_batch_fn(batch), regs)
         result = apply_regularizers(ctx, regs, task_loss, advance=True)
         logs = result.logs()
         # Own namespace: the user's training_step may already log e.g. "train/loss".
@@ -125,6 +149,8 @@ def _regularizing(training_step):
     @functools.wraps(training_step)
     def wrapped(self, batch, *args, **kwargs):
         depth = getattr(self, "_regularizer_call_depth", 0)
+        if depth == 0:  # a context left by a step that raised must not serve the next batch
+            self._step_context = None
         self._regularizer_call_depth = depth + 1
         try:
             out = training_step(self, batch, *args, **kwargs)

@@ -67,13 +67,16 @@ class ClassifierModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
-    def _loss_and_accuracy(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = batch[0], batch[1]
-        output = self(x)
+    def _loss_and_accuracy(self, batch, output: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        y = batch[1]
+        output = self(batch[0]) if output is None else output
         return per_example_cross_entropy(output, y).mean(), accuracy(output.detach(), y)
 
+    def _training_output(self, batch) -> torch.Tensor | None:
+        return None
+
     def training_step(self, batch, batch_idx):
-        loss, acc = self._loss_and_accuracy(batch)
+        loss, acc = self._loss_and_accuracy(batch, self._training_output(batch))
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", acc, prog_bar=True)
         return loss
@@ -114,6 +117,10 @@ class RecipeModule(RegularizedMixin, ClassifierModule):
         lr, weight_decay, betas, momentum: optimizer settings (betas for Adam(W), momentum for SGD).
         lr_warmup_steps: the learning rate rises linearly from lr/lr_warmup_steps to lr over this
             many steps (0: constant lr).
+        shared_forward: compute the task loss on the regularizers' clean forward pass
+            (``regularizer_forward``), one forward and backward pass per step; False: on a forward
+            pass of its own, as runs trained before 2026-12-05 did (the regularizers that read
+            activations then pay a second pass; the gradients agree up to floating-point rounding).
     """
 
     def __init__(
@@ -126,9 +133,14 @@ class RecipeModule(RegularizedMixin, ClassifierModule):
         betas: tuple[float, float] = (0.9, 0.999),
         momentum: float = 0.0,
         lr_warmup_steps: int = 0,
+        shared_forward: bool = True,
     ):
         ClassifierModule.__init__(self, model, optimizer, lr, weight_decay, betas, momentum, lr_warmup_steps)
         self.set_regularizers(list(regularizers or []))
+        self.shared_forward = bool(shared_forward)
+
+    def _training_output(self, batch) -> torch.Tensor | None:
+        return self.regularizer_forward(batch) if self.shared_forward and len(self.regularizers) else None
 
 
 class SplitDataModule(L.LightningDataModule):

@@ -125,10 +125,27 @@ def command_line(argv: list[str]) -> str:
     return "python study/run_study.py " + shlex.join(argv)
 
 
+# Every committed study run computed its task loss on a forward pass of its own (RecipeModule's
+# shared_forward=False, the only path before 2026-12-05); pinned so that they are reproduced bit
+# for bit. Sharing the pass changes only the floating-point rounding, and halves the cost of the
+# regularizers that read activations.
+SEPARATE_TASK_FORWARD = ("--model.shared_forward", "false")
+
+
 def fit_args(plan: TaskPlan, cell: Cell, recipe: Path, extra: list[str] = ()) -> list[str]:
     """``interp-train fit`` arguments of one run (progress bar and model summary off)."""
     return ["fit", "--config", str(recipe), "--seed_everything", str(cell.seed), "--run_dir", str(cell.directory),
-            *plan.extra, *extra, "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+            *plan.extra, *SEPARATE_TASK_FORWARD, *extra,
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def _without_pin(args: list[str]) -> list[str]:
+    """``args`` as recorded by runs trained before SEPARATE_TASK_FORWARD was written out."""
+    n = len(SEPARATE_TASK_FORWARD)
+    for i in range(len(args) - n + 1):
+        if tuple(args[i:i + n]) == SEPARATE_TASK_FORWARD:
+            return args[:i] + args[i + n:]
+    return args
 
 
 def changed_settings(cell: Cell, args: list[str]) -> str:
@@ -142,7 +159,7 @@ def changed_settings(cell: Cell, args: list[str]) -> str:
     if recipe.is_file() and yaml.safe_load(recipe.read_text()) != derived_recipe(cell):
         return f"{RECIPE_FILE} differs from {cell.recipe}" + (
             "" if cell.multiplier is None else f" x {cell.multiplier:g}")
-    if info.get("fit_args") not in (None, args):
+    if info.get("fit_args") not in (None, args, _without_pin(args)):
         return f"fit arguments {shlex.join(info['fit_args'])!r}, now {shlex.join(args)!r}"
     return ""
 

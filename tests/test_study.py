@@ -183,12 +183,18 @@ def test_train_skips_done_runs_writes_the_derived_recipe_and_survives_a_failure(
     base = yaml.safe_load((tmp_path / "digits/baseline/seed1/study_recipe.yaml").read_text())
     assert base == yaml.safe_load((REPO / "recipes/digits/baseline.yaml").read_text())
     assert info["fit_args"] == args
+    pin = args.index("--model.shared_forward")  # the committed runs' separate task forward pass
+    assert args[pin + 1] == "false"
     FakeFit.calls, FakeFit.fail_in = [], None
     logs.clear()
     assert run_study.train(plan, todo, "cmd", log=logs.append) == []  # a rerun trains only the failed run
     assert [Path(a[a.index("--run_dir") + 1]).relative_to(tmp_path) for a in FakeFit.calls] == \
         [Path("digits/grad_norm_x10/seed1")]
     assert not any("WARNING" in m for m in logs)
+    recorded = tmp_path / "digits/grad_norm_x10/seed0/study.json"  # as written before the pin was
+    recorded.write_text(json.dumps({**info, "fit_args": args[:pin] + args[pin + 2:]}))
+    run_study.train(plan, [c for c in todo if c.directory == recorded.parent], "cmd", log=logs.append)
+    assert "grad_norm_x10 seed0: done already" in logs[-1] and "WARNING" not in logs[-1]
     changed = TaskPlan(plan.recipe, plan.baseline, plan.families, extra=("--trainer.max_epochs", "5"))
     run_study.train(changed, todo[:1], "cmd", log=logs.append)  # a finished run trained with other settings
     assert "WARNING: trained with other settings: fit arguments" in logs[-1] and "--trainer.max_epochs 5" in logs[-1]
