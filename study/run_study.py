@@ -111,7 +111,8 @@ PLANS: dict[str, TaskPlan] = {
     # points of accuracy, 10x ~19 at step 500 on seed 0); the committed report compares baseline and density 0.5 only
     "text_3000": TaskPlan("recipes/text", "baseline", {"activation_sparsity": "activation_sparsity"},
                           fixed={"weight_sparsity_d0.5": "weight_sparsity", "weight_sparsity_d0.25": "weight_sparsity_strong",
-                                 "weight_sparsity_all_d0.25": "weight_sparsity_all"},
+                                 "weight_sparsity_all_d0.5": "weight_sparsity_all",
+                                 "weight_sparsity_all_d0.25": "weight_sparsity_all_strong"},
                           multipliers=(1.0,), extra=("--trainer.val_check_interval", "250"),
                           # mean-ablation circuits only: zero ablation changed the 2000-step circuits by < 2 % in nodes
                           # and costs a second search (4-5 min of CPU per run); edge ablation in the three bases
