@@ -105,10 +105,12 @@ PLANS: dict[str, TaskPlan] = {
                      measure=TEXT_MEASURE),
     # the recipe's full 3000 steps (validation loss every 250), for the cell the 2000-step sweep found
     # within the 1-point budget with the largest structural gain: does the longer run change the
-    # comparison (issue 16, plateau). WeightSparsity 0.25 (outside the budget at 2000 steps) is
-    # trained on request (--families weight_sparsity_d0.25) for study/narrow_circuits.py, and so is
-    # ActivationSparsity at the recipe's 0.05 (--families activation_sparsity; --multipliers 3 cost 3.4
-    # points of accuracy, 10x ~19 at step 500 on seed 0); the committed report compares baseline and density 0.5 only
+    # comparison (issue 16, plateau). The committed report compares baseline and density 0.5 only
+    # (--families baseline weight_sparsity_d0.5); the other cells are trained by name for
+    # study/narrow_circuits.py: WeightSparsity 0.25 (outside the budget at 2000 steps), the same
+    # densities on every matrix with the embeddings and unembedding (weight_sparsity_all_d0.5/_d0.25),
+    # and ActivationSparsity at the recipe's 0.05 (--multipliers 3 cost 3.4 points of accuracy, 10x
+    # ~19 at step 500 on seed 0)
     "text_3000": TaskPlan("recipes/text", "baseline", {"activation_sparsity": "activation_sparsity"},
                           fixed={"weight_sparsity_d0.5": "weight_sparsity", "weight_sparsity_d0.25": "weight_sparsity_strong",
                                  "weight_sparsity_all_d0.5": "weight_sparsity_all",
