@@ -108,7 +108,8 @@ class RegularizedMixin:
         """The model's output on the batch's inputs, for a ``training_step`` to compute its task loss
         from: with regularizers it is their context's clean forward pass (activations recorded at
         their sites), so the terms added after the step reuse it instead of running a second pass."""
-        inputs, targets, extras = self._regularizer_batch_fn(batch)
+        # set_regularizers, which sets the batch_fn, may not have been called yet
+        inputs, targets, extras = getattr(self, "_regularizer_batch_fn", default_batch_fn)(batch)
         regs = list(getattr(self, "regularizers", []))
         if not regs:
             return self(inputs)

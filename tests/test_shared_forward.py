@@ -107,3 +107,9 @@ def test_a_context_left_by_a_failed_step_does_not_serve_the_next_batch():
     module.regularizer_forward(first)  # as a step that raised after its forward pass would leave it
     loss = module.training_step(second, 1)
     assert float(loss) == pytest.approx(float(hand_loss(module.model, *second)), rel=1e-6)
+
+
+def test_regularizer_forward_before_set_regularizers_is_the_plain_output():
+    module = SharesItsForward()
+    x, y = batch = next(iter(toy_loader()))
+    torch.testing.assert_close(module.regularizer_forward(batch), module.net(x))
