@@ -9,7 +9,7 @@ the median step after ``--warmup`` steps, and its ratio to the baseline recipe's
 * ``shared``: ``RecipeModule(shared_forward=True)``, the default: the task loss is computed on
   the regularizers' clean forward pass (one forward and backward pass);
 * ``separate``: ``shared_forward=False``, the task loss on a forward pass of its own, as every
-  study run committed before 2026-12-05 was trained.
+  study run committed up to 2026-12-04 was trained.
 
     python benchmarks/recipe_step_cost.py [--recipes recipes/text] [--variants degeneracy activation_sparsity]
         [--steps 60] [--threads 2]

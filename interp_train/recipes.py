@@ -119,7 +119,7 @@ class RecipeModule(RegularizedMixin, ClassifierModule):
             many steps (0: constant lr).
         shared_forward: compute the task loss on the regularizers' clean forward pass
             (``regularizer_forward``), one forward and backward pass per step; False: on a forward
-            pass of its own, as runs trained before 2026-12-05 did (the regularizers that read
+            pass of its own, as every run trained up to 2026-12-04 did (the regularizers that read
             activations then pay a second pass; the gradients agree up to floating-point rounding).
     """
 

@@ -129,7 +129,7 @@ def command_line(argv: list[str]) -> str:
 
 
 # Every committed study run computed its task loss on a forward pass of its own (RecipeModule's
-# shared_forward=False, the only path before 2026-12-05); pinned so that they are reproduced bit
+# shared_forward=False, the only path up to 2026-12-04); pinned so that they are reproduced bit
 # for bit. Sharing the pass changes only the floating-point rounding, and halves the cost of the
 # regularizers that read activations.
 SEPARATE_TASK_FORWARD = ("--model.shared_forward", "false")
