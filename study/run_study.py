@@ -130,8 +130,8 @@ def command_line(argv: list[str]) -> str:
 
 # Every committed study run computed its task loss on a forward pass of its own (RecipeModule's
 # shared_forward=False, the only path up to 2026-12-04); pinned so that they are reproduced bit
-# for bit. Sharing the pass changes only the floating-point rounding, and halves the cost of the
-# regularizers that read activations.
+# for bit. Sharing the pass changes only the floating-point rounding, and saves the regularizers
+# that read activations a forward and backward pass per step (benchmarks/recipe_step_cost.py).
 SEPARATE_TASK_FORWARD = ("--model.shared_forward", "false")
 
 
