@@ -8,6 +8,19 @@ from torch import nn
 from torch.nn import functional as F
 
 from interp_train import regularized_loss
+from interp_train.regularizers.base import Regularizer
+
+
+class ActivationL2(Regularizer):
+    """Test-only: mean_i ||a_i||^2 at one site."""
+
+    def __init__(self, at="input", weight=1.0, name=None):
+        super().__init__(weight, name)
+        self.at = at
+
+    def terms(self, ctx):
+        a = ctx.activation(self.at)
+        return {"l2": a.pow(2).flatten(1).sum(1).mean()}
 
 
 def tiny_mlp(d_in: int = 6, d_hidden: int = 8, d_out: int = 3) -> nn.Sequential:

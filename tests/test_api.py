@@ -13,19 +13,7 @@ from interp_train import (
 )
 from interp_train.losses import per_example_cross_entropy, target_score
 from interp_train.sites import resolve_site, run_model
-from tests.helpers import PlainClassifier, quiet_trainer, tiny_mlp, toy_loader
-
-
-class ActivationL2(Regularizer):
-    """Test-only: mean_i ||a_i||^2 at one site."""
-
-    def __init__(self, at="input", weight=1.0, name=None):
-        super().__init__(weight, name)
-        self.at = at
-
-    def terms(self, ctx):
-        a = ctx.activation(self.at)
-        return {"l2": a.pow(2).flatten(1).sum(1).mean()}
+from tests.helpers import ActivationL2, PlainClassifier, quiet_trainer, tiny_mlp, toy_loader
 
 
 class Broken(Regularizer):

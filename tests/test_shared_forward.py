@@ -10,21 +10,13 @@ from torch.nn import functional as F
 
 from interp_train import RegularizedMixin
 from interp_train.recipes import RecipeModule
-from interp_train.regularizers.base import Regularizer
-from tests.helpers import PlainClassifier, quiet_trainer, tiny_mlp, toy_loader
+from tests.helpers import ActivationL2, PlainClassifier, quiet_trainer, tiny_mlp, toy_loader
 
 WEIGHT = 0.1
 
 
-class HiddenL2(Regularizer):
-    """Test-only: mean_i ||a_i||² of the activation at one site."""
-
-    def __init__(self, at, weight=WEIGHT):
-        super().__init__(weight, "hid")
-        self.at = at
-
-    def terms(self, ctx):
-        return {"l2": ctx.activation(self.at).pow(2).sum(1).mean()}
+def HiddenL2(at):
+    return ActivationL2(at, weight=WEIGHT, name="hid")
 
 
 def hand_loss(net: nn.Sequential, x, y):
