@@ -184,7 +184,10 @@ def summarise(results: dict[str, list[dict]], baseline: str) -> str:
     n_tested = apply_correction(list(tests.values()), "holm")
     labels = {"lm_accuracy": "LM test accuracy", "accuracy": "task accuracy", "loss": "task loss",
               "nodes": "circuit nodes", "edges": "circuit edges"}
-    lines = [f"| cell | seeds | examples | {' | '.join(labels[m] for m in metrics)} |", "|---|---|---|" + "---|" * len(metrics)]
+    # the model's node count beside the circuit's: cells may differ in width (Gao et al. compare a
+    # wider sparse model's circuit against a dense model's at equal loss, in absolute nodes)
+    lines = [f"| cell | seeds | examples | model nodes | {' | '.join(labels[m] for m in metrics)} |",
+             "|---|---|---|---|" + "---|" * len(metrics)]
     for cell, rows in results.items():
         cols = []
         for m in metrics:
@@ -196,7 +199,8 @@ def summarise(results: dict[str, list[dict]], baseline: str) -> str:
                 text += (f", p = {test['p']:.2g}, Holm {test['p_adjusted']:.2g})" if test["p"] is not None
                          else ", no test)")
             cols.append(text)
-        lines.append(f"| `{cell}` | {len(rows)} | {rows[0]['examples']} | {' | '.join(cols)} |")
+        model_nodes = "/".join(sorted({str(r["nodes_total"]) for r in rows if "nodes_total" in r})) or "?"
+        lines.append(f"| `{cell}` | {len(rows)} | {rows[0]['examples']} | {model_nodes} | {' | '.join(cols)} |")
     lines.append(f"\nHolm over {n_tested} comparisons (Welch's t-test).")
     return "\n".join(lines) + "\n\n" + composition_table(results) + hoyer_table(results)
 

@@ -88,6 +88,7 @@ def test_summary_tests_each_metric_against_the_baseline_with_holm():
     small, large = sorted([p_nodes, p_edges])
     assert f"p = {small:.2g}, Holm {4 * small:.2g}" in text and f"p = {large:.2g}, Holm {max(3 * large, 4 * small):.2g}" in text
     assert "Holm over 4 comparisons" in text
+    assert "| `sparse` | 3 | 10 | ? |" in text  # rows without the model's node count
     assert "| `sparse` | 0.0 | 0.0 |" not in text and "| `sparse` | 21.7 | 21.7 |" in text  # nodes kept per site, mean
     single = summarise({"baseline": base, "sparse": sparse[:1]}, "baseline")
     assert "no test" in single and "Holm over 0 comparisons" in single
@@ -118,7 +119,7 @@ def test_report_rebuilds_from_saved_rows_with_the_lm_accuracy_of_a_compare_repor
                  "--report", str(report), "--accuracy-from", str(compare_report)]) == 0
     text = report.read_text()
     assert "| LM test accuracy | task accuracy |" in text
-    assert "| `baseline` | 3 | 10 | 0.66 ± 0.01 |" in text and "| `sparse` | 3 | 10 | 0.61 ± 0.01 (" in text
+    assert "| `baseline` | 3 | 10 | 100 | 0.66 ± 0.01 |" in text and "| `sparse` | 3 | 10 | 100 | 0.61 ± 0.01 (" in text
     assert "Holm over 5 comparisons" in text  # LM accuracy, task accuracy, loss, nodes, edges
     # without the compare report the column is left out rather than filled in
     main([str(root), "--cells", "baseline", "sparse", "--seeds", "0", "1", "2", "--out", str(out), "--report", str(report)])
