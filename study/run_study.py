@@ -109,9 +109,9 @@ PLANS: dict[str, TaskPlan] = {
     # (--families baseline weight_sparsity_d0.5); the other cells are trained by name for
     # study/narrow_circuits.py: WeightSparsity 0.25 (outside the budget at 2000 steps), the same
     # densities on every matrix with the embeddings and unembedding (weight_sparsity_all_d0.5/_d0.25),
-    # a model twice as wide at density 0.1 on every matrix (wide_weight_sparsity_all_d0.1: Gao et al.'s
-    # wider-and-sparser comparison), and ActivationSparsity at the recipe's 0.05 (--multipliers 3 cost 3.4 points of accuracy, 10x
-    # ~19 at step 500 on seed 0)
+    # a model twice as wide at density 0.1 on every matrix (wide_weight_sparsity_all_d0.1: Gao et
+    # al.'s wider-and-sparser comparison), and ActivationSparsity at the recipe's 0.05
+    # (--multipliers 3 cost 3.4 points of accuracy, 10x ~19 at step 500 on seed 0)
     "text_3000": TaskPlan("recipes/text", "baseline", {"activation_sparsity": "activation_sparsity"},
                           fixed={"weight_sparsity_d0.5": "weight_sparsity", "weight_sparsity_d0.25": "weight_sparsity_strong",
                                  "weight_sparsity_all_d0.5": "weight_sparsity_all",
