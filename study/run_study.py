@@ -110,13 +110,15 @@ PLANS: dict[str, TaskPlan] = {
     # study/narrow_circuits.py: WeightSparsity 0.25 (outside the budget at 2000 steps), the same
     # densities on every matrix with the embeddings and unembedding (weight_sparsity_all_d0.5/_d0.25),
     # a model twice as wide at density 0.1 on every matrix (wide_weight_sparsity_all_d0.1: Gao et
-    # al.'s wider-and-sparser comparison), and ActivationSparsity at the recipe's 0.05
-    # (--multipliers 3 cost 3.4 points of accuracy, 10x ~19 at step 500 on seed 0)
+    # al.'s wider-and-sparser comparison) and its dense counterpart (wide_baseline), and
+    # ActivationSparsity at the recipe's 0.05 (--multipliers 3 cost 3.4 points of accuracy, 10x ~19
+    # at step 500 on seed 0)
     "text_3000": TaskPlan("recipes/text", "baseline", {"activation_sparsity": "activation_sparsity"},
                           fixed={"weight_sparsity_d0.5": "weight_sparsity", "weight_sparsity_d0.25": "weight_sparsity_strong",
                                  "weight_sparsity_all_d0.5": "weight_sparsity_all",
                                  "weight_sparsity_all_d0.25": "weight_sparsity_all_strong",
-                                 "wide_weight_sparsity_all_d0.1": "wide_weight_sparsity_all"},
+                                 "wide_weight_sparsity_all_d0.1": "wide_weight_sparsity_all",
+                                 "wide_baseline": "wide_baseline"},
                           multipliers=(1.0,), extra=("--trainer.val_check_interval", "250"),
                           # mean-ablation circuits only: zero ablation changed the 2000-step circuits by < 2 % in nodes
                           # and costs a second search (4-5 min of CPU per run); edge ablation in the three bases
