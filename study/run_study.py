@@ -338,7 +338,9 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--tasks", nargs="+", default=list(PLANS), choices=list(PLANS))
     parser.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS))
     parser.add_argument("--families", nargs="+", default=None,
-                        help="only these families (and 'baseline' for standard training); default: all of the task's")
+                        help="train only these families (and 'baseline' for standard training); default: all of the "
+                             "task's. The report still covers every trained cell under --root: to measure a "
+                             "subset, point --root at a folder holding only those cells")
     parser.add_argument("--multipliers", nargs="+", type=float, default=None,
                         help="strengths as multiples of the recipe's regularizer weight; default: the plan's (0.1 1 10)")
     parser.add_argument("--root", default="checkpoints/study", help="run directories (and compare's cache) go here")
