@@ -7,8 +7,10 @@
 Every field of the YAML can be overridden on the command line; unknown fields are rejected by
 jsonargparse. A run writes to ``<checkpoint_root>/<task>/<variant>/seed<k>/`` (or ``--run_dir``):
 ``config.yaml`` (resolved config), ``checkpoints/last.ckpt`` (+ best by val/acc), ``metrics.csv``
-(CSV logger; TensorBoard in ``tensorboard/`` when installed) and ``metrics.json`` (final metrics,
-written atomically; includes the test split unless ``--test_after_fit false``). Resuming with
+(CSV logger; TensorBoard in ``tensorboard/`` when installed), ``metrics.json`` (final metrics,
+written atomically; includes the test split unless ``--test_after_fit false``) and
+``provenance.json`` (package versions, threads, source commit and resume step of every fit into
+the directory; interp_train.provenance). Resuming with
 ``--ckpt_path`` keeps the earlier rows of ``metrics.csv`` and entries of ``metrics.json``
 (interp_train.run_log). A diverging run stops (loss non-finite or above ``--max_loss``) and a run
 whose accuracy ends at chance is flagged (interp_train.callbacks.health). Errors are one paragraph
@@ -34,6 +36,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from interp_train.callbacks.health import TrainingHealth
 from evaluation.errors import run_command
 from interp_train.io import write_json_atomic
+from interp_train.provenance import record_fit
 from interp_train.recipes import RecipeModule
 from interp_train.run_log import HistoryCSVLogger
 
@@ -173,6 +176,8 @@ class InterpTrainCLI(LightningCLI):
 
     def fit(self, model, **kwargs) -> None:
         """trainer.fit, writing failure.json (and keeping metrics.csv) when training stops on an error."""
+        if self.trainer.is_global_zero:
+            record_fit(self.run_directory, self.resume_step)
         try:
             self.trainer.fit(model, **kwargs)
         except (KeyboardInterrupt, SystemExit):

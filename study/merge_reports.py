@@ -6,7 +6,9 @@ added: this merges two ``report.json`` files of the same task and measurement op
 run by run, and ``run_study.py --restat`` then rebuilds the statistics over the merged family of
 comparisons. A run present in both (same variant and seed) must have the same value of every metric
 both measured (within ``--rtol``): that is the check that the earlier values are what the current
-code measures; a disagreement raises and nothing is written.
+code measures; a disagreement raises and nothing is written. ``--replace VARIANT`` (or
+``VARIANT/seedN``) drops those runs of OLD first, so a cell re-trained and re-measured comes from NEW
+alone (its earlier values are not checked: use it for runs known to be different models).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python study/merge_reports.py` puts study/, not the repository, on the path
@@ -41,8 +44,16 @@ def _same(a, b, rtol: float) -> bool:
     return abs(a - b) <= rtol * max(abs(a), abs(b), 1e-300)
 
 
-def merge_reports(old: dict, new: dict, rtol: float = 1e-9) -> dict:
-    """``new`` with the runs of ``old`` it lacks; metrics: those both reports hold (values of ``new`` where both)."""
+def _replaced(key: tuple[str, str], replace: Sequence[str]) -> bool:
+    return key[0] in replace or f"{key[0]}/{key[1]}" in replace
+
+
+def merge_reports(old: dict, new: dict, rtol: float = 1e-9, replace: Sequence[str] = ()) -> dict:
+    """``new`` with the runs of ``old`` it lacks; metrics: those both reports hold (values of ``new`` where both).
+
+    ``replace``: variants (``name``) or runs (``name/seedN``) of ``old`` left out before merging; each
+    must name a run of ``old``, so a typo raises instead of silently keeping the earlier values.
+    """
     if old["task"] != new["task"] or old["baseline"] != new["baseline"]:
         raise ValueError(f"reports of different tasks/baselines: {old['task']}/{old['baseline']} vs "
                          f"{new['task']}/{new['baseline']}")
@@ -52,6 +63,11 @@ def merge_reports(old: dict, new: dict, rtol: float = 1e-9) -> dict:
         raise ValueError(f"measurement options differ, values are not comparable: "
                          + ", ".join(f"{k}={old['options'].get(k)!r} vs {new['options'].get(k)!r}" for k in differing))
     old_runs, new_runs = _runs(old), _runs(new)
+    unknown = [r for r in replace if not any(_replaced(key, (r,)) for key in old_runs)]
+    if unknown:
+        raise ValueError(f"--replace {', '.join(unknown)}: no such run in the earlier report; it has "
+                         + ", ".join(f"{v}/{s}" for v, s in sorted(old_runs)))
+    old_runs = {key: run for key, run in old_runs.items() if not _replaced(key, replace)}
     metrics = [m for m in new["metrics"] if any(m["name"] == o["name"] for o in old["metrics"])]
     names = [m["name"] for m in metrics]
     for key in sorted(set(old_runs) & set(new_runs)):
@@ -80,10 +96,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("new", type=Path)
     parser.add_argument("--out", type=Path, required=True, help="merged report.json (then run_study.py --restat)")
     parser.add_argument("--rtol", type=float, default=1e-9)
+    parser.add_argument("--replace", nargs="+", default=[], metavar="VARIANT[/seedN]",
+                        help="runs of OLD to leave out (re-trained runs that are different models); NEW's stand")
     args = parser.parse_args(argv)
     from interp_train.io import write_json_atomic
 
-    merged = merge_reports(json.loads(args.old.read_text()), json.loads(args.new.read_text()), args.rtol)
+    merged = merge_reports(json.loads(args.old.read_text()), json.loads(args.new.read_text()), args.rtol,
+                           args.replace)
     write_json_atomic(args.out, merged)
     print(f"merged {sum(len(r['seeds']) for r in merged['variants'].values())} runs "
           f"({', '.join(merged['variants'])}) into {args.out}; now: python study/run_study.py --restat")

@@ -133,6 +133,16 @@ def test_resume_keeps_the_earlier_metrics_history(tmp_path, recwarn):
         return sorted((int(float(r["step"])), k) for r in rows for k in r if k not in ("step", "epoch"))
 
     assert entries(resumed) == entries(_csv_rows(tmp_path / "straight" / "metrics.csv"))
+    import lightning
+    import numpy
+
+    provenance = json.loads((run / "provenance.json").read_text())  # the start and the resume, in order
+    assert [p["resumed_from_step"] for p in provenance] == [None, 30]
+    assert provenance[1]["packages"]["torch"] == torch.__version__
+    assert provenance[1]["packages"]["lightning"] == lightning.__version__
+    assert provenance[1]["packages"]["numpy"] == numpy.__version__
+    assert provenance[1]["torch_threads"] == torch.get_num_threads()
+    assert [p["resumed_from_step"] for p in json.loads((tmp_path / "straight" / "provenance.json").read_text())] == [None]
     assert not [w for w in recwarn if "will be deleted" in str(w.message) or "exists and is not empty" in str(w.message)]
 
 

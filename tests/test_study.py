@@ -374,6 +374,33 @@ def test_merge_reports_equals_one_report_of_all_runs_and_refuses_disagreeing_run
         merge_reports(old, new)
 
 
+def test_merge_reports_replace_takes_a_retrained_cell_from_the_new_report_only():
+    """A re-trained cell whose values changed: without --replace the merge refuses; with it the cell's
+    runs are NEW's (seed 2, absent from NEW, is dropped too), other runs as before; a typo raises."""
+    from evaluation.compare import build_report
+    from study.merge_reports import merge_reports
+
+    def entries(variant, acc, seeds=range(3)):
+        return [{"seed": f"seed{i}", "run_dir": f"{variant}/seed{i}", "details": {"task": "t"},
+                 "metrics": {"accuracy": acc + 0.001 * i}} for i in seeds]
+
+    old = json.loads(json.dumps(build_report({"baseline": entries("baseline", 0.95),
+                                              "ws_x1": entries("ws", 0.90)})))
+    new = json.loads(json.dumps(build_report({"baseline": entries("baseline", 0.95, seeds=(1,)),
+                                              "ws_x1": entries("ws", 0.80, seeds=(0, 1))})))
+    with pytest.raises(ValueError, match="ws_x1/seed0: accuracy"):
+        merge_reports(old, new)
+    merged = merge_reports(old, new, replace=["ws_x1"])
+    assert merged["variants"]["ws_x1"]["seeds"] == ["seed0", "seed1"]
+    assert merged["variants"]["ws_x1"]["metrics"]["accuracy"]["values"] == pytest.approx([0.80, 0.801])
+    assert merged["variants"]["baseline"]["seeds"] == ["seed0", "seed1", "seed2"]
+    one = merge_reports(old, json.loads(json.dumps(build_report({"baseline": entries("baseline", 0.5, seeds=(1,))}))),
+                        replace=["baseline/seed1"])
+    assert one["variants"]["baseline"]["metrics"]["accuracy"]["values"] == pytest.approx([0.95, 0.501, 0.952])
+    with pytest.raises(ValueError, match="--replace ws_x2: no such run.*ws_x1/seed0"):
+        merge_reports(old, new, replace=["ws_x2"])
+
+
 def test_a_run_another_process_is_training_is_skipped_not_trained_twice(tmp_path, monkeypatch):
     import subprocess
     import sys

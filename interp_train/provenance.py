@@ -1,0 +1,88 @@
+"""Where and with what a run was trained: ``provenance.json`` in the run directory.
+
+One entry per ``interp-train fit`` into the directory (the first start and every resume): the UTC
+time, the command line, the step it resumed from (``None`` for a fresh start), Python and the
+platform, the versions of the packages that decide the numbers, torch's thread counts, and the
+source commit of this checkout (``None`` outside a git checkout; ``dirty`` when the package's
+files differ from it). A re-trained run that does not reproduce an earlier one can then be told
+apart from a resumed run, a different thread count or a different package version instead of
+being a mystery. The file is rewritten atomically; nothing else reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from interp_train.io import write_json_atomic
+
+FILE_NAME = "provenance.json"
+PACKAGES = ("torch", "lightning", "numpy", "scipy", "transformer-lens", "transformers", "jsonargparse",
+            "devinterp", "networkx")
+SOURCE_DIR = Path(__file__).resolve().parent
+
+
+def package_versions(names=PACKAGES) -> dict[str, str | None]:
+    """``{distribution: version}``; ``None`` for one that is not installed."""
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", "-C", str(SOURCE_DIR), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def source_commit() -> dict[str, object] | None:
+    """The checkout's commit and whether interp_train/ differs from it; None outside git."""
+    commit = _git("rev-parse", "HEAD")
+    if not commit:
+        return None
+    changed = _git("status", "--porcelain", "--untracked-files=no", "--", ".")
+    return {"commit": commit, "dirty": bool(changed) if changed is not None else None}
+
+
+def environment() -> dict[str, object]:
+    return {
+        "time_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "argv": list(sys.argv),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": package_versions(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "source": source_commit(),
+    }
+
+
+def record_fit(run_dir: str | Path, resumed_from_step: int | None) -> list[dict]:
+    """Appends this process's entry to ``run_dir/provenance.json``; returns every entry."""
+    path = Path(run_dir) / FILE_NAME
+    entries: list = []
+    if path.is_file() and resumed_from_step is not None:  # a fresh run into an old directory starts over
+        try:
+            entries = json.loads(path.read_text())
+        except (OSError, ValueError):
+            entries = []
+        entries = entries if isinstance(entries, list) else []
+    entries.append({**environment(), "resumed_from_step": resumed_from_step})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, entries)
+    return entries
