@@ -1,9 +1,10 @@
 """Where and with what a run was trained: ``provenance.json`` in the run directory.
 
 One entry per ``interp-train fit`` into the directory (the first start and every resume): the UTC
-time, the command line, the step it resumed from (``None`` for a fresh start), Python and the
-platform, the versions of the packages that decide the numbers, torch's thread counts, and the
-source commit of this checkout (``None`` outside a git checkout; ``dirty`` when the package's
+time, the command line, the step it resumed from (``None`` for a fresh start), Python, the
+platform, the CPU model and the vector instruction set torch dispatches to (it can change
+floating-point results), the versions of the packages that decide the numbers, torch's thread
+counts, and the source commit of this checkout (``None`` outside a git checkout; ``dirty`` when the package's
 files differ from it). A re-trained run that does not reproduce an earlier one can then be told
 apart from a resumed run, a different thread count or a different package version instead of
 being a mystery. The file is rewritten atomically; nothing else reads it.
@@ -57,12 +58,24 @@ def source_commit() -> dict[str, object] | None:
     return {"commit": commit, "dirty": bool(changed) if changed is not None else None}
 
 
+def cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def environment() -> dict[str, object]:
     return {
         "time_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         "argv": list(sys.argv),
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "packages": package_versions(),
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),

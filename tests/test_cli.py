@@ -142,6 +142,7 @@ def test_resume_keeps_the_earlier_metrics_history(tmp_path, recwarn):
     assert provenance[1]["packages"]["lightning"] == lightning.__version__
     assert provenance[1]["packages"]["numpy"] == numpy.__version__
     assert provenance[1]["torch_threads"] == torch.get_num_threads()
+    assert provenance[1]["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert [p["resumed_from_step"] for p in json.loads((tmp_path / "straight" / "provenance.json").read_text())] == [None]
     assert not [w for w in recwarn if "will be deleted" in str(w.message) or "exists and is not empty" in str(w.message)]
 
