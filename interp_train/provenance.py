@@ -4,10 +4,11 @@ One entry per ``interp-train fit`` into the directory (the first start and every
 time, the command line, the step it resumed from (``None`` for a fresh start), Python, the
 platform, the CPU model and the vector instruction set torch dispatches to (it can change
 floating-point results), the versions of the packages that decide the numbers, torch's thread
-counts, and the source commit of this checkout (``None`` outside a git checkout; ``dirty`` when the package's
-files differ from it). A re-trained run that does not reproduce an earlier one can then be told
-apart from a resumed run, a different thread count or a different package version instead of
-being a mystery. The file is rewritten atomically; nothing else reads it.
+counts, and the source commit of this checkout (``None`` outside a git checkout; ``dirty`` when
+interp_train/ differs from it). A re-trained run that does not reproduce an earlier one can then
+be told apart from a resumed run, a different thread count or a different package version
+instead of being a mystery. A fresh run into an old directory starts the file over, as
+``metrics.csv``. The file is rewritten atomically; nothing else reads it.
 """
 
 from __future__ import annotations
