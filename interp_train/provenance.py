@@ -97,6 +97,5 @@ def record_fit(run_dir: str | Path, resumed_from_step: int | None) -> list[dict]
             entries = []
         entries = entries if isinstance(entries, list) else []
     entries.append({**environment(), "resumed_from_step": resumed_from_step})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, entries)
+    write_json_atomic(path, entries)  # creates the run directory if need be
     return entries
