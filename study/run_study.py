@@ -363,6 +363,8 @@ def parse_args(argv: list[str] | None):
     args = parser.parse_args(argv)
     if args.families is not None and len(args.tasks) != 1:
         parser.error("--families needs exactly one task in --tasks (family names differ between tasks)")
+    # a seed given twice (`--seeds 0 {}` with {} = 0) would train and measure the same run twice
+    args.seeds = list(dict.fromkeys(args.seeds))
     return args
 
 

@@ -80,6 +80,17 @@ def test_discovery_and_empty_dir(runs, tmp_path):
         discover_runs(tmp_path / "missing")
 
 
+def test_a_run_given_twice_is_refused_and_same_named_runs_are_told_apart(tmp_path):
+    for parent in ("a", "b"):
+        (tmp_path / parent / "seed0" / "checkpoints").mkdir(parents=True)
+        (tmp_path / parent / "seed0" / "config.yaml").write_text("seed_everything: 0\n")
+        (tmp_path / parent / "seed0" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    run = tmp_path / "a" / "seed0"
+    with pytest.raises(ValueError, match=r"variant 'x': checkpoint .*a/seed0/checkpoints/last.ckpt' is given twice"):
+        runs_from_paths("x", [run, run / "checkpoints" / "last.ckpt"])
+    assert [r.seed for r in runs_from_paths("x", [run, tmp_path / "b" / "seed0"])] == ["seed0_0", "seed0_1"]
+
+
 def test_report_matches_the_underlying_api(runs, tmp_path):
     from evaluation.metrics.alignment import gradient_alignment
     from evaluation.io.checkpoints import load_checkpoint

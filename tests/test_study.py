@@ -217,6 +217,7 @@ def test_dry_run_and_argument_errors(tmp_path, capsys):
 
 
 def test_llc_flags_override_the_plan_and_exclude_each_other(capsys):
+    assert run_study.parse_args(["--seeds", "3", "0", "3"]).seeds == [3, 0]  # a repeated seed is one run
     assert run_study.parse_args(["--tasks", "text"]).llc is None  # the plan decides
     assert run_study.parse_args(["--tasks", "text", "--llc"]).llc is True
     assert run_study.parse_args(["--tasks", "modular_addition", "--no-llc"]).llc is False
