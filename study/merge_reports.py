@@ -80,8 +80,10 @@ def merge_reports(old: dict, new: dict, rtol: float = 1e-9, replace: Sequence[st
     variants: dict[str, dict] = {}
     for (variant, seed) in sorted(merged_runs, key=lambda k: (k[0] != new["baseline"], k[0], k[1])):
         run = merged_runs[variant, seed]
-        row = variants.setdefault(variant, {"seeds": [], "runs": [], "notes": run["notes"],
+        row = variants.setdefault(variant, {"seeds": [], "runs": [], "notes": [],
                                             "metrics": {n: {"values": []} for n in names}})
+        # a report keeps notes per variant: those of both reports' rows, not only the first run's
+        row["notes"] = sorted({*row["notes"], *run["notes"]})
         row["seeds"].append(seed)
         row["runs"].append(run["run"])
         for n in names:

@@ -381,13 +381,13 @@ def test_merge_reports_replace_takes_a_retrained_cell_from_the_new_report_only()
     from evaluation.compare import build_report
     from study.merge_reports import merge_reports
 
-    def entries(variant, acc, seeds=range(3)):
+    def entries(variant, acc, seeds=range(3), note="k = 22"):
         return [{"seed": f"seed{i}", "run_dir": f"{variant}/seed{i}", "details": {"task": "t"},
-                 "metrics": {"accuracy": acc + 0.001 * i}} for i in seeds]
+                 "metrics": {"accuracy": acc + 0.001 * i}, "notes": [f"{note} (seed {i})"]} for i in seeds]
 
     old = json.loads(json.dumps(build_report({"baseline": entries("baseline", 0.95),
                                               "ws_x1": entries("ws", 0.90)})))
-    new = json.loads(json.dumps(build_report({"baseline": entries("baseline", 0.95, seeds=(1,)),
+    new = json.loads(json.dumps(build_report({"baseline": entries("baseline", 0.95, seeds=(1,), note="k = 23"),
                                               "ws_x1": entries("ws", 0.80, seeds=(0, 1))})))
     with pytest.raises(ValueError, match="ws_x1/seed0: accuracy"):
         merge_reports(old, new)
@@ -395,6 +395,9 @@ def test_merge_reports_replace_takes_a_retrained_cell_from_the_new_report_only()
     assert merged["variants"]["ws_x1"]["seeds"] == ["seed0", "seed1"]
     assert merged["variants"]["ws_x1"]["metrics"]["accuracy"]["values"] == pytest.approx([0.80, 0.801])
     assert merged["variants"]["baseline"]["seeds"] == ["seed0", "seed1", "seed2"]
+    assert merged["variants"]["baseline"]["notes"] == ["k = 22 (seed 0)", "k = 22 (seed 1)", "k = 22 (seed 2)",
+                                                        "k = 23 (seed 1)"]  # the notes of both reports' runs
+    assert merged["variants"]["ws_x1"]["notes"] == ["k = 22 (seed 0)", "k = 22 (seed 1)"]  # replaced: NEW's only
     one = merge_reports(old, json.loads(json.dumps(build_report({"baseline": entries("baseline", 0.5, seeds=(1,))}))),
                         replace=["baseline/seed1"])
     assert one["variants"]["baseline"]["metrics"]["accuracy"]["values"] == pytest.approx([0.95, 0.501, 0.952])
