@@ -216,8 +216,11 @@ def test_dry_run_and_argument_errors(tmp_path, capsys):
         run_study.main(["--tasks", "digits", "--families", "adversarial", "--root", str(tmp_path), "--dry-run"])
 
 
+def test_a_repeated_seed_is_one_run():
+    assert run_study.parse_args(["--seeds", "3", "0", "3"]).seeds == [3, 0]  # `--seeds 0 {}` with {} = 0
+
+
 def test_llc_flags_override_the_plan_and_exclude_each_other(capsys):
-    assert run_study.parse_args(["--seeds", "3", "0", "3"]).seeds == [3, 0]  # a repeated seed is one run
     assert run_study.parse_args(["--tasks", "text"]).llc is None  # the plan decides
     assert run_study.parse_args(["--tasks", "text", "--llc"]).llc is True
     assert run_study.parse_args(["--tasks", "modular_addition", "--no-llc"]).llc is False
