@@ -48,6 +48,7 @@ def _seed_label(run_dir: Path, config: Path, index: int) -> str:
 def runs_from_paths(variant: str, paths: Sequence[str | Path]) -> list[Run]:
     """Runs of one variant from explicit run directories (or checkpoint files inside them)."""
     runs = []
+    given_at: dict[Path, int] = {}  # resolved checkpoint -> index of the argument that named it
     for i, p in enumerate(paths):
         found = _run_files(Path(p))
         if found is None:
@@ -55,10 +56,10 @@ def runs_from_paths(variant: str, paths: Sequence[str | Path]) -> list[Run]:
                                     "config.yaml (expected <run>/config.yaml and <run>/checkpoints/last.ckpt)")
         ckpt, config = found
         run_dir = config.parent
-        twice = [i for i, r in enumerate(runs) if r.checkpoint.resolve() == ckpt.resolve()]
-        if twice:  # it would be measured twice and counted as two seeds
+        first = given_at.setdefault(ckpt.resolve(), i)
+        if first != i:  # it would be measured twice and counted as two seeds
             raise ValueError(f"variant {variant!r}: checkpoint {str(ckpt)!r} is given twice "
-                             f"(as {str(paths[twice[0]])!r} and {str(p)!r}); give each run once")
+                             f"(as {str(paths[first])!r} and {str(p)!r}); give each run once")
         runs.append(Run(variant, _seed_label(run_dir, config, i), run_dir, ckpt, config))
     labels = [r.seed for r in runs]
     if len(set(labels)) != len(labels):  # e.g. two explicit dirs both called seed0
