@@ -333,6 +333,22 @@ def restat(out: Path, figures: Path | None, tasks: list[str] | None = None, log=
         log(f"[{task}] statistics rebuilt: {report['n_comparisons']} comparisons, {report['correction']} correction")
 
 
+def check_capability(task: str, plan: TaskPlan, args, root: Path, training: bool) -> None:
+    """Refuses (SystemExit) to mix runs trained with different torch CPU capabilities in a task
+    under ``root`` (study/cpu_dispatch.py): every trained cell of the task counts, not only those
+    selected, since the report covers them all."""
+    import torch
+
+    from study.cpu_dispatch import check_one_capability
+
+    strengths = sorted(set(plan.multipliers) | set(args.multipliers or ()))
+    trained = [c.directory for c in cells(plan, task, args.seeds, root, ROOT, multipliers=strengths) if c.done]
+    try:
+        check_one_capability(task, trained, torch.backends.cpu.get_cpu_capability(), training)
+    except ValueError as err:
+        raise SystemExit(f"run_study: {err}")
+
+
 def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=list(PLANS), choices=list(PLANS))
@@ -360,6 +376,9 @@ def parse_args(argv: list[str] | None):
                         help="with --compare-only: report from the measurement cache alone, leaving out metrics "
                              "not cached for every run (study/cached.py)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the box is shared)")
+    parser.add_argument("--allow-mixed-cpu", action="store_true",
+                        help="train or report runs of a task whose runs record different torch CPU capabilities "
+                             "(study/cpu_dispatch.py); refused by default")
     args = parser.parse_args(argv)
     if args.families is not None and len(args.tasks) != 1:
         parser.error("--families needs exactly one task in --tasks (family names differ between tasks)")
@@ -396,6 +415,8 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     for task, plan in plans.items():
+        if not args.allow_mixed_cpu:
+            check_capability(task, plan, args, root, training=not args.compare_only)
         if not args.compare_only:
             start = time.time()
             failed = train(plan, todo[task], command, log=log)

@@ -1,0 +1,74 @@
+"""One vector instruction set per comparison: the check ``run_study.py`` makes before it trains or
+measures.
+
+torch's CPU kernels are compiled for several instruction sets and dispatch to the widest the CPU
+has (``torch.backends.cpu.get_cpu_capability()``: ``DEFAULT``, ``AVX2``, ``AVX512``, ...). The
+kernels round differently, and training amplifies the last bits: on one AVX512 machine the
+modular-addition baseline (seed 4) trains to 100 % test accuracy, with ``ATEN_CPU_CAPABILITY=avx2``
+to 99.86 %, and a circuit search on identical weights keeps different nodes. So runs trained
+under one capability are not the runs another trains, and a cell trained on one machine compared
+with a baseline trained on another measures the machines as well as the regularizer.
+
+Each run's ``provenance.json`` records the capability it was trained with (interp_train.provenance).
+``mixed_capabilities`` groups the trained runs of a task by it; ``check_one_capability`` refuses to
+add runs of another capability to a task (or to report a task whose runs already mix), naming the
+runs and the environment variable that reproduces theirs. ``ATEN_CPU_CAPABILITY`` can lower the
+dispatch (an AVX512 machine trains AVX2 runs), never raise it above what the CPU has.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+PROVENANCE_FILE = "provenance.json"  # interp_train.provenance.FILE_NAME, without importing torch
+
+
+def trained_capability(run_dir: Path) -> str | None:
+    """The capability of the last ``interp-train fit`` into ``run_dir``; None when not recorded
+    (runs trained before provenance was written, or an unreadable file)."""
+    try:
+        entries = json.loads((Path(run_dir) / PROVENANCE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(entries, list) or not entries or not isinstance(entries[-1], dict):
+        return None
+    value = entries[-1].get("torch_cpu_capability")
+    return str(value) if value else None
+
+
+def mixed_capabilities(run_dirs: Iterable[Path]) -> dict[str, list[Path]]:
+    """{capability: runs trained with it} over the runs that record one."""
+    groups: dict[str, list[Path]] = {}
+    for run in run_dirs:
+        capability = trained_capability(run)
+        if capability is not None:
+            groups.setdefault(capability, []).append(Path(run))
+    return groups
+
+
+def _listing(groups: dict[str, list[Path]], limit: int = 4) -> str:
+    parts = []
+    for capability, runs in sorted(groups.items()):
+        names = ", ".join(str(r) for r in runs[:limit]) + (f" and {len(runs) - limit} more" if len(runs) > limit else "")
+        parts.append(f"{capability}: {names}")
+    return "; ".join(parts)
+
+
+def check_one_capability(task: str, trained: Iterable[Path], current: str, training: bool) -> None:
+    """Raises ValueError when the task's trained runs record more than one capability, or (when
+    ``training``: new runs get ``current``) one other than ``current``."""
+    groups = mixed_capabilities(trained)
+    if len(groups) > 1:
+        raise ValueError(f"task {task!r}: its trained runs were trained with different CPU capabilities "
+                         f"({_listing(groups)}); a report over them would mix floating-point paths. Re-train "
+                         f"the runs of one group with ATEN_CPU_CAPABILITY=<the other's, lower case> set, or "
+                         f"pass --allow-mixed-cpu")
+    if training and groups and current not in groups:
+        (other,) = groups
+        raise ValueError(f"task {task!r}: its trained runs were trained with CPU capability {other} "
+                         f"({_listing(groups)}) and this process dispatches to {current}: new runs would not "
+                         f"be comparable with them. Start again with ATEN_CPU_CAPABILITY={other.lower()} in "
+                         f"the environment (it can lower the dispatch, not raise it above the CPU's), use "
+                         f"another --root, or pass --allow-mixed-cpu")

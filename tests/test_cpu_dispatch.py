@@ -1,0 +1,101 @@
+"""study/cpu_dispatch.py and run_study's refusal to mix runs trained with different torch CPU
+capabilities: read from the provenance.json that interp_train writes, checked before training
+and before reporting."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from study import run_study  # noqa: E402
+from study.cpu_dispatch import check_one_capability, mixed_capabilities, trained_capability  # noqa: E402
+from study.sweep import run_dir  # noqa: E402
+
+
+def trained_run(root: Path, task: str, variant: str, seed: int, capability: str | None) -> Path:
+    """A run directory that counts as trained, its provenance naming ``capability`` (none if None)."""
+    directory = run_dir(root, task, variant, seed)
+    directory.mkdir(parents=True)
+    (directory / "metrics.json").write_text("{}")
+    if capability is not None:  # a start and a resume: the last entry is the one that counts
+        (directory / "provenance.json").write_text(json.dumps(
+            [{"torch_cpu_capability": "DEFAULT"}, {"torch_cpu_capability": capability}]))
+    return directory
+
+
+def test_the_capability_interp_train_records_is_the_one_read(tmp_path):
+    from interp_train.provenance import record_fit
+
+    record_fit(tmp_path, resumed_from_step=None)
+    assert trained_capability(tmp_path) == torch.backends.cpu.get_cpu_capability()
+
+
+def test_unrecorded_or_unreadable_provenance_has_no_capability(tmp_path):
+    assert trained_capability(tmp_path) is None
+    (tmp_path / "provenance.json").write_text("not json")
+    assert trained_capability(tmp_path) is None
+    (tmp_path / "provenance.json").write_text("[]")
+    assert trained_capability(tmp_path) is None
+
+
+def test_runs_are_grouped_by_their_last_entry(tmp_path):
+    a = trained_run(tmp_path, "t", "baseline", 0, "AVX2")
+    b = trained_run(tmp_path, "t", "baseline", 1, "AVX512")
+    c = trained_run(tmp_path, "t", "baseline", 2, None)
+    assert mixed_capabilities([a, b, c]) == {"AVX2": [a], "AVX512": [b]}
+
+
+def test_check_refuses_mixed_runs_and_new_runs_of_another_capability(tmp_path):
+    avx2 = [trained_run(tmp_path, "t", "baseline", s, "AVX2") for s in (0, 1)]
+    check_one_capability("t", avx2, "AVX2", training=True)  # same capability: fine
+    check_one_capability("t", avx2, "AVX512", training=False)  # measuring them elsewhere: one group, fine
+    with pytest.raises(ValueError, match="ATEN_CPU_CAPABILITY=avx2") as err:
+        check_one_capability("t", avx2, "AVX512", training=True)
+    assert "AVX512" in str(err.value) and str(avx2[0]) in str(err.value)
+    mixed = avx2 + [trained_run(tmp_path, "t", "baseline", 2, "AVX512")]
+    with pytest.raises(ValueError, match="different CPU capabilities"):
+        check_one_capability("t", mixed, "AVX2", training=False)
+
+
+def test_run_study_refuses_to_train_beside_runs_of_another_capability(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    trained = []
+    monkeypatch.setattr(run_study, "train", lambda plan, todo, *a, **k: trained.append(todo) or [])
+    old = trained_run(tmp_path, "modular_addition", "baseline", 0, "AVX2")
+    args = ["--tasks", "modular_addition", "--families", "baseline", "--seeds", "0", "1", "--root", str(tmp_path),
+            "--train-only"]
+    with pytest.raises(SystemExit, match="ATEN_CPU_CAPABILITY=avx2") as err:
+        run_study.main(args)
+    assert str(old) in str(err.value) and not trained
+    run_study.main([*args, "--allow-mixed-cpu"])
+    assert len(trained) == 1
+
+
+def test_run_study_refuses_to_report_runs_that_mix_capabilities(tmp_path, monkeypatch):
+    import evaluation.compare
+
+    class Measured(Exception):
+        pass
+
+    def fake_run_compare(*args, **kwargs):
+        raise Measured
+
+    monkeypatch.setattr(evaluation.compare, "run_compare", fake_run_compare)
+    monkeypatch.setattr(evaluation.compare, "runs_from_paths", lambda variant, paths: list(paths))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    trained_run(tmp_path, "text", "baseline", 0, "AVX2")
+    args = ["--tasks", "text", "--seeds", "0", "1", "--root", str(tmp_path), "--out", str(tmp_path / "out"),
+            "--compare-only"]
+    with pytest.raises(Measured):  # one capability, measured on another machine: allowed
+        run_study.main(args)
+    trained_run(tmp_path, "text", "baseline", 1, "AVX512")
+    with pytest.raises(SystemExit, match="different CPU capabilities"):
+        run_study.main(args)
+    with pytest.raises(Measured):
+        run_study.main([*args, "--allow-mixed-cpu"])
