@@ -125,6 +125,7 @@ PLANS: dict[str, TaskPlan] = {
                           measure={**TEXT_MEASURE, "circuit_zero": False, "edge_ablation": True}),
 }
 
+DEFAULT_OUT, DEFAULT_FIGURES = "study/results", "study/figures"
 STUDY_FILE = "study.json"  # per run (training cost) and per task report (compare cost, commands)
 
 
@@ -333,6 +334,11 @@ def restat(out: Path, figures: Path | None, tasks: list[str] | None = None, log=
         log(f"[{task}] statistics rebuilt: {report['n_comparisons']} comparisons, {report['correction']} correction")
 
 
+def figures_dir(out: Path) -> Path:
+    """Where the key plots go by default: study/figures beside the default reports, else <out>/figures."""
+    return Path(DEFAULT_FIGURES) if Path(out) == Path(DEFAULT_OUT) else Path(out) / "figures"
+
+
 def check_capability(task: str, plan: TaskPlan, args, root: Path, training: bool) -> None:
     """Refuses (SystemExit) to mix runs trained with different torch CPU capabilities in a task
     under ``root`` (study/cpu_dispatch.py): every trained cell of the task counts, not only those
@@ -360,8 +366,10 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--multipliers", nargs="+", type=float, default=None,
                         help="strengths as multiples of the recipe's regularizer weight; default: the plan's (0.1 1 10)")
     parser.add_argument("--root", default="checkpoints/study", help="run directories (and compare's cache) go here")
-    parser.add_argument("--out", default="study/results", help="reports go here")
-    parser.add_argument("--figures", default="study/figures", help="copies of the key plots, <task>_<plot>.png")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="reports go here")
+    parser.add_argument("--figures", default=None,
+                        help="copies of the key plots, <task>_<plot>.png (default: study/figures with the default "
+                             "--out, else <out>/figures, so a report written elsewhere leaves the committed plots alone)")
     llc = parser.add_mutually_exclusive_group()
     llc.add_argument("--llc", dest="llc", action="store_true", default=None,
                      help="measure the LLC on every task (default: on the tasks whose plan has it)")
@@ -392,7 +400,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from study.summary import write_summary
 
-    root, out, figures = Path(args.root), Path(args.out), Path(args.figures)
+    root, out = Path(args.root), Path(args.out)
+    figures = Path(args.figures) if args.figures else figures_dir(out)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     command = command_line(argv)
     if args.restat:

@@ -437,3 +437,17 @@ def test_a_run_another_process_is_training_is_skipped_not_trained_twice(tmp_path
     run_study.train(plan, todo, "cmd", log=logs.append)  # the holder is gone: seed 0 is trained now
     assert [Path(a[a.index("--run_dir") + 1]).relative_to(tmp_path) for a in FakeFit.calls][1:] == \
         [Path("digits/baseline/seed0")]
+
+
+def test_figures_follow_out_unless_given(tmp_path, monkeypatch):
+    """A report written elsewhere (--out) must not overwrite the committed study/figures."""
+    seen = []
+    monkeypatch.setattr(run_study, "compare", lambda *a, figures=None, **k: seen.append(figures))
+    import study.summary
+
+    monkeypatch.setattr(study.summary, "write_summary", lambda *a, **k: tmp_path / "summary.md")
+    base = ["--tasks", "digits", "--seeds", "0", "--root", str(tmp_path), "--compare-only"]
+    run_study.main([*base, "--out", str(tmp_path / "out")])
+    run_study.main([*base, "--out", str(tmp_path / "out"), "--figures", str(tmp_path / "fig")])
+    run_study.main(base)
+    assert seen == [tmp_path / "out" / "figures", tmp_path / "fig", Path("study/figures")]
