@@ -8,7 +8,9 @@ counts, and the source commit of this checkout (``None`` outside a git checkout;
 interp_train/ differs from it). A re-trained run that does not reproduce an earlier one can then
 be told apart from a resumed run, a different thread count or a different package version
 instead of being a mystery. A fresh run into an old directory starts the file over, as
-``metrics.csv``. The file is rewritten atomically; nothing else reads it.
+``metrics.csv``. The file is rewritten atomically. A resume at another CPU dispatch level than the
+run started with is warned about (the levels train different models; study/cpu_dispatch.py reads
+the same field to keep a study's runs at one level).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import platform
 import subprocess
 import sys
 import time
+import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -96,6 +99,20 @@ def record_fit(run_dir: str | Path, resumed_from_step: int | None) -> list[dict]
         except (OSError, ValueError):
             entries = []
         entries = entries if isinstance(entries, list) else []
-    entries.append({**environment(), "resumed_from_step": resumed_from_step})
+    entry = {**environment(), "resumed_from_step": resumed_from_step}
+    warn_if_dispatch_changed(entries, entry["torch_cpu_capability"], path)
+    entries.append(entry)
     write_json_atomic(path, entries)  # creates the run directory if need be
     return entries
+
+
+def warn_if_dispatch_changed(entries: list, current: str, path: Path) -> None:
+    """Warns when a resumed run's earlier part ran at another CPU dispatch level: the levels' kernels
+    round differently, so the resumed run is not the run an uninterrupted one would have been."""
+    earlier = sorted({str(e.get("torch_cpu_capability")) for e in entries
+                      if isinstance(e, dict) and e.get("torch_cpu_capability")} - {current})
+    if earlier:
+        warnings.warn(f"{path}: this run was started with torch CPU capability {', '.join(earlier)} and is "
+                      f"resumed with {current}; the two round differently, so the result will not match an "
+                      f"uninterrupted run (set ATEN_CPU_CAPABILITY={earlier[0].lower()} to resume like it "
+                      f"started, where the CPU has it)", stacklevel=3)

@@ -99,3 +99,20 @@ def test_run_study_refuses_to_report_runs_that_mix_capabilities(tmp_path, monkey
         run_study.main(args)
     with pytest.raises(Measured):
         run_study.main([*args, "--allow-mixed-cpu"])
+
+
+def test_resuming_at_another_capability_warns_and_at_the_same_does_not(tmp_path, recwarn):
+    from interp_train.provenance import record_fit
+
+    current = torch.backends.cpu.get_cpu_capability()
+    other = "AVX2" if current != "AVX2" else "AVX512"
+    (tmp_path / "provenance.json").write_text(json.dumps([{"torch_cpu_capability": other, "resumed_from_step": None}]))
+    with pytest.warns(UserWarning, match=f"started with torch CPU capability {other} and is resumed with {current}"):
+        entries = record_fit(tmp_path, resumed_from_step=30)
+    assert [e["torch_cpu_capability"] for e in entries] == [other, current]
+    record_fit(tmp_path, resumed_from_step=60)  # earlier entries still name the other level: warns again
+    assert any("ATEN_CPU_CAPABILITY=" in str(w.message) for w in recwarn.list)
+    recwarn.clear()
+    record_fit(tmp_path, resumed_from_step=None)  # a fresh start over the old directory: nothing to compare
+    record_fit(tmp_path, resumed_from_step=90)  # resumed at the same level as it started
+    assert not [w for w in recwarn.list if "CPU capability" in str(w.message)]
