@@ -16,6 +16,7 @@ the same field to keep a study's runs at one level).
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -32,6 +33,9 @@ FILE_NAME = "provenance.json"
 PACKAGES = ("torch", "lightning", "numpy", "scipy", "transformer-lens", "transformers", "jsonargparse",
             "devinterp", "networkx")
 SOURCE_DIR = Path(__file__).resolve().parent
+# what selects the CPU kernels' instruction sets (torch's own, oneDNN's for convolutions, MKL's)
+NUMERICS_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
+                      "MKL_CBWR", "OMP_NUM_THREADS")
 
 
 def package_versions(names=PACKAGES) -> dict[str, str | None]:
@@ -80,6 +84,7 @@ def environment() -> dict[str, object]:
         "platform": platform.platform(),
         "cpu": cpu_model(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "numerics_environment": {name: os.environ[name] for name in NUMERICS_VARIABLES if name in os.environ},
         "packages": package_versions(),
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),

@@ -12,8 +12,10 @@ with a baseline trained on another measures the machines as well as the regulari
 Each run's ``provenance.json`` records the capability it was trained with (interp_train.provenance).
 ``mixed_capabilities`` groups the trained runs of a task by it; ``check_one_capability`` refuses to
 add runs of another capability to a task (or to report a task whose runs already mix), naming the
-runs and the environment variable that reproduces theirs. ``ATEN_CPU_CAPABILITY`` can lower the
-dispatch (an AVX512 machine trains AVX2 runs), never raise it above what the CPU has.
+runs and the environment variables that reproduce theirs. ``ATEN_CPU_CAPABILITY`` can lower the
+dispatch (an AVX512 machine trains AVX2 runs), never raise it above what the CPU has; convolutions
+run in oneDNN, whose own level ``ONEDNN_MAX_CPU_ISA`` sets (the CNN runs of the study reproduce
+only with both lowered).
 """
 
 from __future__ import annotations
@@ -69,6 +71,6 @@ def check_one_capability(task: str, trained: Iterable[Path], current: str, train
         (other,) = groups
         raise ValueError(f"task {task!r}: its trained runs were trained with CPU capability {other} "
                          f"({_listing(groups)}) and this process dispatches to {current}: new runs would not "
-                         f"be comparable with them. Start again with ATEN_CPU_CAPABILITY={other.lower()} in "
-                         f"the environment (it can lower the dispatch, not raise it above the CPU's), use "
-                         f"another --root, or pass --allow-mixed-cpu")
+                         f"be comparable with them. Start again with ATEN_CPU_CAPABILITY={other.lower()} "
+                         f"ONEDNN_MAX_CPU_ISA={other.upper()} in the environment (they can lower the dispatch, "
+                         f"not raise it above the CPU's), use another --root, or pass --allow-mixed-cpu")

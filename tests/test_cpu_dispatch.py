@@ -116,3 +116,12 @@ def test_resuming_at_another_capability_warns_and_at_the_same_does_not(tmp_path,
     record_fit(tmp_path, resumed_from_step=None)  # a fresh start over the old directory: nothing to compare
     record_fit(tmp_path, resumed_from_step=90)  # resumed at the same level as it started
     assert not [w for w in recwarn.list if "CPU capability" in str(w.message)]
+
+
+def test_provenance_records_the_variables_that_select_kernels(tmp_path, monkeypatch):
+    from interp_train.provenance import record_fit
+
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.delenv("MKL_CBWR", raising=False)
+    (entry,) = record_fit(tmp_path, resumed_from_step=None)
+    assert entry["numerics_environment"]["ONEDNN_MAX_CPU_ISA"] == "AVX2" and "MKL_CBWR" not in entry["numerics_environment"]
