@@ -58,6 +58,20 @@ def _listing(groups: dict[str, list[Path]], limit: int = 4) -> str:
     return "; ".join(parts)
 
 
+# torch's x86 levels, lowest first, and the oneDNN level (ONEDNN_MAX_CPU_ISA) that matches each
+LEVELS = ("DEFAULT", "AVX2", "AVX512")
+ONEDNN_ISA = {"DEFAULT": "SSE41", "AVX2": "AVX2", "AVX512": "AVX512_CORE"}
+
+
+def how_to_match(level: str, current: str) -> str:
+    """The advice for training like runs of ``level`` in a process that dispatches to ``current``."""
+    if level in LEVELS and current in LEVELS and LEVELS.index(level) > LEVELS.index(current):
+        return (f"this CPU cannot reach {level} (the variables lower the dispatch, never raise it): train on a "
+                f"machine that has it")
+    onednn = f" ONEDNN_MAX_CPU_ISA={ONEDNN_ISA[level]}" if level in ONEDNN_ISA else ""
+    return f"start again with ATEN_CPU_CAPABILITY={level.lower()}{onednn} in the environment"
+
+
 def check_one_capability(task: str, trained: Iterable[Path], current: str, training: bool) -> None:
     """Raises ValueError when the task's trained runs record more than one capability, or (when
     ``training``: new runs get ``current``) one other than ``current``."""
@@ -65,12 +79,11 @@ def check_one_capability(task: str, trained: Iterable[Path], current: str, train
     if len(groups) > 1:
         raise ValueError(f"task {task!r}: its trained runs were trained with different CPU capabilities "
                          f"({_listing(groups)}); a report over them would mix floating-point paths. Re-train "
-                         f"the runs of one group with ATEN_CPU_CAPABILITY=<the other's, lower case> set, or "
+                         f"one group at the other's level (ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA), or "
                          f"pass --allow-mixed-cpu")
     if training and groups and current not in groups:
         (other,) = groups
         raise ValueError(f"task {task!r}: its trained runs were trained with CPU capability {other} "
                          f"({_listing(groups)}) and this process dispatches to {current}: new runs would not "
-                         f"be comparable with them. Start again with ATEN_CPU_CAPABILITY={other.lower()} "
-                         f"ONEDNN_MAX_CPU_ISA={other.upper()} in the environment (they can lower the dispatch, "
-                         f"not raise it above the CPU's), use another --root, or pass --allow-mixed-cpu")
+                         f"be comparable with them. To add to them, {how_to_match(other, current)}; or use "
+                         f"another --root, or pass --allow-mixed-cpu")

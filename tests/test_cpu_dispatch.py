@@ -55,9 +55,11 @@ def test_check_refuses_mixed_runs_and_new_runs_of_another_capability(tmp_path):
     avx2 = [trained_run(tmp_path, "t", "baseline", s, "AVX2") for s in (0, 1)]
     check_one_capability("t", avx2, "AVX2", training=True)  # same capability: fine
     check_one_capability("t", avx2, "AVX512", training=False)  # measuring them elsewhere: one group, fine
-    with pytest.raises(ValueError, match="ATEN_CPU_CAPABILITY=avx2") as err:
+    with pytest.raises(ValueError, match="ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2") as err:
         check_one_capability("t", avx2, "AVX512", training=True)
     assert "AVX512" in str(err.value) and str(avx2[0]) in str(err.value)
+    with pytest.raises(ValueError, match="this CPU cannot reach AVX2"):  # a lower level cannot be raised
+        check_one_capability("t", avx2, "DEFAULT", training=True)
     mixed = avx2 + [trained_run(tmp_path, "t", "baseline", 2, "AVX512")]
     with pytest.raises(ValueError, match="different CPU capabilities"):
         check_one_capability("t", mixed, "AVX2", training=False)
