@@ -119,5 +119,5 @@ def warn_if_dispatch_changed(entries: list, current: str, path: Path) -> None:
     if earlier:
         warnings.warn(f"{path}: this run was started with torch CPU capability {', '.join(earlier)} and is "
                       f"resumed with {current}; the two round differently, so the result will not match an "
-                      f"uninterrupted run (set ATEN_CPU_CAPABILITY={earlier[0].lower()} to resume like it "
-                      f"started, where the CPU has it)", stacklevel=3)
+                      f"uninterrupted run (set ATEN_CPU_CAPABILITY={earlier[0].lower()}, and ONEDNN_MAX_CPU_ISA to match, "
+                      f"to resume like it started, where the CPU has it)", stacklevel=3)

@@ -13,9 +13,9 @@ Each run's ``provenance.json`` records the capability it was trained with (inter
 ``mixed_capabilities`` groups the trained runs of a task by it; ``check_one_capability`` refuses to
 add runs of another capability to a task (or to report a task whose runs already mix), naming the
 runs and the environment variables that reproduce theirs. ``ATEN_CPU_CAPABILITY`` can lower the
-dispatch (an AVX512 machine trains AVX2 runs), never raise it above what the CPU has; convolutions
-run in oneDNN, whose own level ``ONEDNN_MAX_CPU_ISA`` sets (the CNN runs of the study reproduce
-only with both lowered).
+dispatch (an AVX512 machine trains AVX2 runs), never raise it above what the CPU has; some
+kernels (convolutions, and some of the byte LM's) run in oneDNN, whose own level
+``ONEDNN_MAX_CPU_ISA`` sets (the study's CNN and byte-LM runs reproduce only with both lowered).
 """
 
 from __future__ import annotations
