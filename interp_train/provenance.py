@@ -76,6 +76,28 @@ def cpu_model() -> str | None:
     return platform.processor() or None
 
 
+# oneDNN's x86 levels, lowest first (ONEDNN_MAX_CPU_ISA values; it ignores unknown ones)
+ONEDNN_LEVELS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
+                 "AVX512_CORE_BF16", "AVX10_1_512", "AVX512_CORE_AMX", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16")
+
+
+def onednn_level() -> str | None:
+    """The widest oneDNN level this process may use, as far as it can be told without asking oneDNN:
+    AVX512_CORE / AVX2 / SSE41 from the CPU's flags, lowered by ONEDNN_MAX_CPU_ISA (or DNNL_...)
+    where set; None off x86 Linux. Kernels of different levels round differently (torch's
+    capability does not cover oneDNN's, which runs convolutions and some other kernels)."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        return None
+    cpu = "AVX512_CORE" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE41" if flags else None
+    limit = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
+    if cpu is None or limit not in ONEDNN_LEVELS:
+        return cpu
+    return limit if ONEDNN_LEVELS.index(limit) < ONEDNN_LEVELS.index(cpu) else cpu
+
+
 def environment() -> dict[str, object]:
     return {
         "time_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
@@ -84,6 +106,7 @@ def environment() -> dict[str, object]:
         "platform": platform.platform(),
         "cpu": cpu_model(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "onednn_level": onednn_level(),
         "numerics_environment": {name: os.environ[name] for name in NUMERICS_VARIABLES if name in os.environ},
         "packages": package_versions(),
         "torch_threads": torch.get_num_threads(),
@@ -105,19 +128,27 @@ def record_fit(run_dir: str | Path, resumed_from_step: int | None) -> list[dict]
             entries = []
         entries = entries if isinstance(entries, list) else []
     entry = {**environment(), "resumed_from_step": resumed_from_step}
-    warn_if_dispatch_changed(entries, entry["torch_cpu_capability"], path)
+    warn_if_dispatch_changed(entries, entry, path)
     entries.append(entry)
     write_json_atomic(path, entries)  # creates the run directory if need be
     return entries
 
 
-def warn_if_dispatch_changed(entries: list, current: str, path: Path) -> None:
-    """Warns when a resumed run's earlier part ran at another CPU dispatch level: the levels' kernels
-    round differently, so the resumed run is not the run an uninterrupted one would have been."""
-    earlier = sorted({str(e.get("torch_cpu_capability")) for e in entries
-                      if isinstance(e, dict) and e.get("torch_cpu_capability")} - {current})
+def _level(entry: dict) -> str:
+    level = str(entry.get("torch_cpu_capability"))
+    return level + (f" with oneDNN at {entry['onednn_level']}" if entry.get("onednn_level") else "")
+
+
+def warn_if_dispatch_changed(entries: list, current: dict, path: Path) -> None:
+    """Warns when a resumed run's earlier part ran at another CPU dispatch level (torch's or oneDNN's):
+    the levels' kernels round differently, so the resumed run is not what an uninterrupted one would
+    have been. Entries that predate the oneDNN field compare torch's level only."""
+    now = _level(current)
+    earlier = sorted({_level(e) if e.get("onednn_level") else str(e["torch_cpu_capability"])
+                      for e in entries if isinstance(e, dict) and e.get("torch_cpu_capability")}
+                     - {now, str(current.get("torch_cpu_capability"))})
     if earlier:
         warnings.warn(f"{path}: this run was started with torch CPU capability {', '.join(earlier)} and is "
-                      f"resumed with {current}; the two round differently, so the result will not match an "
-                      f"uninterrupted run (set ATEN_CPU_CAPABILITY={earlier[0].lower()}, and ONEDNN_MAX_CPU_ISA to match, "
-                      f"to resume like it started, where the CPU has it)", stacklevel=3)
+                      f"resumed with {now}; they round differently, so the result will not match an "
+                      f"uninterrupted run (ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA lower the levels, "
+                      f"to resume like it started where the CPU has them)", stacklevel=3)

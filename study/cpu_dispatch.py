@@ -25,11 +25,30 @@ from pathlib import Path
 from typing import Iterable
 
 PROVENANCE_FILE = "provenance.json"  # interp_train.provenance.FILE_NAME, without importing torch
+# torch's x86 levels, lowest first, and the oneDNN level (ONEDNN_MAX_CPU_ISA) that matches each
+LEVELS = ("DEFAULT", "AVX2", "AVX512")
+ONEDNN_ISA = {"DEFAULT": "SSE41", "AVX2": "AVX2", "AVX512": "AVX512_CORE"}
+
+
+def level_name(torch_capability: str, onednn: str | None) -> str:
+    """torch's capability, with oneDNN's level appended where it is not the one that goes with it
+    (an AVX512 CPU with only ATEN_CPU_CAPABILITY=avx2 set: ``AVX2+oneDNN:AVX512_CORE``)."""
+    if onednn is None or ONEDNN_ISA.get(torch_capability) in (None, onednn):
+        return torch_capability
+    return f"{torch_capability}+oneDNN:{onednn}"
+
+
+def current_level() -> str:
+    import torch
+
+    from interp_train.provenance import onednn_level
+
+    return level_name(torch.backends.cpu.get_cpu_capability(), onednn_level())
 
 
 def trained_capability(run_dir: Path) -> str | None:
-    """The capability of the last ``interp-train fit`` into ``run_dir``; None when not recorded
-    (runs trained before provenance was written, or an unreadable file)."""
+    """The level of the last ``interp-train fit`` into ``run_dir`` (see ``level_name``); None when not
+    recorded (runs trained before provenance was written, or an unreadable file)."""
     try:
         entries = json.loads((Path(run_dir) / PROVENANCE_FILE).read_text())
     except (OSError, ValueError):
@@ -37,7 +56,7 @@ def trained_capability(run_dir: Path) -> str | None:
     if not isinstance(entries, list) or not entries or not isinstance(entries[-1], dict):
         return None
     value = entries[-1].get("torch_cpu_capability")
-    return str(value) if value else None
+    return level_name(str(value), entries[-1].get("onednn_level")) if value else None
 
 
 def mixed_capabilities(run_dirs: Iterable[Path]) -> dict[str, list[Path]]:
@@ -58,13 +77,9 @@ def _listing(groups: dict[str, list[Path]], limit: int = 4) -> str:
     return "; ".join(parts)
 
 
-# torch's x86 levels, lowest first, and the oneDNN level (ONEDNN_MAX_CPU_ISA) that matches each
-LEVELS = ("DEFAULT", "AVX2", "AVX512")
-ONEDNN_ISA = {"DEFAULT": "SSE41", "AVX2": "AVX2", "AVX512": "AVX512_CORE"}
-
-
 def how_to_match(level: str, current: str) -> str:
     """The advice for training like runs of ``level`` in a process that dispatches to ``current``."""
+    level, current = level.split("+")[0], current.split("+")[0]
     if level in LEVELS and current in LEVELS and LEVELS.index(level) > LEVELS.index(current):
         return (f"this CPU cannot reach {level} (the variables lower the dispatch, never raise it): train on a "
                 f"machine that has it")

@@ -343,14 +343,12 @@ def check_capability(task: str, plan: TaskPlan, args, root: Path, training: bool
     """Refuses (SystemExit) to mix runs trained with different torch CPU capabilities in a task
     under ``root`` (study/cpu_dispatch.py): every trained cell of the task counts, not only those
     selected, since the report covers them all."""
-    import torch
-
-    from study.cpu_dispatch import check_one_capability
+    from study.cpu_dispatch import check_one_capability, current_level
 
     strengths = sorted(set(plan.multipliers) | set(args.multipliers or ()))
     trained = [c.directory for c in cells(plan, task, args.seeds, root, ROOT, multipliers=strengths) if c.done]
     try:
-        check_one_capability(task, trained, torch.backends.cpu.get_cpu_capability(), training)
+        check_one_capability(task, trained, current_level(), training)
     except ValueError as err:
         raise SystemExit(f"run_study: {err}")
 

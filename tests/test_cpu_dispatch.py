@@ -14,7 +14,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from study import run_study  # noqa: E402
-from study.cpu_dispatch import check_one_capability, mixed_capabilities, trained_capability  # noqa: E402
+from study import cpu_dispatch  # noqa: E402
+from study.cpu_dispatch import check_one_capability, level_name, mixed_capabilities, trained_capability  # noqa: E402
 from study.sweep import run_dir  # noqa: E402
 
 
@@ -33,7 +34,30 @@ def test_the_capability_interp_train_records_is_the_one_read(tmp_path):
     from interp_train.provenance import record_fit
 
     record_fit(tmp_path, resumed_from_step=None)
-    assert trained_capability(tmp_path) == torch.backends.cpu.get_cpu_capability()
+    assert trained_capability(tmp_path) == cpu_dispatch.current_level()
+    assert trained_capability(tmp_path).split("+")[0] == torch.backends.cpu.get_cpu_capability()
+
+
+def test_a_lowered_torch_level_with_onednn_left_high_is_its_own_level(tmp_path, monkeypatch):
+    """ATEN_CPU_CAPABILITY alone lowers torch's kernels, not oneDNN's: that is neither machine's level."""
+    from interp_train import provenance
+
+    assert level_name("AVX2", "AVX2") == "AVX2" and level_name("AVX512", "AVX512_CORE") == "AVX512"
+    assert level_name("AVX2", "AVX512_CORE") == "AVX2+oneDNN:AVX512_CORE"
+    assert level_name("AVX2", None) == "AVX2"  # recorded before oneDNN's level was
+    cpu = provenance.onednn_level()
+    if cpu in (None, "SSE41"):
+        pytest.skip("no AVX2 on this CPU")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    assert provenance.onednn_level() == "AVX2"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")  # above the CPU's: the CPU's
+    assert provenance.onednn_level() == cpu
+    two = [trained_run(tmp_path, "t", "baseline", s, "AVX2") for s in (0, 1)]
+    entries = json.loads((two[1] / "provenance.json").read_text())
+    entries[-1]["onednn_level"] = "AVX512_CORE"
+    (two[1] / "provenance.json").write_text(json.dumps(entries))
+    with pytest.raises(ValueError, match="AVX2\\+oneDNN:AVX512_CORE"):
+        check_one_capability("t", two, "AVX2", training=False)
 
 
 def test_unrecorded_or_unreadable_provenance_has_no_capability(tmp_path):
@@ -66,7 +90,7 @@ def test_check_refuses_mixed_runs_and_new_runs_of_another_capability(tmp_path):
 
 
 def test_run_study_refuses_to_train_beside_runs_of_another_capability(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(cpu_dispatch, "current_level", lambda: "AVX512")
     trained = []
     monkeypatch.setattr(run_study, "train", lambda plan, todo, *a, **k: trained.append(todo) or [])
     old = trained_run(tmp_path, "modular_addition", "baseline", 0, "AVX2")
@@ -90,7 +114,7 @@ def test_run_study_refuses_to_report_runs_that_mix_capabilities(tmp_path, monkey
 
     monkeypatch.setattr(evaluation.compare, "run_compare", fake_run_compare)
     monkeypatch.setattr(evaluation.compare, "runs_from_paths", lambda variant, paths: list(paths))
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(cpu_dispatch, "current_level", lambda: "AVX512")
     trained_run(tmp_path, "text", "baseline", 0, "AVX2")
     args = ["--tasks", "text", "--seeds", "0", "1", "--root", str(tmp_path), "--out", str(tmp_path / "out"),
             "--compare-only"]
@@ -113,7 +137,7 @@ def test_resuming_at_another_capability_warns_and_at_the_same_does_not(tmp_path,
         entries = record_fit(tmp_path, resumed_from_step=30)
     assert [e["torch_cpu_capability"] for e in entries] == [other, current]
     record_fit(tmp_path, resumed_from_step=60)  # earlier entries still name the other level: warns again
-    assert any("ATEN_CPU_CAPABILITY=" in str(w.message) for w in recwarn.list)
+    assert any("ONEDNN_MAX_CPU_ISA" in str(w.message) for w in recwarn.list)
     recwarn.clear()
     record_fit(tmp_path, resumed_from_step=None)  # a fresh start over the old directory: nothing to compare
     record_fit(tmp_path, resumed_from_step=90)  # resumed at the same level as it started
@@ -127,3 +151,16 @@ def test_provenance_records_the_variables_that_select_kernels(tmp_path, monkeypa
     monkeypatch.delenv("MKL_CBWR", raising=False)
     (entry,) = record_fit(tmp_path, resumed_from_step=None)
     assert entry["numerics_environment"]["ONEDNN_MAX_CPU_ISA"] == "AVX2" and "MKL_CBWR" not in entry["numerics_environment"]
+
+
+def test_resuming_with_onednn_at_another_level_warns(tmp_path, recwarn):
+    from interp_train.provenance import environment, record_fit
+
+    here = environment()
+    if not here.get("onednn_level"):
+        pytest.skip("oneDNN's level is not known on this CPU")
+    other = "SSE41" if here["onednn_level"] != "SSE41" else "AVX2"
+    (tmp_path / "provenance.json").write_text(json.dumps(
+        [{"torch_cpu_capability": here["torch_cpu_capability"], "onednn_level": other}]))
+    with pytest.warns(UserWarning, match=f"oneDNN at {other}"):
+        record_fit(tmp_path, resumed_from_step=10)
