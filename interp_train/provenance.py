@@ -91,7 +91,8 @@ def onednn_level() -> str | None:
                       if line.startswith("flags")), [])
     except OSError:
         return None
-    cpu = "AVX512_CORE" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE41" if flags else None
+    avx512_core = {"avx512f", "avx512bw", "avx512vl", "avx512dq"}.issubset(flags)  # oneDNN's (and torch's) AVX512
+    cpu = "AVX512_CORE" if avx512_core else "AVX2" if "avx2" in flags else "SSE41" if flags else None
     limit = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
     if cpu is None or limit not in ONEDNN_LEVELS:
         return cpu
