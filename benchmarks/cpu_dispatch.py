@@ -4,8 +4,10 @@
 
 Trains the recipe ``--steps`` steps in a fresh process (one torch thread) under every dispatch
 level this CPU offers (``ATEN_CPU_CAPABILITY`` = default, avx2, avx512 where available; it can only
-lower the level), twice at the CPU's own level (is training deterministic here?), and once with
-MKL limited to AVX2 (``MKL_ENABLE_INSTRUCTIONS``: does the BLAS path matter too?). Prints, per
+lower the level), twice at the CPU's own level (is training deterministic here?), once with MKL
+limited to AVX2 (``MKL_ENABLE_INSTRUCTIONS``: does the BLAS path matter too?) and once with torch's
+and oneDNN's kernels both at AVX2 (``ONEDNN_MAX_CPU_ISA``: what an AVX2 machine runs; this recipe
+uses no oneDNN kernel, the study's CNN and byte LM do). Prints, per
 setting, the level torch reports, a hash of the trained weights, their largest difference from the
 run at the CPU's own level, the test accuracy and the wall time. Runs with equal hashes are the
 same model; the study compares runs only within one level (run_study refuses to mix them).
@@ -64,6 +66,8 @@ def main() -> int:
     settings = [("CPU's own level", {}), ("CPU's own level, again", {}),
                 ("MKL limited to AVX2", {"MKL_ENABLE_INSTRUCTIONS": "AVX2"})]
     settings += [(f"ATEN_CPU_CAPABILITY={level}", {"ATEN_CPU_CAPABILITY": level}) for level in LEVELS]
+    # what an AVX2 machine runs: torch's and oneDNN's kernels both at AVX2 (study/cpu_dispatch.py)
+    settings.append(("... =avx2, ONEDNN_MAX_CPU_ISA=AVX2", {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         reference = None
