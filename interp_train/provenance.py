@@ -66,14 +66,19 @@ def source_commit() -> dict[str, object] | None:
     return {"commit": commit, "dirty": bool(changed) if changed is not None else None}
 
 
-def cpu_model() -> str | None:
+def cpuinfo_field(name: str) -> str | None:
+    """The first ``name`` line's value in /proc/cpuinfo; None where there is none (not Linux)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(name):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or None
+    return None
+
+
+def cpu_model() -> str | None:
+    return cpuinfo_field("model name") or platform.processor() or None
 
 
 # oneDNN's x86 levels, lowest first (ONEDNN_MAX_CPU_ISA values; it ignores unknown ones)
@@ -86,11 +91,7 @@ def onednn_level() -> str | None:
     AVX512_CORE / AVX2 / SSE41 from the CPU's flags, lowered by ONEDNN_MAX_CPU_ISA (or DNNL_...)
     where set; None off x86 Linux. Kernels of different levels round differently (torch's
     capability does not cover oneDNN's, which runs convolutions and some other kernels)."""
-    try:
-        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("flags")), [])
-    except OSError:
-        return None
+    flags = (cpuinfo_field("flags") or "").split()
     avx512_core = {"avx512f", "avx512bw", "avx512vl", "avx512dq"}.issubset(flags)  # oneDNN's (and torch's) AVX512
     cpu = "AVX512_CORE" if avx512_core else "AVX2" if "avx2" in flags else "SSE41" if flags else None
     limit = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()

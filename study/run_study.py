@@ -339,14 +339,20 @@ def figures_dir(out: Path) -> Path:
     return Path(DEFAULT_FIGURES) if Path(out) == Path(DEFAULT_OUT) else Path(out) / "figures"
 
 
+def report_cells(plan: TaskPlan, task: str, args, root: Path) -> list[Cell]:
+    """Every cell a task's report covers: all its trained cells at the plan's and the asked strengths,
+    not only the part selected by --families."""
+    strengths = sorted(set(plan.multipliers) | set(args.multipliers or ()))
+    return list(cells(plan, task, args.seeds, root, ROOT, multipliers=strengths))
+
+
 def check_capability(task: str, plan: TaskPlan, args, root: Path, training: bool) -> None:
     """Refuses (SystemExit) to mix runs trained with different torch CPU capabilities in a task
     under ``root`` (study/cpu_dispatch.py): every trained cell of the task counts, not only those
     selected, since the report covers them all."""
     from study.cpu_dispatch import check_one_capability, current_level
 
-    strengths = sorted(set(plan.multipliers) | set(args.multipliers or ()))
-    trained = [c.directory for c in cells(plan, task, args.seeds, root, ROOT, multipliers=strengths) if c.done]
+    trained = [c.directory for c in report_cells(plan, task, args, root) if c.done]
     try:
         check_one_capability(task, trained, current_level(), training)
     except ValueError as err:
@@ -431,10 +437,7 @@ def main(argv: list[str] | None = None) -> None:
                 + (f"; {len(failed)} run(s) failed" if failed else ""))
         if args.train_only:
             continue
-        # the report covers every trained cell of the task, not only the part selected here
-        strengths = sorted(set(plan.multipliers) | set(args.multipliers or ()))
-        everything = list(cells(plan, task, args.seeds, root, ROOT, multipliers=strengths))
-        compare(plan, task, everything, root, out, command, llc=args.llc, figures=figures, log=log,
+        compare(plan, task, report_cells(plan, task, args, root), root, out, command, llc=args.llc, figures=figures, log=log,
                 cached=args.cached, selected=todo[task])
     if not args.train_only:
         log(f"wrote {write_summary(out, list(PLANS))}")
