@@ -82,6 +82,9 @@ def cpu_model() -> str | None:
 
 
 # oneDNN's x86 levels, lowest first (ONEDNN_MAX_CPU_ISA values; it ignores unknown ones)
+# torch's x86 dispatch levels, lowest first, and the oneDNN level (ONEDNN_MAX_CPU_ISA) that goes with each
+TORCH_LEVELS = ("DEFAULT", "AVX2", "AVX512")
+ONEDNN_FOR_TORCH = {"DEFAULT": "SSE41", "AVX2": "AVX2", "AVX512": "AVX512_CORE"}
 ONEDNN_LEVELS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
                  "AVX512_CORE_BF16", "AVX10_1_512", "AVX512_CORE_AMX", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16")
 
@@ -136,19 +139,35 @@ def record_fit(run_dir: str | Path, resumed_from_step: int | None) -> list[dict]
     return entries
 
 
-def _level(entry: dict) -> str:
-    level = str(entry.get("torch_cpu_capability"))
-    return level + (f" with oneDNN at {entry['onednn_level']}" if entry.get("onednn_level") else "")
+def dispatch_level(entry: dict) -> str | None:
+    """One name for the kernels a provenance entry ran: torch's capability, with oneDNN's level
+    appended where it is not the one that goes with it (an AVX512 CPU with only
+    ATEN_CPU_CAPABILITY=avx2 set: ``AVX2+oneDNN:AVX512_CORE``, neither machine's level); torch's
+    alone for entries recorded before oneDNN's level was. None when torch's is not recorded."""
+    capability = entry.get("torch_cpu_capability")
+    if not capability:
+        return None
+    onednn = entry.get("onednn_level")
+    if onednn is None or ONEDNN_FOR_TORCH.get(str(capability)) in (None, onednn):
+        return str(capability)
+    return f"{capability}+oneDNN:{onednn}"
+
+
+def same_dispatch(earlier: dict, now: dict) -> bool:
+    """Whether two entries ran the same kernels; an entry without oneDNN's level (recorded before
+    it was) is compared on torch's capability alone."""
+    if not earlier.get("onednn_level") or not now.get("onednn_level"):
+        return earlier.get("torch_cpu_capability") == now.get("torch_cpu_capability")
+    return dispatch_level(earlier) == dispatch_level(now)
 
 
 def warn_if_dispatch_changed(entries: list, current: dict, path: Path) -> None:
     """Warns when a resumed run's earlier part ran at another CPU dispatch level (torch's or oneDNN's):
     the levels' kernels round differently, so the resumed run is not what an uninterrupted one would
     have been. Entries that predate the oneDNN field compare torch's level only."""
-    now = _level(current)
-    earlier = sorted({_level(e) if e.get("onednn_level") else str(e["torch_cpu_capability"])
-                      for e in entries if isinstance(e, dict) and e.get("torch_cpu_capability")}
-                     - {now, str(current.get("torch_cpu_capability"))})
+    earlier = sorted({dispatch_level(e) for e in entries
+                      if isinstance(e, dict) and e.get("torch_cpu_capability") and not same_dispatch(e, current)})
+    now = dispatch_level(current)
     if earlier:
         warnings.warn(f"{path}: this run was started with torch CPU capability {', '.join(earlier)} and is "
                       f"resumed with {now}; they round differently, so the result will not match an "

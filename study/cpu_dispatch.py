@@ -24,18 +24,10 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-PROVENANCE_FILE = "provenance.json"  # interp_train.provenance.FILE_NAME, without importing torch
-# torch's x86 levels, lowest first, and the oneDNN level (ONEDNN_MAX_CPU_ISA) that matches each
-LEVELS = ("DEFAULT", "AVX2", "AVX512")
-ONEDNN_ISA = {"DEFAULT": "SSE41", "AVX2": "AVX2", "AVX512": "AVX512_CORE"}
-
-
-def level_name(torch_capability: str, onednn: str | None) -> str:
-    """torch's capability, with oneDNN's level appended where it is not the one that goes with it
-    (an AVX512 CPU with only ATEN_CPU_CAPABILITY=avx2 set: ``AVX2+oneDNN:AVX512_CORE``)."""
-    if onednn is None or ONEDNN_ISA.get(torch_capability) in (None, onednn):
-        return torch_capability
-    return f"{torch_capability}+oneDNN:{onednn}"
+from interp_train.provenance import FILE_NAME as PROVENANCE_FILE
+from interp_train.provenance import ONEDNN_FOR_TORCH as ONEDNN_ISA
+from interp_train.provenance import TORCH_LEVELS as LEVELS
+from interp_train.provenance import dispatch_level
 
 
 def current_level() -> str:
@@ -43,20 +35,20 @@ def current_level() -> str:
 
     from interp_train.provenance import onednn_level
 
-    return level_name(torch.backends.cpu.get_cpu_capability(), onednn_level())
+    return dispatch_level({"torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                           "onednn_level": onednn_level()})
 
 
 def trained_capability(run_dir: Path) -> str | None:
-    """The level of the last ``interp-train fit`` into ``run_dir`` (see ``level_name``); None when not
-    recorded (runs trained before provenance was written, or an unreadable file)."""
+    """The level of the last ``interp-train fit`` into ``run_dir`` (``interp_train.provenance.dispatch_level``);
+    None when not recorded (runs trained before provenance was written, or an unreadable file)."""
     try:
         entries = json.loads((Path(run_dir) / PROVENANCE_FILE).read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(entries, list) or not entries or not isinstance(entries[-1], dict):
         return None
-    value = entries[-1].get("torch_cpu_capability")
-    return level_name(str(value), entries[-1].get("onednn_level")) if value else None
+    return dispatch_level(entries[-1])
 
 
 def mixed_capabilities(run_dirs: Iterable[Path]) -> dict[str, list[Path]]:

@@ -15,7 +15,7 @@ if str(REPO) not in sys.path:
 
 from study import run_study  # noqa: E402
 from study import cpu_dispatch  # noqa: E402
-from study.cpu_dispatch import check_one_capability, level_name, mixed_capabilities, trained_capability  # noqa: E402
+from study.cpu_dispatch import check_one_capability, mixed_capabilities, trained_capability  # noqa: E402
 from study.sweep import run_dir  # noqa: E402
 
 
@@ -42,9 +42,13 @@ def test_a_lowered_torch_level_with_onednn_left_high_is_its_own_level(tmp_path, 
     """ATEN_CPU_CAPABILITY alone lowers torch's kernels, not oneDNN's: that is neither machine's level."""
     from interp_train import provenance
 
-    assert level_name("AVX2", "AVX2") == "AVX2" and level_name("AVX512", "AVX512_CORE") == "AVX512"
-    assert level_name("AVX2", "AVX512_CORE") == "AVX2+oneDNN:AVX512_CORE"
-    assert level_name("AVX2", None) == "AVX2"  # recorded before oneDNN's level was
+    def level(torch_level, onednn):
+        return provenance.dispatch_level({"torch_cpu_capability": torch_level, "onednn_level": onednn})
+
+    assert level("AVX2", "AVX2") == "AVX2" and level("AVX512", "AVX512_CORE") == "AVX512"
+    assert level("AVX2", "AVX512_CORE") == "AVX2+oneDNN:AVX512_CORE"
+    assert level("AVX2", None) == "AVX2"  # recorded before oneDNN's level was
+    assert provenance.dispatch_level({}) is None
     cpu = provenance.onednn_level()
     if cpu in (None, "SSE41"):
         pytest.skip("no AVX2 on this CPU")
@@ -162,5 +166,17 @@ def test_resuming_with_onednn_at_another_level_warns(tmp_path, recwarn):
     other = "SSE41" if here["onednn_level"] != "SSE41" else "AVX2"
     (tmp_path / "provenance.json").write_text(json.dumps(
         [{"torch_cpu_capability": here["torch_cpu_capability"], "onednn_level": other}]))
-    with pytest.warns(UserWarning, match=f"oneDNN at {other}"):
+    with pytest.warns(UserWarning, match=f"oneDNN:{other}"):
         record_fit(tmp_path, resumed_from_step=10)
+
+
+def test_an_entry_from_before_onednn_was_recorded_is_compared_on_torch_alone(tmp_path, recwarn):
+    """provenance.json files written before oneDNN's level was recorded name torch's only: resuming such
+    a run at the same torch level is not a change (the same rule study/cpu_dispatch.py groups runs by)."""
+    from interp_train.provenance import environment, record_fit
+
+    here = environment()
+    (tmp_path / "provenance.json").write_text(json.dumps([{"torch_cpu_capability": here["torch_cpu_capability"]}]))
+    record_fit(tmp_path, resumed_from_step=10)
+    assert not [w for w in recwarn.list if "CPU capability" in str(w.message)]
+    assert trained_capability(tmp_path) == cpu_dispatch.current_level()
