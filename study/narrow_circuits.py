@@ -19,7 +19,8 @@ ablation, δ = 0.01 nats) on two tasks of their kind (``--task``):
 Per run: the LM's own next-byte test accuracy (the regularizer's cost, as ``interp-eval compare``
 measures it), the task's accuracy and loss, the circuit's nodes and edges, and the activations'
 centred Hoyer measure at each residual/MLP site on the task's inputs (what ActivationSparsity trains
-down; filled into saved rows whose checkpoint is present; reported, not tested). Per cell: mean ± std
+down; filled into saved rows whose checkpoint is present; reported, not tested), and the CPU dispatch
+level the run was trained and pruned at (the report flags cells of different levels). Per cell: mean ± std
 over seeds; cells against the baseline by Welch's t-test, Holm over the comparisons made. Rows of
 ``--out`` are reused without their checkpoints, so a report can be rebuilt after the runs are gone.
 
@@ -129,6 +130,7 @@ def measure_run(run: Path, delta: float, ablation: str = "mean", task: NarrowTas
     from evaluation.io.checkpoints import load_checkpoint
     from evaluation.metrics.circuit import CircuitConfig, prune_circuit
     from interp_train.sites import run_model
+    from study.cpu_dispatch import current_level, trained_capability
 
     loaded = load_checkpoint(run / "checkpoints" / "last.ckpt")
     model = loaded.model.eval()
@@ -146,7 +148,24 @@ def measure_run(run: Path, delta: float, ablation: str = "mean", task: NarrowTas
             "edges": circuit.edges, "edges_total": circuit.edges_total, "circuit_loss": circuit.loss,
             "kept": circuit.kept, "search_cpu_s": time.process_time() - start,
             "lm_accuracy": next_byte_accuracy(model, loaded.datamodule),
-            "hoyer": site_hoyer(model, inputs, circuit.kept)}
+            "hoyer": site_hoyer(model, inputs, circuit.kept),
+            # the search's keep/drop decisions, like training, depend on the CPU dispatch level
+            "dispatch": {"trained": trained_capability(run), "measured": current_level()}}
+
+
+def dispatch_note(results: dict[str, list[dict]]) -> str:
+    """Which CPU dispatch level each cell was trained and pruned at (study/cpu_dispatch.py), and a
+    warning when the cells differ: a comparison across levels measures the levels too."""
+    levels = {}
+    for cell, rows in results.items():
+        seen = {(r.get("dispatch", {}).get("trained") or "not recorded",
+                 r.get("dispatch", {}).get("measured") or "not recorded") for r in rows}
+        levels[cell] = ", ".join(f"{t} / {m}" for t, m in sorted(seen))
+    text = "CPU dispatch level, trained / pruned: " + "; ".join(f"`{c}` {v}" for c, v in levels.items()) + "."
+    known = {v for v in levels.values() if "not recorded" not in v}
+    if len(known) > 1 or any("," in v for v in known):
+        text += " **The cells were not all trained and pruned at one level** (study/README.md, \"Reproducing runs\")."
+    return text
 
 
 def site_hoyer(model, inputs: torch.Tensor, sites) -> dict[str, float]:
@@ -201,7 +220,7 @@ def summarise(results: dict[str, list[dict]], baseline: str) -> str:
             cols.append(text)
         model_nodes = "/".join(sorted({str(r["nodes_total"]) for r in rows if "nodes_total" in r})) or "?"
         lines.append(f"| `{cell}` | {len(rows)} | {rows[0]['examples']} | {model_nodes} | {' | '.join(cols)} |")
-    lines.append(f"\nHolm over {n_tested} comparisons (Welch's t-test).")
+    lines.append(f"\nHolm over {n_tested} comparisons (Welch's t-test). {dispatch_note(results)}")
     return "\n".join(lines) + "\n\n" + composition_table(results) + hoyer_table(results)
 
 

@@ -94,6 +94,26 @@ def test_summary_tests_each_metric_against_the_baseline_with_holm():
     assert "no test" in single and "Holm over 0 comparisons" in single
 
 
+def test_report_names_each_cells_dispatch_level_and_warns_when_they_differ():
+    """Circuit searches, like training, depend on the CPU dispatch level: the report says which level
+    each cell was trained and pruned at, and flags a comparison across levels."""
+    from study.narrow_circuits import summarise
+
+    def rows(level):
+        return [{"run": f"r/seed{i}", "examples": 10, "accuracy": 1.0, "loss": 0.1, "nodes": 5 + i, "edges": 9 + i,
+                 "kept": {"blocks.0.mlp.hook_post": [0]}, **({"dispatch": {"trained": level, "measured": level}}
+                                                             if level else {})} for i in range(2)]
+
+    same = summarise({"baseline": rows("AVX2"), "sparse": rows("AVX2")}, "baseline")
+    assert "`baseline` AVX2 / AVX2; `sparse` AVX2 / AVX2." in same and "not all trained" not in same
+    mixed = summarise({"baseline": rows("AVX512"), "sparse": rows("AVX2")}, "baseline")
+    assert "`baseline` AVX512 / AVX512; `sparse` AVX2 / AVX2" in mixed and "not all trained and pruned at one level" in mixed
+    within = summarise({"baseline": rows("AVX2")[:1] + rows("AVX512")[1:], "sparse": rows("AVX2")}, "baseline")
+    assert "AVX2 / AVX2, AVX512 / AVX512" in within and "not all trained" in within  # a cell mixing levels
+    older = summarise({"baseline": rows(None), "sparse": rows("AVX2")}, "baseline")
+    assert "`baseline` not recorded / not recorded" in older and "not all trained" not in older
+
+
 def test_report_rebuilds_from_saved_rows_with_the_lm_accuracy_of_a_compare_report(tmp_path):
     import json
 
