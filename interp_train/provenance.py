@@ -81,10 +81,10 @@ def cpu_model() -> str | None:
     return cpuinfo_field("model name") or platform.processor() or None
 
 
-# oneDNN's x86 levels, lowest first (ONEDNN_MAX_CPU_ISA values; it ignores unknown ones)
 # torch's x86 dispatch levels, lowest first, and the oneDNN level (ONEDNN_MAX_CPU_ISA) that goes with each
 TORCH_LEVELS = ("DEFAULT", "AVX2", "AVX512")
 ONEDNN_FOR_TORCH = {"DEFAULT": "SSE41", "AVX2": "AVX2", "AVX512": "AVX512_CORE"}
+# oneDNN's x86 levels, lowest first (ONEDNN_MAX_CPU_ISA values; it ignores unknown ones)
 ONEDNN_LEVELS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
                  "AVX512_CORE_BF16", "AVX10_1_512", "AVX512_CORE_AMX", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16")
 
