@@ -103,6 +103,11 @@ def onednn_level() -> str | None:
     return limit if ONEDNN_LEVELS.index(limit) < ONEDNN_LEVELS.index(cpu) else cpu
 
 
+def dispatch_fields() -> dict[str, str | None]:
+    """What selects this process's CPU kernels, under the names provenance entries record it by."""
+    return {"torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "onednn_level": onednn_level()}
+
+
 def environment() -> dict[str, object]:
     return {
         "time_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
@@ -110,8 +115,7 @@ def environment() -> dict[str, object]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu": cpu_model(),
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "onednn_level": onednn_level(),
+        **dispatch_fields(),
         "numerics_environment": {name: os.environ[name] for name in NUMERICS_VARIABLES if name in os.environ},
         "packages": package_versions(),
         "torch_threads": torch.get_num_threads(),

@@ -27,16 +27,11 @@ from typing import Iterable
 from interp_train.provenance import FILE_NAME as PROVENANCE_FILE
 from interp_train.provenance import ONEDNN_FOR_TORCH as ONEDNN_ISA
 from interp_train.provenance import TORCH_LEVELS as LEVELS
-from interp_train.provenance import dispatch_level
+from interp_train.provenance import dispatch_fields, dispatch_level
 
 
 def current_level() -> str:
-    import torch
-
-    from interp_train.provenance import onednn_level
-
-    return dispatch_level({"torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                           "onednn_level": onednn_level()})
+    return dispatch_level(dispatch_fields())
 
 
 def trained_capability(run_dir: Path) -> str | None:

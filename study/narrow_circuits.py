@@ -156,14 +156,13 @@ def measure_run(run: Path, delta: float, ablation: str = "mean", task: NarrowTas
 def dispatch_note(results: dict[str, list[dict]]) -> str:
     """Which CPU dispatch level each cell was trained and pruned at (study/cpu_dispatch.py), and a
     warning when the cells differ: a comparison across levels measures the levels too."""
-    levels = {}
-    for cell, rows in results.items():
-        seen = {(r.get("dispatch", {}).get("trained") or "not recorded",
-                 r.get("dispatch", {}).get("measured") or "not recorded") for r in rows}
-        levels[cell] = ", ".join(f"{t} / {m}" for t, m in sorted(seen))
-    text = "CPU dispatch level, trained / pruned: " + "; ".join(f"`{c}` {v}" for c, v in levels.items()) + "."
-    known = {v for v in levels.values() if "not recorded" not in v}
-    if len(known) > 1 or any("," in v for v in known):
+    unknown = "not recorded"
+    pairs = {cell: sorted({(r.get("dispatch", {}).get("trained") or unknown, r.get("dispatch", {}).get("measured") or unknown)
+                           for r in rows}) for cell, rows in results.items()}
+    text = "CPU dispatch level, trained / pruned: " + "; ".join(
+        f"`{cell}` " + ", ".join(f"{t} / {m}" for t, m in cell_pairs) for cell, cell_pairs in pairs.items()) + "."
+    # more than one recorded level for training, or for pruning, among the compared rows
+    if any(len({pair[side] for cell_pairs in pairs.values() for pair in cell_pairs} - {unknown}) > 1 for side in (0, 1)):
         text += " **The cells were not all trained and pruned at one level** (study/README.md, \"Reproducing runs\")."
     return text
 
