@@ -164,6 +164,9 @@ def dispatch_note(results: dict[str, list[dict]]) -> str:
     # more than one recorded level for training, or for pruning, among the compared rows
     if any(len({pair[side] for cell_pairs in pairs.values() for pair in cell_pairs} - {unknown}) > 1 for side in (0, 1)):
         text += " **The cells were not all trained and pruned at one level** (study/README.md, \"Reproducing runs\")."
+    if any(unknown in pair for cell_pairs in pairs.values() for pair in cell_pairs):
+        # rows measured before 2026-12-06; which machine made them is known from the study's log
+        text += " Levels not recorded in a row: study/README.md, \"Reproducing runs\", lists them by date."
     return text
 
 

@@ -112,6 +112,7 @@ def test_report_names_each_cells_dispatch_level_and_warns_when_they_differ():
     assert "AVX2 / AVX2, AVX512 / AVX512" in within and "not all trained" in within  # a cell mixing levels
     older = summarise({"baseline": rows(None), "sparse": rows("AVX2")}, "baseline")
     assert "`baseline` not recorded / not recorded" in older and "not all trained" not in older
+    assert "Levels not recorded in a row" in older and "Levels not recorded" not in same
 
 
 def test_report_rebuilds_from_saved_rows_with_the_lm_accuracy_of_a_compare_report(tmp_path):
