@@ -11,9 +11,11 @@ from evaluation.metrics.circuit import CircuitConfig, NodeGroup, prune_circuit
 PLANTED = {"1": [0, 1, 2, 3], "3": [0, 1, 2]}
 
 
-def mlp(seed: int, planted: bool) -> nn.Sequential:
+def mlp(seed: int, planted: bool, linear_last: bool = False) -> nn.Sequential:
+    """linear_last: the second hidden layer is linear in the first (nn.Identity, like a residual stream)."""
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, 12), nn.ReLU(), nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 3))
+    model = nn.Sequential(nn.Linear(4, 12), nn.ReLU(), nn.Linear(12, 10), nn.Identity() if linear_last else nn.ReLU(),
+                          nn.Linear(10, 3))
     with torch.no_grad():
         model[0].weight.mul_(3.0)  # large weights: every circuit unit matters by more than delta
         model[2].weight.mul_(3.0)
@@ -49,11 +51,12 @@ def naive_loss_without(model, x, y, site: str, unit: int, ablation: str) -> floa
             handle.remove()
 
 
+@pytest.mark.parametrize("search", ["penalty", "lagrangian"])
 @pytest.mark.parametrize("ablation", ["mean", "zero"])
-def test_planted_circuit_is_recovered_and_a_dense_model_needs_more(ablation):
+def test_planted_circuit_is_recovered_and_a_dense_model_needs_more(ablation, search):
     model = mlp(3, planted=True)
     x, y = task(model)
-    config = CircuitConfig(ablation=ablation)
+    config = CircuitConfig(ablation=ablation, search=search)
     result = prune_circuit(model, x, y, config)
     with torch.no_grad():
         full = float(F.cross_entropy(model(x), y))
@@ -71,6 +74,44 @@ def test_planted_circuit_is_recovered_and_a_dense_model_needs_more(ablation):
     dense = mlp(3, planted=False)
     xd, yd = task(dense)
     assert prune_circuit(dense, xd, yd, config).nodes_kept > result.nodes_kept
+
+
+def naive_gated_loss(model, x, y, kept: dict[str, list[int]]) -> float:
+    """Independent reference: every unit outside ``kept`` set to its mean, by forward hooks written here."""
+    handles = []
+    with torch.no_grad():
+        for site in ("1", "3"):
+            mean = model[: int(site) + 1](x).mean(0)
+            off = torch.ones_like(mean, dtype=torch.bool)
+            off[kept.get(site, [])] = False
+
+            def hook(_m, _i, out, mean=mean, off=off):
+                return torch.where(off, mean, out)
+
+            handles.append(model[int(site)].register_forward_hook(hook))
+        try:
+            return float(F.cross_entropy(model(x), y))
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def test_the_penalty_searchs_gates_close_together_and_the_lagrangian_ones_by_importance():
+    """Without the greedy pass, on a model whose last hidden layer is linear in the first (so with
+    every unit mean-ablated each activation equals its mean, and every gate's gradient is zero): the
+    hinge search's gates all close at the same step and never reopen, so it returns the full model;
+    the Lagrangian search's gradient phase alone finds a smaller circuit within the bound (checked
+    with hooks), keeping the units the output needs."""
+    model = mlp(3, planted=True, linear_last=True)
+    x, y = task(model)
+    penalty = prune_circuit(model, x, y, CircuitConfig(refine=False))
+    assert penalty.nodes_kept == penalty.nodes_total == 22
+    lagrangian = prune_circuit(model, x, y, CircuitConfig(refine=False, search="lagrangian"))
+    assert lagrangian.nodes_kept < 22
+    assert naive_gated_loss(model, x, y, lagrangian.kept) == pytest.approx(lagrangian.loss, rel=1e-5)
+    assert lagrangian.loss <= lagrangian.target_loss
+    for site, units in PLANTED.items():  # the units the output needs stay
+        assert set(units) <= set(lagrangian.kept[site])
 
 
 def test_transformer_edges_with_all_nodes_kept_match_the_hand_count():
@@ -99,6 +140,8 @@ def test_target_loss_below_the_full_model_is_an_error():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(delta=0.0), "delta must be"), (dict(ablation="resample"), "unknown ablation 'resample'"),
     (dict(steps=-1), "steps must be"), (dict(lr=float("nan")), "lr must be"),
+    (dict(search="anneal"), "unknown search 'anneal'; allowed: penalty, lagrangian"),
+    (dict(dual_lr=0.0), "dual_lr must be"),
 ])
 def test_bad_config_is_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):

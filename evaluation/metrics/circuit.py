@@ -10,13 +10,26 @@ hard gate g_i = 1[θ_i > 0]; the forward pass replaces every activation a by
 and the gradient reaches θ through the sigmoid straight-through estimator ∂g/∂θ := σ'(θ). The
 search minimises, with Adam over ``steps`` full-batch steps,
 
-    (1/N) Σ_i σ(θ_i)  +  μ · max(0, L(g) − L*) / δ,       L* = L_full + δ,
+    (1/N) Σ_i σ(θ_i)  +  μ · max(0, L(g) − L*) / δ,       L* = L_full + δ,      (search="penalty")
 
 (L(g) the mean task loss with the gates g, N the number of nodes), keeps the smallest gate set with
 L(g) ≤ L* seen on the way, and finishes with a greedy pass that drops every remaining node whose
 removal keeps L ≤ L* (lowest θ first). If no step met the constraint, the ablated nodes with the
 highest θ are restored first (bisection over their number; all restored is the full model). The
 result is therefore always feasible and no single kept node can be removed.
+
+A known weakness of "penalty" (the default, which every committed study figure used): while
+L(g) ≤ L* only the first term acts, every θ_i gets the same gradient, and all gates close at the
+same step (about init_logit / lr); with mean ablation the all-ablated model's activations equal
+their means, every gate's gradient is zero from then on, and the θ stay tied. The result is then
+the greedy pass alone, in an order the tie leaves to ``argsort``. ``search="lagrangian"`` keeps the
+loss term on throughout with a multiplier λ ≥ 0 raised while L(g) > L* and lowered while below
+(dual ascent, λ ← max(0, λ + dual_lr · (L(g) − L*) / δ), starting at μ):
+
+    (1/N) Σ_i σ(θ_i)  +  λ · (L(g) − L*) / δ,
+
+so from the first step a node's θ falls only where its gradient ∂L/∂g_i is small: the gates close
+in the order of their attribution, never all at once.
 
 Edges among kept nodes count non-zero weights between kept nodes: Linear layers between
 consecutive groups of an ``nn.Sequential``; for TransformerLens models, resid_pre → heads
@@ -41,6 +54,7 @@ from interp_train.losses import per_example_cross_entropy
 from interp_train.sites import eval_mode, run_model
 
 ABLATIONS = ("mean", "zero")
+SEARCHES = ("penalty", "lagrangian")
 
 
 @dataclass(frozen=True)
@@ -67,6 +81,8 @@ class CircuitConfig:
     steps, lr: Adam steps (full batch) and learning rate on the gate logits.
     constraint_weight: μ, the price of exceeding L* by delta relative to keeping all nodes.
     init_logit: θ at the start (> 0: every node kept).
+    search: "penalty" (the hinge above) or "lagrangian" (dual ascent on λ, module docstring).
+    dual_lr: the multiplier's step per unit of (L − L*) / δ ("lagrangian" only).
     refine: finish with the greedy pass that drops every removable node (one forward pass per kept
         node); False returns the best gate set of the gradient search (still feasible).
     """
@@ -79,6 +95,8 @@ class CircuitConfig:
     constraint_weight: float = 1.0
     init_logit: float = 1.0
     refine: bool = True
+    search: str = "penalty"
+    dual_lr: float = 0.1
 
     def __post_init__(self):
         if not (isinstance(self.delta, (int, float)) and math.isfinite(self.delta) and self.delta > 0):
@@ -89,7 +107,9 @@ class CircuitConfig:
             raise ValueError(f"unknown ablation {self.ablation!r}; allowed: {', '.join(ABLATIONS)}")
         if not isinstance(self.steps, int) or self.steps < 0:
             raise ValueError(f"steps must be an integer >= 0, got {self.steps!r}")
-        for name in ("lr", "constraint_weight", "init_logit"):
+        if self.search not in SEARCHES:
+            raise ValueError(f"unknown search {self.search!r}; allowed: {', '.join(SEARCHES)}")
+        for name in ("lr", "constraint_weight", "init_logit", "dual_lr"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
@@ -313,14 +333,20 @@ def _search(gated: _Gated, groups, config: CircuitConfig, target: float, delta: 
     theta = torch.full((n,), float(config.init_logit), device=device, requires_grad=True)
     optimizer = torch.optim.Adam([theta], lr=config.lr)
     best: torch.Tensor | None = None
+    multiplier = float(config.constraint_weight)  # λ of search="lagrangian"
     for _ in range(config.steps):
         prob = torch.sigmoid(theta)
         hard = (theta > 0).to(prob.dtype)
         gates = _unflat(hard + prob - prob.detach(), groups)  # straight-through: value hard, gradient sigmoid'
         loss = gated.run(gates)
-        if float(loss.detach()) <= target and (best is None or int(hard.sum()) < int(best.sum())):
+        excess = (float(loss.detach()) - target) / delta
+        if excess <= 0 and (best is None or int(hard.sum()) < int(best.sum())):
             best = hard.detach().bool().clone()
-        objective = prob.mean() + config.constraint_weight * torch.relu(loss - target) / delta
+        if config.search == "lagrangian":
+            objective = prob.mean() + multiplier * (loss - target) / delta
+            multiplier = max(0.0, multiplier + config.dual_lr * excess)
+        else:
+            objective = prob.mean() + config.constraint_weight * torch.relu(loss - target) / delta
         optimizer.zero_grad()
         objective.backward()
         optimizer.step()
