@@ -126,7 +126,8 @@ def accuracies_from_report(path: Path) -> dict[str, float]:
     return {run["run_dir"]: run["metrics"]["accuracy"] for rows in runs.values() for run in rows}
 
 
-def measure_run(run: Path, delta: float, ablation: str = "mean", task: NarrowTask = TASKS["quote"]) -> dict:
+def measure_run(run: Path, delta: float, ablation: str = "mean", task: NarrowTask = TASKS["quote"],
+                search: str = "penalty") -> dict:
     from evaluation.io.checkpoints import load_checkpoint
     from evaluation.metrics.circuit import CircuitConfig, prune_circuit
     from interp_train.sites import run_model
@@ -139,9 +140,10 @@ def measure_run(run: Path, delta: float, ablation: str = "mean", task: NarrowTas
     with torch.no_grad():
         logits = task.logits(run_model(model, inputs).output)
     start = time.process_time()
-    circuit = prune_circuit(model, inputs, targets, CircuitConfig(delta=delta, ablation=ablation),
+    circuit = prune_circuit(model, inputs, targets, CircuitConfig(delta=delta, ablation=ablation, search=search),
                             loss_fn=task.loss)
-    return {"run": str(run), "task": task.name, "ablation": ablation, "delta": delta, "examples": len(targets),
+    return {"run": str(run), "task": task.name, "ablation": ablation, "delta": delta, "search": search,
+            "examples": len(targets),
             "second_answer_share": float(targets.float().mean()),
             "accuracy": float((logits.argmax(1) == targets).float().mean()),
             "loss": circuit.full_loss, "nodes": circuit.nodes_kept, "nodes_total": circuit.nodes_total,
@@ -263,6 +265,8 @@ def main(argv=None) -> int:
     parser.add_argument("--task", choices=list(TASKS), default="quote")
     parser.add_argument("--delta", type=float, default=0.01)
     parser.add_argument("--ablation", choices=["mean", "zero"], default="mean")
+    parser.add_argument("--search", choices=["penalty", "lagrangian"], default="penalty",
+                        help="the circuit search (evaluation/metrics/circuit.py; penalty: every committed row)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, help="JSON lines, one per run; runs already there are not measured again")
     parser.add_argument("--report", type=Path, help="write the tables (markdown, with the command and date) here")
@@ -275,19 +279,21 @@ def main(argv=None) -> int:
     done = {}
     if args.out and args.out.is_file():
         for row in map(json.loads, filter(None, args.out.read_text().splitlines())):
-            done[(row["run"], row.get("task", "quote"), row.get("ablation", "mean"), row.get("delta", 0.01))] = row
+            key = (row["run"], row.get("task", "quote"), row.get("ablation", "mean"), row.get("delta", 0.01),
+                   row.get("search", "penalty"))  # rows written before the option existed: the penalty search
+            done[key] = row
     results: dict[str, list[dict]] = {}
     filled = False  # a saved row without the Hoyer measure was given it (the file is rewritten)
     new_rows: list[dict] = []
     for cell in args.cells:
         for seed in args.seeds:
             run = args.task_root / cell / f"seed{seed}"
-            row = done.get((str(run), task.name, args.ablation, args.delta))
+            row = done.get((str(run), task.name, args.ablation, args.delta, args.search))
             if row is None and not (run / "checkpoints" / "last.ckpt").is_file():
                 print(f"{run}: no checkpoint, left out", file=sys.stderr)
                 continue
             if row is None:
-                row = measure_run(run, args.delta, args.ablation, task)
+                row = measure_run(run, args.delta, args.ablation, task, args.search)
                 new_rows.append(row)
                 if args.out:
                     with args.out.open("a") as fh:
@@ -315,7 +321,8 @@ def main(argv=None) -> int:
             seeds = {cell: [Path(r["run"]).name for r in rows] for cell, rows in results.items()}
             write_atomic(args.report, f"# Narrow-task circuits: {task.title}\n\n"
                          f"`{command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; runs {seeds}).\n"
-                         f"Pruning: {args.ablation} ablation, δ = {args.delta} nats on the two-way cross-entropy; "
+                         f"Pruning: {args.ablation} ablation, δ = {args.delta} nats on the two-way cross-entropy, "
+                         f"{args.search} search; "
                          f"mean ± std over seeds (ddof 1); study/narrow_circuits.py's docstring has the task.\n\n"
                          f"{tables}\n")
     return 0

@@ -142,6 +142,12 @@ def test_report_rebuilds_from_saved_rows_with_the_lm_accuracy_of_a_compare_repor
     assert "| LM test accuracy | task accuracy |" in text
     assert "| `baseline` | 3 | 10 | 100 | 0.66 ± 0.01 |" in text and "| `sparse` | 3 | 10 | 100 | 0.61 ± 0.01 (" in text
     assert "Holm over 5 comparisons" in text  # LM accuracy, task accuracy, loss, nodes, edges
+    # a saved row is the penalty search's: asking for the Lagrangian search measures again (here:
+    # no checkpoint, so every run is left out and no report is written over the old one)
+    before = report.read_text()
+    main([str(root), "--cells", "baseline", "sparse", "--seeds", "0", "1", "2", "--out", str(out),
+          "--report", str(report), "--search", "lagrangian"])
+    assert report.read_text() == before and "penalty search;" in before
     # without the compare report the column is left out rather than filled in
     main([str(root), "--cells", "baseline", "sparse", "--seeds", "0", "1", "2", "--out", str(out), "--report", str(report)])
     assert "LM test accuracy" not in report.read_text() and "Holm over 4 comparisons" in report.read_text()
