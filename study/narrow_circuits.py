@@ -258,14 +258,16 @@ def composition_table(results: dict[str, list[dict]]) -> str:
 
 
 def main(argv=None) -> int:
+    from evaluation.metrics.circuit import ABLATIONS, SEARCHES
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("task_root", type=Path, help="ROOT/<task> holding <cell>/seed<k>/checkpoints/last.ckpt")
     parser.add_argument("--cells", nargs="+", default=["baseline", "weight_sparsity_d0.5_x1"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--task", choices=list(TASKS), default="quote")
     parser.add_argument("--delta", type=float, default=0.01)
-    parser.add_argument("--ablation", choices=["mean", "zero"], default="mean")
-    parser.add_argument("--search", choices=["penalty", "lagrangian"], default="penalty",
+    parser.add_argument("--ablation", choices=ABLATIONS, default="mean")
+    parser.add_argument("--search", choices=SEARCHES, default="penalty",
                         help="the circuit search (evaluation/metrics/circuit.py; penalty: every committed row)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, help="JSON lines, one per run; runs already there are not measured again")
