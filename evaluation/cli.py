@@ -8,7 +8,7 @@
     interp-eval compare [ROOT] [--variant NAME RUN [RUN ...]]... [--baseline NAME] [--test welch|permutation]
                         [--alpha A] [--correction holm|bonferroni|none] [--max-samples N] [--layers L ...]
                         [--tangents KIND] [--eps E ...] [--ratio-eps E] [--no-alignment] [--llc]
-                        [--circuit ...] [--edge-ablation [--edge-ablation-tolerance T] [--edge-ablation-mode M]] --out DIR
+                        [--circuit [--circuit-search penalty|lagrangian] ...] [--edge-ablation [--edge-ablation-tolerance T] [--edge-ablation-mode M]] --out DIR
 
 compare: ROOT is a task directory of recipe runs ``<variant>/seed<k>/`` (evaluation.compare);
 --variant adds or names runs explicitly. DIR keeps a per-checkpoint cache, so a re-run only
@@ -39,6 +39,7 @@ import sys
 
 # torch, TransformerLens and matplotlib are imported by the commands that need them, so that
 # ``interp-eval --help`` and argument errors answer at once
+from evaluation.compare.options import CIRCUIT_ABLATIONS, CIRCUIT_SEARCHES, EDGE_ABLATION_MODES
 from evaluation.errors import run_command
 
 
@@ -73,6 +74,7 @@ def run_compare_command(args):
                              lib_jacobian_dtype="float32" if args.lib_float32 else None,
                              circuit=args.circuit, circuit_delta=args.circuit_delta,
                              circuit_ablation=args.circuit_ablation, circuit_zero=args.circuit_zero,
+                             circuit_search=args.circuit_search,
                              llc=args.llc, edge_ablation=args.edge_ablation,
                              edge_ablation_tolerance=args.edge_ablation_tolerance,
                              edge_ablation_mode=args.edge_ablation_mode, device=str(device),
@@ -107,7 +109,7 @@ def _add_edge_ablation_settings(parser) -> None:
     """--edge-ablation-tolerance and --edge-ablation-mode, shared by `lib` and `compare`."""
     parser.add_argument("--edge-ablation-tolerance", type=float, default=0.001,
                         help="edge ablation: allowed accuracy drop from the unablated model (default 0.001)")
-    parser.add_argument("--edge-ablation-mode", choices=["mean", "zero"], default="mean",
+    parser.add_argument("--edge-ablation-mode", choices=list(EDGE_ABLATION_MODES), default="mean",
                         help="edge ablation: ablated basis features take their mean (default) or zero")
 
 
@@ -145,8 +147,12 @@ def _add_compare_parser(sub) -> None:
                      help="also measure the pruned circuit's nodes and edges (a gradient search per run)")
     cmp.add_argument("--circuit-delta", type=float, default=0.01,
                      help="circuit: allowed loss increase over the full model, nats (default 0.01)")
-    cmp.add_argument("--circuit-ablation", choices=["mean", "zero"], default="mean",
+    cmp.add_argument("--circuit-ablation", choices=list(CIRCUIT_ABLATIONS), default="mean",
                      help="circuit: pruned nodes take their mean activation (default) or zero")
+    cmp.add_argument("--circuit-search", choices=list(CIRCUIT_SEARCHES), default="penalty",
+                     help="circuit: the gate search; 'lagrangian' keeps the loss term on (dual ascent) and gives "
+                          "~1.5x smaller circuits on transformers, where the default 'penalty' search's gates "
+                          "stay tied and its circuit is its greedy pass's (docs/DESIGN.md 6.2)")
     cmp.add_argument("--circuit-zero", action="store_true",
                      help="also the zero-ablation circuit (circuit_nodes_zero / circuit_edges_zero), a second search")
     cmp.add_argument("--edge-ablation", action="store_true",

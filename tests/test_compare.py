@@ -505,7 +505,8 @@ def test_every_option_is_part_of_a_metric_key(tmp_path):
     metrics = all_metrics()
     covered = {o for m in metrics for o in m.options} | {m.switch for m in metrics if m.switch}
     assert covered == set(base) - {"device"}  # where a run is measured, not what: results agree across devices
-    changed = {"embed_n_neighbors": 8, "llc_burnin": 0, "llc_lr": 1e-4, "max_samples": 7, "n_draws": 2}
+    changed = {"embed_n_neighbors": 8, "llc_burnin": 0, "llc_lr": 1e-4, "max_samples": 7, "n_draws": 2,
+               "circuit_search": "lagrangian"}
     for name, value in changed.items():
         other = {**base, name: value}
         moved = {m.name for m in metrics if metric_key(digest, m, other) != metric_key(digest, m, base)}
@@ -629,6 +630,12 @@ def test_metric_registration_is_checked():
 
     with pytest.raises(ValueError, match="compare metric 'accuracy' is defined twice"):
         register(Duplicate)
+
+    class StrayAdded(NoOptions):
+        name, options, options_added = "bad_metric", ("max_samples",), {"seed": 0}
+
+    with pytest.raises(ValueError, match=r"options_added names \['seed'\], which are not in its options \['max_samples'\]"):
+        register(StrayAdded)
 
 
 def test_default_node_layers_of_a_cnn_are_sites_with_the_expected_shapes():

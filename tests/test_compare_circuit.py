@@ -44,6 +44,7 @@ def test_circuit_metrics_are_opt_in_and_match_the_python_call(runs, monkeypatch)
 @pytest.mark.parametrize("kwargs, message", [
     (dict(circuit_delta=0.0), "circuit_delta must be a finite number > 0"),
     (dict(circuit_ablation="resample"), "unknown circuit_ablation 'resample'"),
+    (dict(circuit_search="greedy"), "unknown circuit_search 'greedy'; allowed: penalty, lagrangian"),
 ])
 def test_bad_circuit_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -79,3 +80,57 @@ def test_zero_ablation_metrics_sit_beside_the_mean_ones(runs, tmp_path, monkeypa
     cached = json.loads(next((tmp_path / "cli" / "cache" / "baseline").iterdir()).read_text())
     details = cached["measured"]["circuit_nodes"]["details"]["circuit"]
     assert details["target_loss"] - details["full_loss"] == pytest.approx(0.05)
+
+
+def test_option_choices_are_the_circuit_modules():
+    """options.py copies the choices (it must not import torch); the copies must not drift."""
+    from evaluation.compare import options
+    from evaluation.metrics import circuit, edge_ablation
+
+    assert options.CIRCUIT_ABLATIONS == circuit.ABLATIONS and options.CIRCUIT_SEARCHES == circuit.SEARCHES
+    assert options.EDGE_ABLATION_MODES == edge_ablation.ABLATIONS
+
+
+def test_circuit_search_keeps_the_keys_of_records_cached_before_it(tmp_path):
+    """At circuit_search="penalty" a circuit metric's cache key is the one computed before the option
+    existed (rebuilt here by hand from the key's definition), so no cached search is redone; the
+    Lagrangian search gets keys of its own."""
+    import dataclasses
+    import hashlib
+
+    from evaluation.compare.cache import metric_key, run_digest
+    from evaluation.compare.metrics import get_metric
+
+    ckpt, cfg = tmp_path / "last.ckpt", tmp_path / "config.yaml"
+    ckpt.write_bytes(b"weights"), cfg.write_text("model: {}")
+    digest = run_digest(ckpt, cfg)
+    options = dataclasses.asdict(MeasureOptions())
+    legacy = {"circuit_nodes": {"max_samples": 512, "seed": 0, "circuit_delta": 0.01, "circuit_ablation": "mean"},
+              "circuit_edges_zero": {"max_samples": 512, "seed": 0, "circuit_delta": 0.01}}
+    for name, legacy_options in legacy.items():
+        metric = get_metric(name)
+        text = json.dumps({"run": digest, "metric": name, "version": metric.version, "options": legacy_options},
+                          sort_keys=True)
+        assert metric_key(digest, metric, options) == hashlib.sha256(text.encode()).hexdigest()
+        assert metric_key(digest, metric, {**options, "circuit_search": "lagrangian"}) != metric_key(digest, metric, options)
+
+
+def test_lagrangian_search_through_compare_matches_the_python_call(runs, tmp_path):  # noqa: F811
+    """--circuit-search lagrangian reaches both searches (mean and zero ablation) and equals
+    prune_circuit(search="lagrangian") on the same data; the details name the search."""
+    from evaluation.cli import main as eval_main
+
+    run = discover_runs(runs["task_dir"])["baseline"][0]
+    rc = eval_main(["compare", "--variant", "baseline", str(run.run_dir), "--out", str(tmp_path / "cli"),
+                    "--max-samples", "64", "--no-alignment", "--quiet", "--circuit", "--circuit-zero",
+                    "--circuit-search", "lagrangian"])
+    assert rc == 0
+    cached = json.loads(next((tmp_path / "cli" / "cache" / "baseline").iterdir()).read_text())
+    ctx = RunContext(run, MeasureOptions(max_samples=64, alignment=False))
+    x, y = ctx.eval_set[0], ctx.eval_set[1]
+    for metric, detail, ablation in (("circuit_nodes", "circuit", "mean"), ("circuit_nodes_zero", "circuit_zero", "zero")):
+        direct = prune_circuit(ctx.module, x, y, CircuitConfig(ablation=ablation, search="lagrangian"))
+        record = cached["measured"][metric]
+        assert record["value"] == direct.nodes_kept
+        assert record["details"][detail]["search"] == "lagrangian"
+        assert record["details"][detail]["kept"] == direct.kept

@@ -53,8 +53,11 @@ def run_digest(checkpoint: Path, config: Path | None) -> str:
 
 
 def metric_options(metric: "CompareMetric", options: Mapping[str, Any]) -> dict[str, Any]:
-    """The values of the options ``metric`` depends on (``options``: ``dataclasses.asdict(MeasureOptions)``)."""
-    return {name: options[name] for name in metric.options}
+    """The values of the options ``metric`` depends on (``options``: ``dataclasses.asdict(MeasureOptions)``),
+    less those of ``metric.options_added`` at the value older records were measured at."""
+    added = metric.options_added
+    return {name: options[name] for name in metric.options
+            if not (name in added and options[name] == added[name])}
 
 
 def metric_key(digest: str, metric: "CompareMetric", options: Mapping[str, Any]) -> str:

@@ -10,7 +10,8 @@ import math
 from dataclasses import dataclass
 
 TANGENT_CHOICES = ("auto", "exact", "local_pca", "global_pca")
-CIRCUIT_ABLATIONS = ("mean", "zero")
+CIRCUIT_ABLATIONS = ("mean", "zero")  # evaluation.metrics.circuit.ABLATIONS (copied: that module imports torch)
+CIRCUIT_SEARCHES = ("penalty", "lagrangian")  # evaluation.metrics.circuit.SEARCHES
 EDGE_ABLATION_MODES = ("mean", "zero")  # evaluation.metrics.edge_ablation.ABLATIONS
 
 
@@ -40,6 +41,9 @@ class MeasureOptions:
     on the ``max_samples`` test subset); circuit_delta: allowed loss increase over the full model
     (nats); circuit_ablation: "mean" or "zero" for the pruned nodes. circuit_zero: opt-in second
     search with zero ablation (circuit_nodes_zero, circuit_edges_zero), so one report holds both.
+    circuit_search: "penalty" (the default, the search every earlier record used) or "lagrangian"
+    (``CircuitConfig.search``; on TransformerLens models the penalty search's gradient phase leaves
+    the gates tied and its circuit is the greedy pass's, docs/DESIGN.md §6.2), for both searches.
     edge_ablation: opt-in edge-ablation sparsity in the LIB, PCA and neuron bases
     (edge_ablation_lib/_pca/_neuron; a bisection per section and basis on the ``max_samples`` test
     subset, evaluation.metrics.edge_ablation); edge_ablation_tolerance: allowed accuracy drop;
@@ -72,6 +76,7 @@ class MeasureOptions:
     circuit_delta: float = 0.01
     circuit_ablation: str = "mean"
     circuit_zero: bool = False
+    circuit_search: str = "penalty"
     edge_ablation: bool = False
     edge_ablation_tolerance: float = 0.001
     edge_ablation_mode: str = "mean"
@@ -97,6 +102,8 @@ class MeasureOptions:
             raise ValueError(f"circuit_delta must be a finite number > 0, got {self.circuit_delta!r}")
         if self.circuit_ablation not in CIRCUIT_ABLATIONS:
             raise ValueError(f"unknown circuit_ablation {self.circuit_ablation!r}; allowed: {', '.join(CIRCUIT_ABLATIONS)}")
+        if self.circuit_search not in CIRCUIT_SEARCHES:
+            raise ValueError(f"unknown circuit_search {self.circuit_search!r}; allowed: {', '.join(CIRCUIT_SEARCHES)}")
         tol = self.edge_ablation_tolerance
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (math.isfinite(tol) and 0 <= tol < 1):
             raise ValueError(f"edge_ablation_tolerance must be a number in [0, 1) (an accuracy drop), got {tol!r}")

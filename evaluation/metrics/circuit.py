@@ -129,6 +129,7 @@ class CircuitResult:
     ablation: str
     kept: dict[str, list[int]] = field(default_factory=dict)
     edges_total: int | None = None
+    search: str = "penalty"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -323,7 +324,7 @@ def prune_circuit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
             nodes_kept=int(kept.sum()), nodes_total=int(kept.numel()), edges=edges,
             loss=gated.hard_loss(masks), full_loss=gated.full_loss, target_loss=target, ablation=config.ablation,
             kept={site: torch.nonzero(m).flatten().tolist() for site, m in masks.items()},
-            edges_total=count_edges(model, groups, all_on),
+            edges_total=count_edges(model, groups, all_on), search=config.search,
         )
 
 

@@ -11,7 +11,8 @@ import dataclasses
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Mapping
 
 if TYPE_CHECKING:
     from evaluation.compare.context import RunContext
@@ -39,6 +40,9 @@ class CompareMetric:
         re-measured (this metric only).
       options: the ``MeasureOptions`` fields its value depends on; they enter its cache key, so
         changing one re-measures exactly the metrics that name it.
+      options_added: options named in ``options`` after records were cached, each with the value
+        those records were measured at; at that value the option stays out of the key, so adding
+        an option re-measures nothing (a new value gets its own key).
       switch: a boolean ``MeasureOptions`` field that turns the metric on (None: always on).
       order: position of its column in the report (ties: by name).
 
@@ -53,6 +57,7 @@ class CompareMetric:
     description: str = ""
     version: int = 1
     options: tuple[str, ...] = ()
+    options_added: Mapping[str, Any] = MappingProxyType({})
     switch: str | None = None
     order: float = 1000.0
 
@@ -89,6 +94,9 @@ def _check(metric: CompareMetric) -> None:
     unknown = [o for o in (*metric.options, *([metric.switch] if metric.switch else [])) if o not in fields]
     if unknown:
         raise ValueError(f"{where}: unknown MeasureOptions field(s) {unknown}; allowed: {', '.join(sorted(fields))}")
+    stray = [o for o in metric.options_added if o not in metric.options]
+    if stray:
+        raise ValueError(f"{where}: options_added names {stray}, which are not in its options {list(metric.options)}")
     if type(metric).measure is CompareMetric.measure:
         raise ValueError(f"{where}: define measure(self, ctx)")
 

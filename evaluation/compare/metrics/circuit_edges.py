@@ -2,7 +2,7 @@
 weights between kept nodes (evaluation.metrics.circuit.count_edges); None for model layouts other
 than TransformerLens models and MLPs. Lower: a sparser circuit."""
 
-from evaluation.compare.metrics._circuit import CIRCUIT_OPTIONS, circuit_result
+from evaluation.compare.metrics._circuit import CIRCUIT_OPTIONS_ADDED, CIRCUIT_OPTIONS, circuit_result
 from evaluation.compare.metrics.base import CompareMetric, register
 
 
@@ -14,6 +14,7 @@ class CircuitEdges(CompareMetric):
     description = "non-zero weights between the pruned circuit's nodes"
     version = 1
     options = CIRCUIT_OPTIONS
+    options_added = CIRCUIT_OPTIONS_ADDED
     switch = "circuit"
     order = 81
 

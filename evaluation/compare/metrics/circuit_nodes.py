@@ -3,7 +3,7 @@ attention heads, residual-stream channels — whose hard gates keep the task los
 ≤ the full model's + δ, the others mean-ablated (``circuit_ablation="zero"``: zeroed);
 evaluation.metrics.circuit. Lower: a smaller circuit does the task."""
 
-from evaluation.compare.metrics._circuit import CIRCUIT_OPTIONS, circuit_result
+from evaluation.compare.metrics._circuit import CIRCUIT_OPTIONS_ADDED, CIRCUIT_OPTIONS, circuit_result
 from evaluation.compare.metrics.base import CompareMetric, register
 
 
@@ -15,6 +15,7 @@ class CircuitNodes(CompareMetric):
     description = "fewest nodes (neurons, heads, residual channels) keeping the loss within delta (pruning)"
     version = 1
     options = CIRCUIT_OPTIONS
+    options_added = CIRCUIT_OPTIONS_ADDED
     switch = "circuit"
     order = 80
 
