@@ -80,6 +80,7 @@ def test_zero_ablation_metrics_sit_beside_the_mean_ones(runs, tmp_path, monkeypa
     cached = json.loads(next((tmp_path / "cli" / "cache" / "baseline").iterdir()).read_text())
     details = cached["measured"]["circuit_nodes"]["details"]["circuit"]
     assert details["target_loss"] - details["full_loss"] == pytest.approx(0.05)
+    assert "- **Circuit settings**: penalty search, δ = 0.05 nats;" in (tmp_path / "cli" / "report.md").read_text()
 
 
 def test_option_choices_are_the_circuit_modules():
@@ -134,3 +135,6 @@ def test_lagrangian_search_through_compare_matches_the_python_call(runs, tmp_pat
         assert record["value"] == direct.nodes_kept
         assert record["details"][detail]["search"] == "lagrangian"
         assert record["details"][detail]["kept"] == direct.kept
+    report = (tmp_path / "cli" / "report.md").read_text()
+    assert ("- **Circuit settings**: lagrangian search, δ = 0.01 nats; circuit nodes/edges: mean ablation; "
+            "the *zero* columns: zero ablation") in report

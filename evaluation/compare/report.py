@@ -147,6 +147,13 @@ def render_markdown(report: Mapping[str, Any], plots: Sequence[str] = ()) -> str
               f"{'better' if m['name'] == 'accuracy' else 'more interpretable'}): {m['description']}"
               for m in metrics]
     measured = {m["name"] for m in metrics}
+    options = report.get("options") or {}
+    if measured & {"circuit_nodes", "circuit_nodes_zero"} and "circuit_delta" in options:
+        ablations = ([f"circuit nodes/edges: {options.get('circuit_ablation', 'mean')} ablation"]
+                     if "circuit_nodes" in measured else []) + (
+                    ["the *zero* columns: zero ablation"] if "circuit_nodes_zero" in measured else [])
+        lines.append(f"- **Circuit settings**: {options.get('circuit_search', 'penalty')} search, "
+                     f"δ = {options['circuit_delta']:g} nats; {'; '.join(ablations)} (docs/DESIGN.md §6.2).")
     if "llc" not in measured:
         lines.append("- **LLC**: not measured (opt-in: `--llc`, on the task loss and on the training objective; "
                      "SGLD sampling is slow).")
