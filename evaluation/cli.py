@@ -150,9 +150,10 @@ def _add_compare_parser(sub) -> None:
     cmp.add_argument("--circuit-ablation", choices=list(CIRCUIT_ABLATIONS), default="mean",
                      help="circuit: pruned nodes take their mean activation (default) or zero")
     cmp.add_argument("--circuit-search", choices=list(CIRCUIT_SEARCHES), default="penalty",
-                     help="circuit: the gate search; 'lagrangian' keeps the loss term on (dual ascent) and gives "
-                          "~1.5x smaller circuits on transformers, where the default 'penalty' search's gates "
-                          "stay tied and its circuit is its greedy pass's (docs/DESIGN.md 6.2)")
+                     help="circuit: the gate search; 'lagrangian' keeps the loss term on (dual ascent); on "
+                          "transformers the default 'penalty' search's gates stay tied and its circuit is its "
+                          "greedy pass's (the byte LM's: ~1.5x larger); neither is smaller on every model "
+                          "(docs/DESIGN.md 6.2)")
     cmp.add_argument("--circuit-zero", action="store_true",
                      help="also the zero-ablation circuit (circuit_nodes_zero / circuit_edges_zero), a second search")
     cmp.add_argument("--edge-ablation", action="store_true",

@@ -1,15 +1,17 @@
 """Shared by circuit_nodes / circuit_edges (ablation ``circuit_ablation``) and circuit_nodes_zero /
-circuit_edges_zero (zero ablation): one pruning search per run and setting (search
-``circuit_search``)
-(evaluation.metrics.circuit.prune_circuit on the seeded ``max_samples`` test subset), kept on the
-run's context so a node count and its edge count cost one search."""
+circuit_edges_zero (zero ablation): one pruning search per run and setting
+(evaluation.metrics.circuit.prune_circuit with search ``circuit_search``, on the seeded
+``max_samples`` test subset), kept on the run's context so a node count and its edge count cost one
+search."""
 
 from __future__ import annotations
+
+from types import MappingProxyType
 
 CIRCUIT_OPTIONS = ("max_samples", "seed", "circuit_delta", "circuit_ablation", "circuit_search")
 CIRCUIT_ZERO_OPTIONS = ("max_samples", "seed", "circuit_delta", "circuit_search")
 # records cached before circuit_search existed were penalty searches: their keys stay valid
-CIRCUIT_OPTIONS_ADDED = {"circuit_search": "penalty"}
+CIRCUIT_OPTIONS_ADDED = MappingProxyType({"circuit_search": "penalty"})
 
 
 def circuit_result(ctx, ablation: str | None = None):

@@ -2,7 +2,7 @@
 weights between kept nodes (evaluation.metrics.circuit.count_edges); None for model layouts other
 than TransformerLens models and MLPs. Lower: a sparser circuit."""
 
-from evaluation.compare.metrics._circuit import CIRCUIT_OPTIONS_ADDED, CIRCUIT_OPTIONS, circuit_result
+from evaluation.compare.metrics._circuit import CIRCUIT_OPTIONS, CIRCUIT_OPTIONS_ADDED, circuit_result
 from evaluation.compare.metrics.base import CompareMetric, register
 
 

@@ -3,7 +3,7 @@ attention heads, residual-stream channels — whose hard gates keep the task los
 ≤ the full model's + δ, the others mean-ablated (``circuit_ablation="zero"``: zeroed);
 evaluation.metrics.circuit. Lower: a smaller circuit does the task."""
 
-from evaluation.compare.metrics._circuit import CIRCUIT_OPTIONS_ADDED, CIRCUIT_OPTIONS, circuit_result
+from evaluation.compare.metrics._circuit import CIRCUIT_OPTIONS, CIRCUIT_OPTIONS_ADDED, circuit_result
 from evaluation.compare.metrics.base import CompareMetric, register
 
 
