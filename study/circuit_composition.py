@@ -161,7 +161,8 @@ def _versus(test: dict | None) -> str:
     if test.get("p") is None:
         return "not tested"
     ratio = test["mean_baseline"] / test["mean_variant"] if test["mean_variant"] else math.inf
-    return f"{ratio:.2f}× fewer, p = {test['p']:.2g}, Holm {test['p_adjusted']:.2g}"
+    size = f"{ratio:.2f}× fewer" if ratio >= 1 else f"{1 / ratio:.2f}× more"
+    return f"{size}, p = {test['p']:.2g}, Holm {test['p_adjusted']:.2g}"
 
 
 def render(table: dict, tests: dict | None = None) -> str:

@@ -114,6 +114,8 @@ def test_several_compare_directories_against_a_reference(tmp_path, capsys):
     ratio = (sum(dense) / 3) / (sum(wide_sparse) / 4)
     assert f"| `wide_sparse` | 4 | 29.5 ± 1.3 | 29.5 ± 1.3 of 100 | 97.5 ± 1.3 % | {ratio:.2f}× fewer" in text
     assert "| `baseline` | 3 | 32.3 ± 2.1 | 32.3 ± 2.1 of 50 | 100.0 ± 0.0 % | reference |" in text
+    larger = (sum(wide_dense) / 4) / (sum(dense) / 3)
+    assert f"| `wide` | 4 | 65.0 ± 4.2 | 65.0 ± 4.2 of 100 | 100.0 ± 0.0 % | {larger:.2f}× more" in text
     with pytest.raises(SystemExit, match="--reference 'dense': no circuit of that variant; the table has baseline"):
         main([str(narrow), str(wide), "--reference", "dense"])
 
