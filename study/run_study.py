@@ -93,7 +93,6 @@ PLANS: dict[str, TaskPlan] = {
                                         # twice as wide, dense and on every matrix (Gao et al.'s wider and sparser)
                                         "wide_baseline": "cpu_wide",
                                         "wide_weight_sparsity_all_d0.1": "cpu_wide_weight_sparsity_all",
-                                        "wide_weight_sparsity_all_d0.25": "cpu_wide_weight_sparsity_all_mild",
                                         "l0_target0.4": "cpu_l0_target", "l0_target0.1": "cpu_l0_target_strong"},
                                  extra=("--trainer.max_steps", "1000"), llc=True,
                                  measure=dict(circuit=True, circuit_zero=True, edge_ablation=True)),
