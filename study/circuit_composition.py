@@ -76,7 +76,7 @@ def _current(entry_path: Path, runs: Path | None) -> bool:
 
 
 def _entries(compare_dirs: Sequence[Path]) -> list[Path]:
-    """Every cache entry of the directories; a variant found in two of them raises (which is meant?)."""
+    """Every cache entry of the directories; a variant cached in two of them raises (which one is meant is unknown)."""
     owner: dict[str, Path] = {}
     paths = []
     for compare_dir in compare_dirs:
