@@ -28,6 +28,14 @@ if str(ROOT) not in sys.path:  # `python study/merge_reports.py` puts study/, no
 IGNORED_OPTIONS = ("device",)
 
 
+def options_added() -> dict:
+    """{option: the value reports older than it were measured at}, from the compare metrics'
+    ``options_added`` (a report written before an option existed lacks it)."""
+    from evaluation.compare.metrics.base import all_metrics
+
+    return {name: value for metric in all_metrics() for name, value in metric.options_added.items()}
+
+
 def _runs(report: dict) -> dict[tuple[str, str], dict]:
     """The report's runs keyed by (variant, seed), unpacked as ``run_study --restat`` reads them."""
     from study.run_study import measurements_from_report
@@ -57,11 +65,14 @@ def merge_reports(old: dict, new: dict, rtol: float = 1e-9, replace: Sequence[st
     if old["task"] != new["task"] or old["baseline"] != new["baseline"]:
         raise ValueError(f"reports of different tasks/baselines: {old['task']}/{old['baseline']} vs "
                          f"{new['task']}/{new['baseline']}")
-    differing = sorted(k for k in set(old["options"]) | set(new["options"])
-                       if k not in IGNORED_OPTIONS and old["options"].get(k) != new["options"].get(k))
+    added = options_added()
+    old_options, new_options = ({**{k: v for k, v in added.items() if k not in r["options"]}, **r["options"]}
+                                for r in (old, new))
+    differing = sorted(k for k in set(old_options) | set(new_options)
+                       if k not in IGNORED_OPTIONS and old_options.get(k) != new_options.get(k))
     if differing:
         raise ValueError(f"measurement options differ, values are not comparable: "
-                         + ", ".join(f"{k}={old['options'].get(k)!r} vs {new['options'].get(k)!r}" for k in differing))
+                         + ", ".join(f"{k}={old_options.get(k)!r} vs {new_options.get(k)!r}" for k in differing))
     old_runs, new_runs = _runs(old), _runs(new)
     unknown = [r for r in replace if not any(_replaced(key, (r,)) for key in old_runs)]
     if unknown:

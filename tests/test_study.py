@@ -373,6 +373,16 @@ def test_merge_reports_equals_one_report_of_all_runs_and_refuses_disagreeing_run
     with pytest.raises(ValueError, match=r"baseline/seed1: alignment = .* in the earlier report"):
         merge_reports(old, new)
     new["variants"]["baseline"]["metrics"]["alignment"]["values"][1] -= 1e-6
+    # an option added after the earlier report was written: absent there, it reads as the value
+    # that report was measured at (the circuit search: "penalty"); any other value differs
+    for search, merges in (("penalty", True), ("lagrangian", False)):
+        later = {**json.loads(json.dumps(new)), "options": {**new.get("options", {}), "circuit_search": search}}
+        earlier = {**old, "options": {k: v for k, v in old.get("options", {}).items() if k != "circuit_search"}}
+        if merges:
+            assert merge_reports(earlier, later)["options"]["circuit_search"] == "penalty"
+        else:
+            with pytest.raises(ValueError, match="circuit_search='penalty' vs 'lagrangian'"):
+                merge_reports(earlier, later)
     new["options"] = {**new.get("options", {}), "max_samples": 64}
     with pytest.raises(ValueError, match="measurement options differ.*max_samples"):
         merge_reports(old, new)
