@@ -263,6 +263,11 @@ def compare(plan: TaskPlan, task: str, todo: list[Cell], root: Path, out: Path, 
     if BASELINE not in done:
         raise ValueError(f"task {task!r}: no trained baseline run under {root / task / BASELINE}; train it first")
     variants = {v: runs_from_paths(v, [c.directory for c in cs]) for v, cs in done.items()}
+    other = other_architectures(variants, BASELINE)
+    if other:
+        log(f"[{task}] another model than the baseline's, left out of the report (compare their circuits with "
+            f"study/circuit_composition.py): {', '.join(other)}")
+        variants = {v: runs for v, runs in variants.items() if v not in other}
     options = MeasureOptions(**{"llc": plan.llc if llc is None else llc, **plan.measure})
     start = time.time()
     if cached:  # nothing measured: the metrics cached for every run (study/cached.py)
@@ -337,6 +342,19 @@ def restat(out: Path, figures: Path | None, tasks: list[str] | None = None, log=
             compare_plots.plot_metric_bars(report, figures / f"{task}_metrics.png")
             shutil.copyfile(out / task / "tradeoff.png", figures / f"{task}_tradeoff.png")
         log(f"[{task}] statistics rebuilt: {report['n_comparisons']} comparisons, {report['correction']} correction")
+
+
+def other_architectures(variants: dict, baseline: str) -> list[str]:
+    """The variants whose model (run config ``model.model``) is not the baseline's: one report
+    compares one architecture (``interp-eval compare`` refuses a mix), so a task's cells of another
+    width (the ``wide_*`` families) are left out of its report."""
+    import yaml
+
+    def models(runs) -> set[str]:
+        return {repr((yaml.safe_load(Path(r.config).read_text()) or {}).get("model", {}).get("model")) for r in runs}
+
+    reference = models(variants[baseline])
+    return [v for v, runs in variants.items() if v != baseline and models(runs) != reference]
 
 
 def figures_dir(out: Path) -> Path:

@@ -246,6 +246,7 @@ def test_llc_flag_reaches_the_measure_options_of_each_task(tmp_path, monkeypatch
 
     monkeypatch.setattr(evaluation.compare, "run_compare", fake_run_compare)
     monkeypatch.setattr(evaluation.compare, "runs_from_paths", lambda variant, paths: list(paths))
+    monkeypatch.setattr(run_study, "other_architectures", lambda variants, baseline: [])  # the fake runs have no config
     for task in expected:
         done = run_dir(tmp_path, task, "baseline", 0)
         done.mkdir(parents=True)
@@ -461,3 +462,19 @@ def test_figures_follow_out_unless_given(tmp_path, monkeypatch):
     run_study.main([*base, "--out", str(tmp_path / "out"), "--figures", str(tmp_path / "fig")])
     run_study.main(base)
     assert seen == [tmp_path / "out" / "figures", tmp_path / "fig", Path("study/figures")]
+
+
+def test_cells_of_another_model_are_left_out_of_a_task_report(tmp_path):
+    """A wide_* cell (another d_model) is named and left out; a regularized cell of the baseline's
+    model stays, whatever its regularizers."""
+    from types import SimpleNamespace
+
+    def run(name, d_model, regularizers=()):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(json.dumps({"model": {"model": {"class_path": "T", "init_args": {"d_model": d_model}},
+                                              "regularizers": list(regularizers)}}))
+        return SimpleNamespace(config=path)
+
+    variants = {"baseline": [run("b0", 64), run("b1", 64)], "ws_x1": [run("w0", 64, ["WeightSparsity"])],
+                "wide_baseline_x1": [run("v0", 128)], "mixed_x1": [run("m0", 64), run("m1", 128)]}
+    assert run_study.other_architectures(variants, "baseline") == ["wide_baseline_x1", "mixed_x1"]
