@@ -268,6 +268,7 @@ def compare(plan: TaskPlan, task: str, todo: list[Cell], root: Path, out: Path, 
         log(f"[{task}] another model than the baseline's, left out of the report (compare their circuits with "
             f"study/circuit_composition.py): {', '.join(other)}")
         variants = {v: runs for v, runs in variants.items() if v not in other}
+        done = {v: cells for v, cells in done.items() if v not in other}
     options = MeasureOptions(**{"llc": plan.llc if llc is None else llc, **plan.measure})
     start = time.time()
     if cached:  # nothing measured: the metrics cached for every run (study/cached.py)
@@ -351,7 +352,7 @@ def other_architectures(variants: dict, baseline: str) -> list[str]:
     import yaml
 
     def models(runs) -> set[str]:
-        return {repr((yaml.safe_load(Path(r.config).read_text()) or {}).get("model", {}).get("model")) for r in runs}
+        return {repr(((yaml.safe_load(Path(r.config).read_text()) or {}).get("model") or {}).get("model")) for r in runs}
 
     reference = models(variants[baseline])
     return [v for v, runs in variants.items() if v != baseline and models(runs) != reference]
