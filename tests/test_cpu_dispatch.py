@@ -118,6 +118,7 @@ def test_run_study_refuses_to_report_runs_that_mix_capabilities(tmp_path, monkey
 
     monkeypatch.setattr(evaluation.compare, "run_compare", fake_run_compare)
     monkeypatch.setattr(evaluation.compare, "runs_from_paths", lambda variant, paths: list(paths))
+    monkeypatch.setattr(run_study, "other_architectures", lambda variants, baseline: [])  # the fake runs have no config
     monkeypatch.setattr(cpu_dispatch, "current_level", lambda: "AVX512")
     trained_run(tmp_path, "text", "baseline", 0, "AVX2")
     args = ["--tasks", "text", "--seeds", "0", "1", "--root", str(tmp_path), "--out", str(tmp_path / "out"),
