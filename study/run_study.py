@@ -349,13 +349,10 @@ def other_architectures(variants: dict, baseline: str) -> list[str]:
     """The variants whose model (run config ``model.model``) is not the baseline's: one report
     compares one architecture (``interp-eval compare`` refuses a mix), so a task's cells of another
     width (the ``wide_*`` families) are left out of its report."""
-    import yaml
+    from evaluation.compare.runs import architecture
 
-    def models(runs) -> set[str]:
-        return {repr(((yaml.safe_load(Path(r.config).read_text()) or {}).get("model") or {}).get("model")) for r in runs}
-
-    reference = models(variants[baseline])
-    return [v for v, runs in variants.items() if v != baseline and models(runs) != reference]
+    reference = {architecture(r) for r in variants[baseline]}
+    return [v for v, runs in variants.items() if v != baseline and {architecture(r) for r in runs} != reference]
 
 
 def figures_dir(out: Path) -> Path:

@@ -103,6 +103,16 @@ def _load_yaml(path: Path) -> dict:
     return yaml.safe_load(path.read_text()) or {}
 
 
+def _model_of(config: dict) -> str:
+    return repr((config.get("model") or {}).get("model"))
+
+
+def architecture(run: Run) -> str:
+    """The run's model as its config states it (``model.model``: class and init arguments), as a
+    string; two runs of one architecture give the same string, whatever their regularizers."""
+    return _model_of(_load_yaml(run.config))
+
+
 _LOADER_KEYS = ("batch_size", "eval_batch_size", "num_workers")
 
 
@@ -116,9 +126,8 @@ def check_consistent(variants: Mapping[str, Sequence[Run]]) -> list[str]:
         for run in runs:
             cfg = _load_yaml(run.config)
             name = f"{run.variant}/{run.seed}"
-            arch = repr((cfg.get("model") or {}).get("model"))
             data = cfg.get("data") or {}
-            archs.setdefault(arch, []).append(name)
+            archs.setdefault(_model_of(cfg), []).append(name)
             tasks.setdefault(str(data.get("class_path")), []).append(name)
             init = {k: v for k, v in (data.get("init_args") or {}).items() if k not in _LOADER_KEYS}
             data_settings.setdefault(repr(sorted(init.items())), []).append(name)
