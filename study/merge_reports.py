@@ -6,7 +6,8 @@ added: this merges two ``report.json`` files of the same task and measurement op
 run by run, and ``run_study.py --restat`` then rebuilds the statistics over the merged family of
 comparisons. A run present in both (same variant and seed) must have the same value of every metric
 both measured (within ``--rtol``): that is the check that the earlier values are what the current
-code measures; a disagreement raises and nothing is written. ``--replace VARIANT`` (or
+code measures; a disagreement raises and nothing is written. A metric whose version differs between
+the two reports merges only when a run in both shows the versions agree on it. ``--replace VARIANT`` (or
 ``VARIANT/seedN``) drops those runs of OLD first, so a cell re-trained and re-measured comes from NEW
 alone (its earlier values are not checked: use it for runs known to be different models).
 """
@@ -87,6 +88,14 @@ def merge_reports(old: dict, new: dict, rtol: float = 1e-9, replace: Sequence[st
             if not _same(a, b, rtol):
                 raise ValueError(f"run {key[0]}/{key[1]}: {name} = {b!r} now but {a!r} in the earlier report "
                                  f"(rtol {rtol}); re-measure it instead of merging")
+    shared = set(old_runs) & set(new_runs)
+    old_versions = {m["name"]: m.get("version") for m in old["metrics"]}
+    changed = [f"{m['name']} (version {old_versions[m['name']]} vs {m.get('version')})" for m in metrics
+               if old_versions[m["name"]] != m.get("version")]
+    if changed and not shared:
+        # with a run in both, the check above shows the two versions measure this task alike
+        raise ValueError("measured by different versions of a metric, and no run is in both reports to show "
+                         "they agree on this task: " + ", ".join(changed) + "; re-measure the earlier runs")
     merged_runs = {**old_runs, **new_runs}
     variants: dict[str, dict] = {}
     for (variant, seed) in sorted(merged_runs, key=lambda k: (k[0] != new["baseline"], k[0], k[1])):

@@ -315,6 +315,18 @@ def measurements_from_report(report: dict) -> dict[str, list[dict]]:
     return out
 
 
+def measured_versions(current: list[dict], recorded: list[dict]) -> tuple[list[dict], list[str]]:
+    """``current`` (the metrics' descriptions as the code has them now) with each metric's version as
+    ``recorded`` in the report the values come from: statistics rebuilt from stored values must not
+    relabel them as measured by a later definition. Also "name (version a; the code: b)" for each
+    metric whose recorded version is not the code's."""
+    versions = {m["name"]: m.get("version") for m in recorded}
+    infos = [{**m, "version": versions.get(m["name"], m.get("version"))} for m in current]
+    stale = [f"{m['name']} (version {versions[m['name']]}; the code: {m.get('version')})" for m in current
+             if versions.get(m["name"], m.get("version")) != m.get("version")]
+    return infos, stale
+
+
 def restat(out: Path, figures: Path | None, tasks: list[str] | None = None, log=print) -> None:
     """Rebuilds every ``out/<task>/report.{json,md}`` and ``tradeoff.png`` from the per-seed values
     the report holds, with the current statistics (tests, multiple-comparison correction); no
@@ -333,6 +345,10 @@ def restat(out: Path, figures: Path | None, tasks: list[str] | None = None, log=
         messages = [m for m in old["messages"] if not any(g in m for g in generated)]
         report = build_report(measurements_from_report(old), old["baseline"], old["test"], old["alpha"],
                               old["options"], messages, correction=old.get("correction", "holm"))
+        report["metrics"], stale = measured_versions(report["metrics"], old["metrics"])
+        if stale:
+            log(f"[{task}] measured by an earlier version of the code (not re-measured by --restat): "
+                + ", ".join(stale))
         old_md = (out / task / "report.md").read_text() if (out / task / "report.md").is_file() else ""
         plots = [p for p in ("metrics.png", "alignment_hist.png", "edge_curves.png") if f"`{p}`" in old_md]
         write_json_atomic(path, report)

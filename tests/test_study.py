@@ -387,6 +387,32 @@ def test_merge_reports_equals_one_report_of_all_runs_and_refuses_disagreeing_run
     new["options"] = {**new.get("options", {}), "max_samples": 64}
     with pytest.raises(ValueError, match="measurement options differ.*max_samples"):
         merge_reports(old, new)
+    new["options"] = old["options"]
+    # a metric's version bumped between the reports: a shared run that agrees shows the bump does
+    # not touch this task; without one the merge refuses
+    bumped = {**new, "metrics": [{**m, "version": m["version"] + 1} if m["name"] == "alignment" else m
+                                 for m in new["metrics"]]}
+    assert merge_reports(old, bumped)["variants"]["noise_x1"]["seeds"] == ["seed0", "seed1", "seed2"]
+    disjoint = {**bumped, "variants": {"baseline": {**bumped["variants"]["baseline"], "seeds": ["seed7", "seed8"]},
+                                       "wd_x1": bumped["variants"]["wd_x1"]}}
+    with pytest.raises(ValueError, match=r"different versions of a metric.*alignment \(version 1 vs 2\)"):
+        merge_reports(old, disjoint)
+
+
+def test_restat_keeps_the_versions_the_values_were_measured_at(tmp_path):
+    """A report measured before a metric's version bump: --restat rebuilds its statistics but leaves
+    the recorded (earlier) version on the metric, and says so."""
+    report = sweep_report()
+    current = {m["name"]: m["version"] for m in report["metrics"]}
+    name = report["metrics"][0]["name"]
+    report["metrics"][0] = {**report["metrics"][0], "version": current[name] - 1}
+    (tmp_path / "digits").mkdir()
+    (tmp_path / "digits" / "report.json").write_text(json.dumps(report))
+    logs = []
+    run_study.restat(tmp_path, None, ["digits"], log=logs.append)
+    rebuilt = json.loads((tmp_path / "digits" / "report.json").read_text())
+    assert {m["name"]: m["version"] for m in rebuilt["metrics"]} == {**current, name: current[name] - 1}
+    assert any(f"{name} (version {current[name] - 1}; the code: {current[name]})" in line for line in logs)
 
 
 def test_merge_reports_replace_takes_a_retrained_cell_from_the_new_report_only():
