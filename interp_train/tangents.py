@@ -81,7 +81,7 @@ def _check_explained_variance(value: float) -> float:
 def _dim_for_variance(eigenvalues: torch.Tensor, explained_variance: float) -> int:
     """Smallest m with (λ_1 + ... + λ_m) / ∑λ >= explained_variance (eigenvalues sorted descending)."""
     ratio = eigenvalues.clamp_min(0).cumsum(0) / eigenvalues.clamp_min(0).sum().clamp_min(1e-300)
-    m = int(torch.searchsorted(ratio, torch.tensor(explained_variance - 1e-12, dtype=ratio.dtype)).item()) + 1
+    m = int(torch.searchsorted(ratio, torch.tensor(explained_variance - 1e-12, dtype=ratio.dtype, device=ratio.device)).item()) + 1
     return min(m, eigenvalues.shape[0])
 
 

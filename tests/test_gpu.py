@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from evaluation.lib.fit import LIBConfig, fit_lib
+from tests.test_compare import runs  # noqa: F401 (the session fixture of tiny digits runs)
 from tests.test_structured import bridge, tokens
 
 pytestmark = [pytest.mark.gpu,
@@ -63,3 +64,47 @@ def test_cli_lib_on_cuda_writes_the_cpu_report(tmp_path):
     for key, value in edges["cpu"].items():
         scale = value.abs().max().clamp_min(1e-300)
         assert (edges["cuda"][key] - value).abs().max() <= 1e-9 * scale, key
+
+
+def test_alignment_robustness_and_node_ablation_on_cuda_equal_cpu():
+    """The manifold metrics and LIB's node-ablation curve with model and data on the GPU, a tangent
+    provider answering on the CPU: the CPU's values (float64 model) to 1e-9."""
+    from evaluation.metrics.alignment import gradient_alignment
+    from evaluation.metrics.lib_summary import node_ablation_curve
+    from evaluation.metrics.robustness import manifold_robustness
+    from interp_train.tangents import GlobalPCATangents
+    from tests.helpers import tiny_mlp
+
+    g = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(6, 2, generator=g, dtype=torch.float64))[0]
+    x = torch.randn(48, 2, generator=g, dtype=torch.float64) @ U.T + 0.05 * torch.randn(48, 6, generator=g,
+                                                                                        dtype=torch.float64)
+    y = torch.randint(0, 3, (48,), generator=g)
+    tangents = GlobalPCATangents(x, dim=2)  # fitted, and answering, on the CPU
+    model = tiny_mlp(6, 8, 3).double()
+    fit = fit_lib(model, [(x,)], ["input", "1", "output"], LIBConfig(), progress=False)
+    values = {}
+    for device in ("cpu", "cuda"):
+        m, batches = model.to(device), [(x[i:i + 16].to(device), y[i:i + 16].to(device)) for i in (0, 16, 32)]
+        align = gradient_alignment(m, batches, tangents, progress=False)
+        rob = manifold_robustness(m, batches, tangents, eps=(0.1, 0.5), n_draws=2, seed=3, progress=False)
+        curve = node_ablation_curve(m, batches, fit, "1", ks=[0, 1, 3], metric="loss")
+        values[device] = [align.mean, *align.quantiles.values(), *rob.on_change, *rob.off_change, *curve]
+    assert values["cuda"] == pytest.approx(values["cpu"], rel=1e-9)
+
+
+def test_compare_on_cuda_measures_what_the_cpu_measures(tmp_path, runs):
+    """`interp-eval compare --device cuda` on tiny digits runs, every metric including circuits and
+    edge ablation: the CPU's values (float32 models: accuracy exactly, the rest to 1e-3)."""
+    from evaluation.compare import MeasureOptions, discover_runs, run_compare
+
+    values = {}
+    for device in ("cpu", "cuda"):
+        options = MeasureOptions(max_samples=64, device=device, circuit=True, circuit_zero=True, edge_ablation=True)
+        report = run_compare(discover_runs(runs["task_dir"]), tmp_path / device, options, progress=False).report
+        values[device] = {(v, m): s["values"] for v, row in report["variants"].items()
+                          for m, s in row["metrics"].items()}
+    assert set(values["cuda"]) == set(values["cpu"]) and ("baseline", "edge_ablation_lib") in values["cpu"]
+    for key, want in values["cpu"].items():
+        rel = 0 if key[1] == "accuracy" else 1e-3
+        assert values["cuda"][key] == pytest.approx(want, rel=rel, abs=1e-6), key

@@ -69,7 +69,7 @@ class ExplicitTransformer:
         v = torch.einsum("...td,hde->...hte", x, self.w[p + "W_V"]) + self.w[p + "b_V"][:, None]
         scores = q @ k.transpose(-1, -2) / math.sqrt(self.d_head)
         T = resid.shape[-2]
-        future = torch.ones(T, T, dtype=torch.bool).triu(1)
+        future = torch.ones(T, T, dtype=torch.bool, device=scores.device).triu(1)
         pattern = scores.masked_fill(future, float("-inf")).softmax(-1)
         z = pattern @ v
         return resid + torch.einsum("...hte,hed->...td", z, self.w[p + "W_O"]) + self.w[p + "b_O"]

@@ -44,7 +44,8 @@ def iterate_batches(
 
 
 def tangent_basis(tangents, points: torch.Tensor, extras: Mapping | None) -> torch.Tensor:
-    """U (B, d, k) from the provider for flattened points (B, d), in float64, shape-checked."""
+    """U (B, d, k) from the provider for flattened points (B, d), in float64 on the points' device
+    (a provider may answer on its own), shape-checked."""
     basis = tangents.basis(points.detach(), extras or None)
     if basis.ndim != 3 or basis.shape[:2] != points.shape:
         raise ValueError(
@@ -52,7 +53,7 @@ def tangent_basis(tangents, points: torch.Tensor, extras: Mapping | None) -> tor
             f"expected (B, d, k) = ({points.shape[0]}, {points.shape[1]}, k) for points of shape "
             f"{tuple(points.shape)} (is it built on the same representation as the site?)"
         )
-    return basis.to(torch.float64)
+    return basis.to(device=points.device, dtype=torch.float64)
 
 
 @dataclass
@@ -143,9 +144,9 @@ def gradient_alignment(
     fr = torch.cat(fractions)
     if fr.numel() == 0:
         raise DegenerateModelError(f"all {n_zero} gradients were exactly zero; alignment is undefined")
-    qs = torch.quantile(fr, torch.tensor([0.1, 0.25, 0.75, 0.9], dtype=fr.dtype))
+    qs = torch.quantile(fr, torch.tensor([0.1, 0.25, 0.75, 0.9], dtype=fr.dtype, device=fr.device))
     return AlignmentResult(
-        fractions=fr, mean=float(fr.mean()), median=float(fr.median()),
+        fractions=fr.cpu(), mean=float(fr.mean()), median=float(fr.median()),
         std=float(fr.std()) if fr.numel() > 1 else 0.0,
         baseline=math.sqrt(k_max / d), k=int(k_max), d=int(d), target=target, site=site,
         n_zero_gradient=n_zero, provider=repr(tangents),

@@ -173,9 +173,9 @@ def project_top_k(activation: torch.Tensor, basis, k: int) -> torch.Tensor:
     if not 0 <= k <= n:
         raise ValueError(f"k must be in [0, {n}] (the number of non-constant features), got {k}")
     order = 1 + torch.argsort(lam[1:], descending=True)
-    keep = torch.cat([torch.zeros(1, dtype=torch.long), order[:k]])
+    keep = torch.cat([torch.zeros(1, dtype=torch.long, device=order.device), order[:k]])
     a = activation.to(torch.float64)
-    f_aug = torch.cat([torch.ones(*a.shape[:-1], 1, dtype=torch.float64), a], dim=-1)
+    f_aug = torch.cat([torch.ones(*a.shape[:-1], 1, dtype=torch.float64, device=a.device), a], dim=-1)
     recon = (f_aug @ C[:, keep].to(a.device)) @ C_pinv[keep].to(a.device)
     return recon[..., 1:].to(activation.dtype)
 

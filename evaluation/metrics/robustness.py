@@ -84,8 +84,7 @@ def manifold_robustness(
     if isinstance(n_draws, bool) or not isinstance(n_draws, int) or n_draws < 1:
         raise ValueError(f"n_draws must be a positive integer, got {n_draws!r}")
     gen = torch.Generator().manual_seed(seed)
-    on_sum = torch.zeros(len(eps_list), dtype=torch.float64)
-    off_sum = torch.zeros(len(eps_list), dtype=torch.float64)
+    on_sum = off_sum = 0.0  # (len(eps),) tensors on the data's device after the first batch
     n_examples, k, d = 0, 0, 0
     with eval_mode(model), torch.no_grad():
         for inputs, _targets, extras in iterate_batches(data, max_batches, "manifold robustness", progress):
@@ -98,26 +97,27 @@ def manifold_robustness(
             U = tangent_basis(tangents, flat, extras)
             B, d, k = U.shape
             n_examples += B
+            radii = torch.tensor(eps_list, dtype=torch.float64, device=U.device)[:, None, None]
             for _ in range(n_draws):
-                z = torch.randn(B, k, generator=gen, dtype=torch.float64)
-                w = torch.randn(B, d, generator=gen, dtype=torch.float64)
+                # drawn on the CPU (the same directions on every device), then moved to the data
+                z = torch.randn(B, k, generator=gen, dtype=torch.float64).to(U.device)
+                w = torch.randn(B, d, generator=gen, dtype=torch.float64).to(U.device)
                 u_on = _unit(torch.einsum("bdk,bk->bd", U, z))
                 u_off = _unit(project_off(U, w))
                 # one forward for all (direction, ε) pairs: rows ordered [on ε₁.., off ε₁..] × B
-                radii = torch.tensor(eps_list, dtype=torch.float64)[:, None, None]
                 steps = torch.cat([radii * u_on, radii * u_off]).reshape(-1, *act.shape[1:]).to(act.dtype)
                 repeated = inputs.repeat(2 * len(eps_list), *([1] * (inputs.ndim - 1)))
                 out = run_model(model, repeated, edit={site: lambda a: a + steps}).output
                 probs = torch.softmax(out.to(torch.float64), dim=-1)
                 change = _softmax_l1(probs, p_ref.repeat(2 * len(eps_list), *([1] * (p_ref.ndim - 1))))
                 change = change.reshape(2, len(eps_list), B).sum(dim=2)
-                on_sum += change[0]
-                off_sum += change[1]
+                on_sum = on_sum + change[0]
+                off_sum = off_sum + change[1]
     if n_examples == 0:
         raise ValueError("manifold robustness got no batches from the data")
     total = n_examples * n_draws
-    on = (on_sum / total).tolist() if k > 0 else [math.nan] * len(eps_list)
-    off = (off_sum / total).tolist() if k < d else [math.nan] * len(eps_list)
+    on = (on_sum / total).cpu().tolist() if k > 0 else [math.nan] * len(eps_list)
+    off = (off_sum / total).cpu().tolist() if k < d else [math.nan] * len(eps_list)
     ratio = [o_ff / o_n if o_n > 0 and math.isfinite(o_ff) else None for o_n, o_ff in zip(on, off)]
     return RobustnessResult(eps=eps_list, on_change=on, off_change=off, ratio=ratio,
                             n_examples=n_examples, n_draws=n_draws, k=int(k), d=int(d), site=site)
