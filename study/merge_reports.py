@@ -82,13 +82,13 @@ def merge_reports(old: dict, new: dict, rtol: float = 1e-9, replace: Sequence[st
     old_runs = {key: run for key, run in old_runs.items() if not _replaced(key, replace)}
     metrics = [m for m in new["metrics"] if any(m["name"] == o["name"] for o in old["metrics"])]
     names = [m["name"] for m in metrics]
-    for key in sorted(set(old_runs) & set(new_runs)):
+    shared = set(old_runs) & set(new_runs)
+    for key in sorted(shared):
         for name in names:
             a, b = old_runs[key]["values"].get(name), new_runs[key]["values"].get(name)
             if not _same(a, b, rtol):
                 raise ValueError(f"run {key[0]}/{key[1]}: {name} = {b!r} now but {a!r} in the earlier report "
                                  f"(rtol {rtol}); re-measure it instead of merging")
-    shared = set(old_runs) & set(new_runs)
     old_versions = {m["name"]: m.get("version") for m in old["metrics"]}
     changed = [f"{m['name']} (version {old_versions[m['name']]} vs {m.get('version')})" for m in metrics
                if old_versions[m["name"]] != m.get("version")]

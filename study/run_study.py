@@ -230,8 +230,8 @@ def measured_versions(current: list[dict], recorded: list[dict]) -> tuple[list[d
     metric whose recorded version is not the code's."""
     versions = {m["name"]: m.get("version") for m in recorded}
     infos = [{**m, "version": versions.get(m["name"], m.get("version"))} for m in current]
-    stale = [f"{m['name']} (version {versions[m['name']]}; the code: {m.get('version')})" for m in current
-             if versions.get(m["name"], m.get("version")) != m.get("version")]
+    stale = [f"{m['name']} (version {info['version']}; the code: {m.get('version')})"
+             for m, info in zip(current, infos) if info["version"] != m.get("version")]
     return infos, stale
 
 
