@@ -37,6 +37,12 @@ def options_added() -> dict:
     return {name: value for metric in all_metrics() for name, value in metric.options_added.items()}
 
 
+def _registered():
+    from evaluation.compare.metrics.base import all_metrics
+
+    return all_metrics()
+
+
 def _runs(report: dict) -> dict[tuple[str, str], dict]:
     """The report's runs keyed by (variant, seed), unpacked as ``run_study --restat`` reads them."""
     from study.run_study import measurements_from_report
@@ -58,7 +64,10 @@ def _replaced(key: tuple[str, str], replace: Sequence[str]) -> bool:
 
 
 def merge_reports(old: dict, new: dict, rtol: float = 1e-9, replace: Sequence[str] = ()) -> dict:
-    """``new`` with the runs of ``old`` it lacks; metrics: those both reports hold (values of ``new`` where both).
+    """``new`` with the runs of ``old`` it lacks; metrics: those measured on every merged run, by either
+    report (values of ``new`` where both). So new cells measured with every metric merge on the
+    metrics both reports hold, and a metric measured afterwards on every run of ``old``
+    (``run_study.py --compare-only --metrics ...``) joins the earlier report's metrics.
 
     ``replace``: variants (``name``) or runs (``name/seedN``) of ``old`` left out before merging; each
     must name a run of ``old``, so a typo raises instead of silently keeping the earlier values.
@@ -80,23 +89,33 @@ def merge_reports(old: dict, new: dict, rtol: float = 1e-9, replace: Sequence[st
         raise ValueError(f"--replace {', '.join(unknown)}: no such run in the earlier report; it has "
                          + ", ".join(f"{v}/{s}" for v, s in sorted(old_runs)))
     old_runs = {key: run for key, run in old_runs.items() if not _replaced(key, replace)}
-    metrics = [m for m in new["metrics"] if any(m["name"] == o["name"] for o in old["metrics"])]
+    old_names, new_names = ({m["name"] for m in r["metrics"]} for r in (old, new))
+    measured = [(old_names if key in old_runs else set()) | (new_names if key in new_runs else set())
+                for key in {**old_runs, **new_runs}]
+    infos = {**{m["name"]: m for m in old["metrics"]}, **{m["name"]: m for m in new["metrics"]}}
+    order = {m.name: i for i, m in enumerate(_registered())}
+    metrics = sorted((infos[n] for n in infos if all(n in names for names in measured)),
+                     key=lambda m: order.get(m["name"], len(order)))
     names = [m["name"] for m in metrics]
     shared = set(old_runs) & set(new_runs)
     for key in sorted(shared):
-        for name in names:
+        for name in (n for n in names if n in old_names and n in new_names):
             a, b = old_runs[key]["values"].get(name), new_runs[key]["values"].get(name)
             if not _same(a, b, rtol):
                 raise ValueError(f"run {key[0]}/{key[1]}: {name} = {b!r} now but {a!r} in the earlier report "
                                  f"(rtol {rtol}); re-measure it instead of merging")
     old_versions = {m["name"]: m.get("version") for m in old["metrics"]}
     changed = [f"{m['name']} (version {old_versions[m['name']]} vs {m.get('version')})" for m in metrics
-               if old_versions[m["name"]] != m.get("version")]
+               if m["name"] in old_versions and m["name"] in new_names and old_versions[m["name"]] != m.get("version")]
     if changed and not shared:
         # with a run in both, the check above shows the two versions measure this task alike
         raise ValueError("measured by different versions of a metric, and no run is in both reports to show "
                          "they agree on this task: " + ", ".join(changed) + "; re-measure the earlier runs")
-    merged_runs = {**old_runs, **new_runs}
+    empty = {"notes": [], "values": {}}
+    merged_runs = {key: {"run": (new_runs.get(key) or old_runs[key])["run"],
+                         "notes": sorted({*old_runs.get(key, empty)["notes"], *new_runs.get(key, empty)["notes"]}),
+                         "values": {**old_runs.get(key, empty)["values"], **new_runs.get(key, empty)["values"]}}
+                   for key in {**old_runs, **new_runs}}
     variants: dict[str, dict] = {}
     for (variant, seed) in sorted(merged_runs, key=lambda k: (k[0] != new["baseline"], k[0], k[1])):
         run = merged_runs[variant, seed]

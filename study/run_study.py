@@ -151,13 +151,22 @@ def random_alignment(compare_dir: Path, variant: str, seed: int) -> dict | None:
     return None if not found else {k: found.get(k) for k in ("k", "d", "baseline")}
 
 
+def measure_options(plan: TaskPlan, llc: bool | None = None):
+    """The ``MeasureOptions`` a task's compare runs with (``llc`` None: the plan's choice)."""
+    from evaluation.compare import MeasureOptions
+
+    return MeasureOptions(**{"llc": plan.llc if llc is None else llc, **plan.measure})
+
+
 def compare(plan: TaskPlan, task: str, todo: list[Cell], root: Path, out: Path, command: str = "",
             llc: bool | None = None, figures: Path | None = None, log=print, cached: bool = False,
-            selected: list[Cell] | None = None):
+            selected: list[Cell] | None = None, metrics: list[str] | None = None):
     """``interp-eval compare`` on the trained cells of ``todo`` (cache: ``<root>/<task>/compare/cache``);
     report.json|md, plots and tradeoff.png go to ``<out>/<task>/``, cost and commands to its study.json.
-    ``selected``: the cells asked for (default ``todo``); those not trained are listed as missing."""
-    from evaluation.compare import MeasureOptions, run_compare, runs_from_paths
+    ``selected``: the cells asked for (default ``todo``); those not trained are listed as missing.
+    ``metrics``: measure and report only these (a metric added since the runs were measured; then
+    ``study/merge_reports.py`` adds them to the earlier report)."""
+    from evaluation.compare import run_compare, runs_from_paths
     from interp_train.io import write_json_atomic
     from study.tradeoff import plot_tradeoff
 
@@ -177,14 +186,15 @@ def compare(plan: TaskPlan, task: str, todo: list[Cell], root: Path, out: Path, 
             f"study/circuit_composition.py): {', '.join(other)}")
         variants = {v: runs for v, runs in variants.items() if v not in other}
         done = {v: cells for v, cells in done.items() if v not in other}
-    options = MeasureOptions(**{"llc": plan.llc if llc is None else llc, **plan.measure})
+    options = measure_options(plan, llc)
     start = time.time()
     if cached:  # nothing measured: the metrics cached for every run (study/cached.py)
         from study.cached import cached_compare
 
         result = cached_compare(variants, root / task / "compare", options, baseline=BASELINE)
     else:
-        result = run_compare(variants, root / task / "compare", options, baseline=BASELINE, progress=False)
+        result = run_compare(variants, root / task / "compare", options, baseline=BASELINE, progress=False,
+                             metrics=metrics)
     seconds = time.time() - start
     target = out / task
     target.mkdir(parents=True, exist_ok=True)
@@ -332,6 +342,10 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--cached", action="store_true",
                         help="with --compare-only: report from the measurement cache alone, leaving out metrics "
                              "not cached for every run (study/cached.py)")
+    parser.add_argument("--metrics", nargs="+", default=None, metavar="NAME",
+                        help="with --compare-only: measure and report only these compare metrics (e.g. one added "
+                             "since the runs were measured; merge the report into the earlier one with "
+                             "study/merge_reports.py)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the box is shared)")
     parser.add_argument("--allow-mixed-cpu", action="store_true",
                         help="train or report runs of a task whose runs record different torch CPU capabilities "
@@ -339,6 +353,8 @@ def parse_args(argv: list[str] | None):
     args = parser.parse_args(argv)
     if args.families is not None and len(args.tasks) != 1:
         parser.error("--families needs exactly one task in --tasks (family names differ between tasks)")
+    if args.metrics is not None and (not args.compare_only or args.cached):
+        parser.error("--metrics needs --compare-only without --cached (it chooses what to measure)")
     # a seed given twice (`--seeds 0 {}` with {} = 0) would train and measure the same run twice
     args.seeds = list(dict.fromkeys(args.seeds))
     return args
@@ -362,6 +378,13 @@ def main(argv: list[str] | None = None) -> None:
             todo[task] = list(cells(plan, task, args.seeds, root, ROOT, args.families, args.multipliers))
         except ValueError as err:
             raise SystemExit(f"run_study: {err}")
+        if args.metrics is not None:
+            from evaluation.compare.measure import select_metrics
+
+            try:
+                select_metrics(measure_options(plan, args.llc), args.metrics)
+            except ValueError as err:
+                raise SystemExit(f"run_study: [{task}] --metrics: {err}")
     if args.dry_run:
         for task, cs in todo.items():
             log(f"[{task}] {sum(c.done for c in cs)}/{len(cs)} runs done")
@@ -383,7 +406,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.train_only:
             continue
         compare(plan, task, report_cells(plan, task, args, root), root, out, command, llc=args.llc, figures=figures, log=log,
-                cached=args.cached, selected=todo[task])
+                cached=args.cached, selected=todo[task], metrics=args.metrics)
     if not args.train_only:
         log(f"wrote {write_summary(out, list(PLANS))}")
 

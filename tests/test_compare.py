@@ -16,6 +16,7 @@ from evaluation.compare import measure as measure_mod
 from evaluation.compare.measure import measure_run
 from evaluation.compare.report import render_markdown
 from evaluation.compare.stats import adjust_pvalues, compare_groups
+from test_active_edges import naive_active  # the loop-by-loop reference, no code shared with lib_summary
 
 OPTIONS = MeasureOptions(max_samples=64)
 
@@ -114,8 +115,15 @@ def test_report_matches_the_underlying_api(runs, tmp_path):
     acc = evaluate_accuracy(model, [(x_test, y_test)], progress=False)["accuracy"]
     idx = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[:64]
     layers = ["input", "model.layers.1", "model.layers.3", "output"]
-    summary = summarize(fit_lib(model, [(x_train[idx],)], layers, LIBConfig(), progress=False))
+    fit = fit_lib(model, [(x_train[idx],)], layers, LIBConfig(), progress=False)
+    summary = summarize(fit)
     edges = summary["edges"].values()
+    active = {}  # naive active-edge fractions (tests/test_active_edges.py), straight from the fit
+    for side, bases, side_edges in (("lib", fit.lib, fit.lib_edges), ("pca", fit.pca, fit.pca_edges)):
+        counts = [naive_active(side_edges[a].numpy(), bases[a].Lambda.numpy(),
+                               None if b == layers[-1] else bases[b].Lambda.numpy())
+                  for a, b in zip(layers[:-1], layers[1:])]
+        active[side] = sum(n for n, _ in counts) / sum(t for _, t in counts)
     lib_frac = sum(e["lib"]["edges_90"] for e in edges) / sum(e["lib"]["n_edges"] for e in edges)
     pca_frac = sum(e["pca"]["edges_90"] for e in edges) / sum(e["pca"]["n_edges"] for e in edges)
     features = sum(summary["layers"][l]["lib"]["features_99"] for l in layers[:-1])
@@ -129,6 +137,9 @@ def test_report_matches_the_underlying_api(runs, tmp_path):
     assert got["accuracy"] == pytest.approx(acc, abs=1e-12)
     assert got["lib_edge_fraction_90"] == pytest.approx(lib_frac, rel=1e-9)
     assert got["lib_pca_edge_ratio"] == pytest.approx(lib_frac / pca_frac, rel=1e-9)
+    assert got["lib_active_edge_fraction_90"] == pytest.approx(active["lib"], rel=1e-9)
+    assert got["pca_active_edge_fraction_90"] == pytest.approx(active["pca"], rel=1e-9)
+    assert got["lib_pca_active_edge_ratio"] == pytest.approx(active["lib"] / active["pca"], rel=1e-9)
     assert got["lib_features_99"] == features
     assert got["modularity_q"] == pytest.approx(summary["modularity"]["lib"]["gamma_1.0"]["Q"], rel=1e-9)
     assert got["alignment"] == pytest.approx(align.mean, rel=1e-9)
@@ -185,7 +196,7 @@ def test_deterministic_cli_and_cache_reuse(runs, tmp_path, monkeypatch):
     variants["single"] = runs_from_paths("single", [runs["single"]])
     run_compare(variants, tmp_path / "a", OPTIONS, progress=False)
     assert {c.rsplit("/", 1)[0] for c in calls} == {"single/seed0"}  # only the new checkpoint, every metric
-    assert len(calls) == 9  # accuracy, lib/pca/neuron edge fractions, lib/pca ratio, features, modularity, alignment, robustness
+    assert len(calls) == 12  # accuracy, lib/pca/neuron edge fractions, lib/pca ratio, their active-edge forms (3), features, modularity, alignment, robustness
     calls.clear()
     run_compare(discover_runs(task), tmp_path / "a", MeasureOptions(max_samples=64, n_draws=2), progress=False)
     # n_draws enters only the robustness ratio's key: exactly that metric is measured again, on every run
@@ -199,6 +210,19 @@ def test_deterministic_cli_and_cache_reuse(runs, tmp_path, monkeypatch):
     assert report["correction"] == "none"
     cmp = report["variants"]["fast"]["metrics"]["accuracy"]["comparison"]
     assert cmp["p_adjusted"] == cmp["p"] and cmp["correction"] == "none"
+    calls.clear()
+    # only the metrics asked for: measured (here from the cache) and reported, and said so
+    only = run_compare(discover_runs(task), tmp_path / "c", OPTIONS, progress=False,
+                       metrics=["lib_active_edge_fraction_90", "accuracy"]).report
+    assert [m["name"] for m in only["metrics"]] == ["accuracy", "lib_active_edge_fraction_90"]
+    assert sorted(calls) == sorted(f"{v}/seed{s}/{m}" for v in ("baseline", "fast") for s in (0, 1)
+                                   for m in ("accuracy", "lib_active_edge_fraction_90"))
+    assert any("measured only the metrics asked for: accuracy, lib_active_edge_fraction_90" in m for m in only["messages"])
+    full = json.loads(first)
+    assert only["variants"]["fast"]["metrics"]["lib_active_edge_fraction_90"]["values"] == \
+        full["variants"]["fast"]["metrics"]["lib_active_edge_fraction_90"]["values"]
+    with pytest.raises(ValueError, match=r"\['llc'\]: not among the metrics these options measure: accuracy, "):
+        run_compare(discover_runs(task), tmp_path / "c", OPTIONS, progress=False, metrics=["llc"])
 
 
 def test_a_run_being_measured_elsewhere_is_waited_for_and_not_measured_twice(runs, tmp_path, monkeypatch):
@@ -242,7 +266,7 @@ def test_a_run_being_measured_elsewhere_is_waited_for_and_not_measured_twice(run
     worker.join(timeout=300)
     assert not worker.is_alive()
     assert [c for c in calls if c[0] == "baseline/seed0"] == [("baseline/seed0", "robustness_ratio")]
-    assert len(calls) == 28  # 9 metrics on each of the 3 other runs, one on the locked run
+    assert len(calls) == 37  # 12 metrics on each of the 3 other runs, one on the locked run
     assert calls[-1] == ("baseline/seed0", "robustness_ratio")  # put last
     for variant, stats in reference["variants"].items():
         for name, metric in stats["metrics"].items():

@@ -214,6 +214,8 @@ def test_dry_run_and_argument_errors(tmp_path, capsys):
     assert "--families needs exactly one task" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="no family 'adversarial'"):
         run_study.main(["--tasks", "digits", "--families", "adversarial", "--root", str(tmp_path), "--dry-run"])
+    with pytest.raises(SystemExit, match=r"\[text_3000\] --metrics: metrics \['llc'\]: not among the metrics .*circuit_nodes"):
+        run_study.main(["--tasks", "text_3000", "--compare-only", "--metrics", "llc", "--root", str(tmp_path)])
 
 
 def test_a_repeated_seed_is_one_run():
@@ -221,6 +223,9 @@ def test_a_repeated_seed_is_one_run():
 
 
 def test_llc_flags_override_the_plan_and_exclude_each_other(capsys):
+    with pytest.raises(SystemExit):  # --metrics chooses what to measure: only with --compare-only
+        run_study.parse_args(["--tasks", "text", "--metrics", "accuracy"])
+    assert run_study.parse_args(["--tasks", "text", "--compare-only", "--metrics", "accuracy"]).metrics == ["accuracy"]
     assert run_study.parse_args(["--tasks", "text"]).llc is None  # the plan decides
     assert run_study.parse_args(["--tasks", "text", "--llc"]).llc is True
     assert run_study.parse_args(["--tasks", "modular_addition", "--no-llc"]).llc is False
@@ -397,6 +402,43 @@ def test_merge_reports_equals_one_report_of_all_runs_and_refuses_disagreeing_run
                                        "wd_x1": bumped["variants"]["wd_x1"]}}
     with pytest.raises(ValueError, match=r"different versions of a metric.*alignment \(version 1 vs 2\)"):
         merge_reports(old, disjoint)
+
+
+def test_merge_reports_adds_a_metric_measured_afterwards_on_every_run():
+    """The earlier report (accuracy, alignment) merged with one that measured accuracy and a new
+    metric on every run (``run_study.py --compare-only --metrics``): after --restat, the report
+    ``build_report`` makes from all three metrics at once. A new report missing one of the earlier
+    runs leaves the new metric out (it would be measured on some runs only)."""
+    from evaluation.compare import build_report
+    from study.merge_reports import merge_reports
+
+    def entries(variant, acc, names, seeds=range(3)):
+        values = {"accuracy": acc, "alignment": 0.3 + acc, "lib_active_edge_fraction_90": 0.2 - acc / 10}
+        return [{"seed": f"seed{i}", "run_dir": f"{variant}/seed{i}", "details": {"task": "t"},
+                 "metrics": {n: values[n] + 0.001 * i * (1 + k) for k, n in enumerate(names)}} for i in seeds]
+
+    every = ("accuracy", "alignment", "lib_active_edge_fraction_90")
+    full = build_report({"baseline": entries("baseline", 0.9, every), "as_x1": entries("as", 0.8, every)})
+    old = json.loads(json.dumps(build_report({"baseline": entries("baseline", 0.9, every[:2]),
+                                              "as_x1": entries("as", 0.8, every[:2])})))
+    later = ("accuracy", "lib_active_edge_fraction_90")
+    new = build_report({"baseline": entries("baseline", 0.9, later), "as_x1": entries("as", 0.8, later)})
+    # the new report's accuracy is its own (k = 0 in both), its active fraction has k = 1 like full's third metric
+    for row, variant, acc in ((new["variants"]["baseline"], "baseline", 0.9), (new["variants"]["as_x1"], "as", 0.8)):
+        row["metrics"]["lib_active_edge_fraction_90"]["values"] = [0.2 - acc / 10 + 0.003 * i for i in range(3)]
+    new = json.loads(json.dumps(new))
+    merged = merge_reports(old, new)
+    assert [m["name"] for m in merged["metrics"]] == ["accuracy", "lib_active_edge_fraction_90", "alignment"]
+    rebuilt = build_report(run_study.measurements_from_report(merged), merged["baseline"], merged["test"],
+                           merged["alpha"], merged["options"], [], correction=merged["correction"])
+    assert json.loads(json.dumps(rebuilt)) == json.loads(json.dumps(full))
+    assert rebuilt["n_comparisons"] == 3
+    partial = json.loads(json.dumps(build_report({"baseline": entries("baseline", 0.9, later, seeds=(0, 1)),
+                                                  "as_x1": entries("as", 0.8, later)})))
+    assert [m["name"] for m in merge_reports(old, partial)["metrics"]] == ["accuracy", "alignment"]
+    new["variants"]["as_x1"]["metrics"]["accuracy"]["values"][2] += 1e-3  # another checkpoint than the earlier one
+    with pytest.raises(ValueError, match=r"as_x1/seed2: accuracy"):
+        merge_reports(old, new)
 
 
 def test_restat_keeps_the_versions_the_values_were_measured_at(tmp_path):

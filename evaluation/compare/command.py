@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from evaluation.compare.measure import measure_all
+from evaluation.compare.measure import measure_all, select_metrics
 from evaluation.compare.options import MeasureOptions
 from evaluation.compare.report import BASELINE, build_report, check_baseline_and_test, render_markdown
 from evaluation.compare.runs import Run, check_consistent
@@ -31,17 +31,22 @@ def run_compare(
     alpha: float = 0.05,
     progress: bool = True,
     correction: str = "holm",
+    metrics: Sequence[str] | None = None,
 ) -> CompareResult:
     """Checks the runs, measures them (cached in ``out_dir/cache``), writes ``report.json``,
-    ``report.md`` and the plots into ``out_dir`` (each file atomically; a re-run replaces them)."""
+    ``report.md`` and the plots into ``out_dir`` (each file atomically; a re-run replaces them).
+    ``metrics``: measure and report only these (names; default every metric ``options`` enables)."""
     from evaluation.compare import plots as compare_plots
 
     check_baseline_and_test(variants, baseline, test, correction)  # before any (slow) measurement
+    select_metrics(options, metrics)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"--out {str(out_dir)!r} exists and is not a directory")
     messages = check_consistent(variants)
-    measurements = measure_all(variants, out_dir, options, progress=progress)
+    if metrics is not None:
+        messages.append(f"measured only the metrics asked for: {', '.join(m.name for m in select_metrics(options, metrics))}")
+    measurements = measure_all(variants, out_dir, options, progress=progress, metrics=metrics)
     report = build_report(measurements, baseline, test, alpha, dataclasses.asdict(options), messages,
                           correction=correction)
     plots = compare_plots.write_plots(report, measurements, out_dir)

@@ -33,6 +33,20 @@ def enabled_metrics(options: MeasureOptions) -> list[CompareMetric]:
     return [m for m in all_metrics() if m.enabled(options)]
 
 
+def select_metrics(options: MeasureOptions, names: Sequence[str] | None) -> list[CompareMetric]:
+    """The enabled metrics named in ``names`` (all enabled ones for None), in report order; a name
+    that is not an enabled metric raises, listing the enabled ones."""
+    metrics = enabled_metrics(options)
+    if names is None:
+        return metrics
+    known = {m.name for m in metrics}
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise ValueError(f"metrics {unknown or list(names)!r}: not among the metrics these options measure: "
+                         f"{', '.join(sorted(known))}")
+    return [m for m in metrics if m.name in set(names)]
+
+
 def measure_metric(metric: CompareMetric, ctx: RunContext) -> dict[str, Any]:
     """{"value", "version", "details", "notes"} of ``metric`` on the context's run. A metric that the
     run's model cannot have (``DegenerateModelError``: LIB of a network with a constant layer, the
@@ -84,15 +98,17 @@ def measure_all(
     out_dir: Path,
     options: MeasureOptions,
     progress: bool = True,
+    metrics: Sequence[str] | None = None,
 ) -> dict[str, list[dict]]:
     """{variant: [view per run]} (see the module docstring); each run's cache entry under
     ``out_dir/cache`` is reused metric by metric and rewritten atomically when anything was measured.
 
     A run with something to measure is measured under its entry's lock (``cache.entry_lock``); a run
     that another process is measuring is put last and then waited for, and only what that process
-    left unmeasured is measured here."""
+    left unmeasured is measured here. ``metrics``: only these (names; default every enabled metric),
+    e.g. a metric added to the code since the runs were measured."""
     opts = dataclasses.asdict(options)
-    metrics = enabled_metrics(options)
+    metrics = select_metrics(options, metrics)
     runs = [r for rs in variants.values() for r in rs]
     views: dict[int, dict] = {}
     deferred = []

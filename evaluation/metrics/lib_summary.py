@@ -93,6 +93,44 @@ def _edge_stats(E) -> dict:
     return out
 
 
+def top_features(Lambda, frac: float = 0.99) -> np.ndarray:
+    """Indices (into Λ, so ≥ 1) of the fewest non-constant features holding ``frac`` of their ∑Λ,
+    largest Λ first: the features a layer's computation uses (docs/DESIGN.md §5.1, active edges)."""
+    lam = _np(Lambda).ravel()[1:]
+    order = np.argsort(-lam, kind="stable")
+    return 1 + order[:_count_for_fraction(lam, frac)]
+
+
+def active_edge_stats(E, Lambda_in, Lambda_out=None, frac: float = 0.99) -> dict:
+    """Edges for 90 % of the weight among the *active* edges only: those between the input layer's
+    features holding ``frac`` of its ∑Λ and the output layer's (every output feature when
+    ``Lambda_out`` is None: the last node layer is the function's output, not a fitted basis).
+
+        n90_active = edges_for_fraction(E[K_out, K_in], 0.9),  N_active = |K_out|·|K_in|
+
+    Unlike the fraction over all edges, this does not fall when a layer's activations occupy fewer
+    directions (a collapsed rank leaves fewer active features, not sparser interactions among them).
+    {"n_in", "n_out", "n_edges", "edges_90", "fraction_90"}."""
+    E = _np(E)
+    if E.ndim != 2 or E.shape[1] != _np(Lambda_in).size or (Lambda_out is not None and E.shape[0] != _np(Lambda_out).size):
+        raise ValueError(f"edge matrix of shape {E.shape} does not match Λ of sizes "
+                         f"{_np(Lambda_out).size if Lambda_out is not None else '(any)'} (out) and "
+                         f"{_np(Lambda_in).size} (in)")
+    k_in = top_features(Lambda_in, frac)
+    k_out = np.arange(1, E.shape[0]) if Lambda_out is None else top_features(Lambda_out, frac)
+    sub = E[np.ix_(k_out, k_in)]
+    n = _count_for_fraction(sub, 0.9)
+    return {"n_in": int(k_in.size), "n_out": int(k_out.size), "n_edges": int(sub.size), "edges_90": n,
+            "fraction_90": n / sub.size if sub.size else float("nan")}
+
+
+def _matches(E, basis_in, basis_out) -> bool:
+    """Whether E (k_out, k_in) joins these two bases; a fit's always do, a hand-built result's
+    (tests, a caller's own edges) need not, and then has no active-edge statistics."""
+    return (basis_in is not None and basis_out is not None
+            and tuple(_np(E).shape) == (_np(basis_out.Lambda).size, _np(basis_in.Lambda).size))
+
+
 def _layer_stats(basis) -> dict:
     lam = _np(basis.Lambda)
     return {"n_features": int(lam.size - 1), "sum_Lambda": float(lam[1:].sum()),
@@ -124,7 +162,8 @@ def summarize(result, seed: int = 0, graphs: dict | None = None) -> dict:
 
     {"layers": {layer: {"lib": {n_features, sum_Lambda, features_90, features_99}, "pca": ...}},
      "edges": {input_layer: {"lib": {n_edges, total_weight, gini, edges_90, fraction_90,
-                                     edges_99, fraction_99}, "pca": ..., "neuron": ...}},
+                                     edges_99, fraction_99, active: active_edge_stats},
+                             "pca": ..., "neuron": ... (no "active")}},
      "modularity": {"lib": {"gamma_0.5": {Q, n_communities, community_sizes}, "gamma_1.0": ...},
                     "pca": ..., "neuron": ...}}
     (Q is None where the graph has no edges.)
@@ -138,9 +177,15 @@ def summarize(result, seed: int = 0, graphs: dict | None = None) -> dict:
         if layer in result.lib:
             summary["layers"][layer] = {"lib": _layer_stats(result.lib[layer]),
                                         "pca": _layer_stats(result.pca[layer])}
-    for layer in layers[:-1]:
+    for i, layer in enumerate(layers[:-1]):
         if layer in sides["lib"]:
             summary["edges"][layer] = {side: _edge_stats(edges[layer]) for side, edges in sides.items()}
+            out_layer = layers[i + 1]
+            for side, bases in (("lib", result.lib), ("pca", result.pca)):
+                if _matches(sides[side][layer], bases.get(layer), bases.get(out_layer)):
+                    summary["edges"][layer][side]["active"] = active_edge_stats(
+                        sides[side][layer], bases[layer].Lambda,
+                        None if out_layer == layers[-1] else bases[out_layer].Lambda)
     if len(layers) >= 3:  # the graph needs one section between non-output layers
         for side, edges in sides.items():
             summary["modularity"][side] = _modularity_stats(edges, layers, seed, graphs, side)
