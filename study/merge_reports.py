@@ -127,7 +127,10 @@ def merge_reports(old: dict, new: dict, rtol: float = 1e-9, replace: Sequence[st
         row["runs"].append(run["run"])
         for n in names:
             row["metrics"][n]["values"].append(run["values"].get(n))
-    messages = list(dict.fromkeys(old.get("messages", []) + new.get("messages", [])))
+    from evaluation.compare.command import ONLY_ASKED
+
+    # a report of some metrics says so; merged into the earlier one, it no longer holds only those
+    messages = [m for m in dict.fromkeys(old.get("messages", []) + new.get("messages", [])) if not m.startswith(ONLY_ASKED)]
     return {**new, "metrics": metrics, "variants": variants, "messages": messages}
 
 

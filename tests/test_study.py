@@ -426,8 +426,10 @@ def test_merge_reports_adds_a_metric_measured_afterwards_on_every_run():
     # the new report's accuracy is its own (k = 0 in both), its active fraction has k = 1 like full's third metric
     for row, variant, acc in ((new["variants"]["baseline"], "baseline", 0.9), (new["variants"]["as_x1"], "as", 0.8)):
         row["metrics"]["lib_active_edge_fraction_90"]["values"] = [0.2 - acc / 10 + 0.003 * i for i in range(3)]
+    new["messages"] = ["measured only the metrics asked for: accuracy, lib_active_edge_fraction_90"]  # as run_compare says
     new = json.loads(json.dumps(new))
     merged = merge_reports(old, new)
+    assert merged["messages"] == []  # the merged report holds every metric again
     assert [m["name"] for m in merged["metrics"]] == ["accuracy", "lib_active_edge_fraction_90", "alignment"]
     rebuilt = build_report(run_study.measurements_from_report(merged), merged["baseline"], merged["test"],
                            merged["alpha"], merged["options"], [], correction=merged["correction"])

@@ -15,6 +15,9 @@ from evaluation.compare.runs import Run, check_consistent
 from interp_train.io import write_atomic, write_json_atomic
 
 
+ONLY_ASKED = "measured only the metrics asked for"  # a report of some metrics (``metrics=``) says so
+
+
 @dataclass
 class CompareResult:
     report: dict
@@ -45,7 +48,7 @@ def run_compare(
         raise FileExistsError(f"--out {str(out_dir)!r} exists and is not a directory")
     messages = check_consistent(variants)
     if metrics is not None:
-        messages.append(f"measured only the metrics asked for: {', '.join(m.name for m in select_metrics(options, metrics))}")
+        messages.append(f"{ONLY_ASKED}: {', '.join(m.name for m in select_metrics(options, metrics))}")
     measurements = measure_all(variants, out_dir, options, progress=progress, metrics=metrics)
     report = build_report(measurements, baseline, test, alpha, dataclasses.asdict(options), messages,
                           correction=correction)
