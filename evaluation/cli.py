@@ -81,7 +81,7 @@ def run_compare_command(args):
                              **{k: v for k, v in (("llc_draws", args.llc_draws), ("llc_chains", args.llc_chains))
                                 if v is not None})
     result = run_compare(variants, args.out, options, baseline=args.baseline, test=args.test, alpha=args.alpha,
-                         progress=not args.quiet, correction=args.correction)
+                         progress=not args.quiet, correction=args.correction, metrics=args.metrics)
     if not args.quiet:
         from evaluation.compare.table import LEGEND, format_table
 
@@ -125,6 +125,9 @@ def _add_compare_parser(sub) -> None:
     cmp.add_argument("--alpha", type=float, default=0.05)
     cmp.add_argument("--correction", default="holm", choices=["holm", "bonferroni", "none"],
                      help="multiple-comparison correction of the p-values over the report (default: holm)")
+    cmp.add_argument("--metrics", nargs="+", default=None, metavar="NAME",
+                     help="measure and report only these metrics (default: every metric the options turn on), "
+                          "e.g. one added to the code since the runs were measured")
     cmp.add_argument("--max-samples", type=int, default=512, help="examples for LIB / alignment / robustness")
     cmp.add_argument("--batch-size", type=int, default=256)
     cmp.add_argument("--layers", nargs="+", help="LIB node layers, position index allowed: 'output[-1]' "

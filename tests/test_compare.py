@@ -223,6 +223,12 @@ def test_deterministic_cli_and_cache_reuse(runs, tmp_path, monkeypatch):
         full["variants"]["fast"]["metrics"]["lib_active_edge_fraction_90"]["values"]
     with pytest.raises(ValueError, match=r"\['llc'\]: not among the metrics these options measure: accuracy, "):
         run_compare(discover_runs(task), tmp_path / "c", OPTIONS, progress=False, metrics=["llc"])
+    rc = eval_main(["compare", task, "--out", str(tmp_path / "d"), "--max-samples", "64", "--quiet",
+                    "--metrics", "lib_active_edge_fraction_90", "accuracy"])
+    cli = json.loads((tmp_path / "d" / "report.json").read_text())
+    assert rc == 0 and [m["name"] for m in cli["metrics"]] == ["accuracy", "lib_active_edge_fraction_90"]
+    rc = eval_main(["compare", task, "--out", str(tmp_path / "e"), "--quiet", "--metrics", "lib_edges"])
+    assert rc == 2 and not (tmp_path / "e").exists()  # a clear error before anything is measured or written
 
 
 def test_a_run_being_measured_elsewhere_is_waited_for_and_not_measured_twice(runs, tmp_path, monkeypatch):
