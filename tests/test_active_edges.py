@@ -128,3 +128,16 @@ def test_metric_without_active_statistics_names_the_layers():
     summary = {"edges": {"a": {"lib": {"edges_90": 1, "n_edges": 4}}}}
     with pytest.raises(ValueError, match=r"lib edges do not match.*\['a'\]"):
         active_edge_fraction_90(summary, "lib")
+
+
+def test_edge_table_shows_the_active_counts():
+    from evaluation.metrics.lib_summary import edge_table
+
+    lam_in = np.array([7.0, 5.0, 0.001, 3.0])
+    E = np.zeros((4, 4))
+    E[3, 1], E[3, 3], E[2, 1], E[2, 3] = 6.0, 2.0, 1.0, 1.0
+    E[1, 1] = 50.0
+    result = Result(["a", "out"], {"a": Basis(lam_in), "out": Basis(np.ones(4))}, {"a": Basis(lam_in), "out": Basis(np.ones(4))},
+                    {"a": E}, {"a": E})
+    # all edges: 50 + 6 = 56 >= 54 (90 % of 60), 2 of 9; active (rows 1-3 x columns 1, 3): the same 2 of 6
+    assert edge_table(summarize(result)) == "  a: edges for 90 %: LIB 2/9 (active 2/6), PCA 2/9 (active 2/6)"

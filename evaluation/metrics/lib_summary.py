@@ -193,10 +193,13 @@ def summarize(result, seed: int = 0, graphs: dict | None = None) -> dict:
 
 
 def edge_table(summary: dict) -> str:
-    """Per edge layer, the edges holding 90 % of the edge weight in each basis, as text lines."""
+    """Per edge layer, the edges holding 90 % of the edge weight in each basis, as text lines
+    (and among the active edges, between the features for 99 % of ΣΛ, where computed)."""
     rows = []
     for layer, sides in summary["edges"].items():
-        cells = [f"{side.upper()} {e['edges_90']}/{e['n_edges']}" for side, e in sides.items()]
+        cells = [f"{side.upper()} {e['edges_90']}/{e['n_edges']}"
+                 + (f" (active {e['active']['edges_90']}/{e['active']['n_edges']})" if "active" in e else "")
+                 for side, e in sides.items()]
         rows.append(f"  {layer}: edges for 90 %: " + ", ".join(cells))
     return "\n".join(rows)
 
