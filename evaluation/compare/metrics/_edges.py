@@ -18,3 +18,9 @@ def active_edge_fraction_90(summary: dict, side: str) -> float | None:
     active = [e[side]["active"] for e in summary["edges"].values()]
     total = sum(a["n_edges"] for a in active)
     return sum(a["edges_90"] for a in active) / total if total else None
+
+
+def active_edge_details(summary: dict, side: str) -> dict:
+    """{"<side>_active_edges": {input layer: {n_in, n_out, n_edges, edges_90, fraction_90}}}: where in
+    the network the active fraction comes from (one key per side: a run's details are merged)."""
+    return {f"{side}_active_edges": {layer: e[side]["active"] for layer, e in summary["edges"].items()}}
