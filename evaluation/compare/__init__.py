@@ -20,6 +20,10 @@ Metrics, with the direction counted as "more interpretable" (``higher_is_better`
 * lib_edge_fraction_90 / pca_edge_fraction_90 — interaction sparsity: ∑_l n90_l / ∑_l N_l, the
   fewest edges holding 90 % of each edge layer's weight over all edges (constant node excluded),
   in the LIB / PCA basis. Lower: the computation is carried by fewer interactions.
+* lib_active_edge_fraction_90 / pca_active_edge_fraction_90 / lib_pca_active_edge_ratio — the
+  same among the *active* edges only, between each layer's features for 99 % of its ∑Λ (PCA: of
+  its variance), so activations collapsing onto fewer directions do not read as sparser
+  interactions (docs/DESIGN.md §5.1).
 * lib_features_99 — ∑ over non-output node layers of the LIB directions holding 99 % of ∑Λ.
   Lower: fewer features take part in the computation.
 * modularity_q — Louvain modularity Q (γ = 1) of the LIB interaction graph. Higher: the graph

@@ -32,8 +32,9 @@ bumped version, a changed option it depends on, a retrained checkpoint — and n
 a metric missing from an old cache entry is measured, never dropped.
 
 Built-in metrics (order of the report's columns): accuracy (the cost), lib_edge_fraction_90,
-pca_edge_fraction_90, lib_features_99, modularity_q, alignment, robustness_ratio, llc and
-llc_objective (opt-in).
+lib_active_edge_fraction_90, pca_edge_fraction_90, lib_pca_edge_ratio, pca_active_edge_fraction_90,
+lib_pca_active_edge_ratio, neuron_edge_fraction_90, lib_features_99, modularity_q, alignment,
+robustness_ratio, llc and llc_objective (opt-in), the circuit and edge-ablation metrics (opt-in).
 """
 
 from evaluation.compare.metrics.base import CompareMetric, Measurement, all_metrics, get_metric, register, unregister
