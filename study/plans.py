@@ -81,7 +81,8 @@ PLANS: dict[str, TaskPlan] = {
     # within the 1-point budget with the largest structural gain: does the longer run change the
     # comparison (issue 16, plateau). The committed report compares baseline and density 0.5 only
     # (--families baseline weight_sparsity_d0.5); the other cells are trained by name for
-    # study/narrow_circuits.py: WeightSparsity 0.25 (outside the budget at 2000 steps), the same
+    # study/narrow_circuits.py: WeightSparsity 0.25 (outside the budget at 2000 steps) and 0.1 (the third
+    # density, measured without circuits or edge ablation: results/text_3000_weight_sparsity_d0.1), the same
     # densities on every matrix with the embeddings and unembedding (weight_sparsity_all_d0.5/_d0.25),
     # a model twice as wide at density 0.1 on every matrix (wide_weight_sparsity_all_d0.1: Gao et
     # al.'s wider-and-sparser comparison) and its dense counterpart (wide_baseline), and
@@ -89,6 +90,7 @@ PLANS: dict[str, TaskPlan] = {
     # at step 500 on seed 0)
     "text_3000": TaskPlan("recipes/text", "baseline", {"activation_sparsity": "activation_sparsity"},
                           fixed={"weight_sparsity_d0.5": "weight_sparsity", "weight_sparsity_d0.25": "weight_sparsity_strong",
+                                 "weight_sparsity_d0.1": "weight_sparsity_strongest",
                                  "weight_sparsity_all_d0.5": "weight_sparsity_all",
                                  "weight_sparsity_all_d0.25": "weight_sparsity_all_strong",
                                  "wide_weight_sparsity_all_d0.1": "wide_weight_sparsity_all",

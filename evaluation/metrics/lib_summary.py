@@ -112,10 +112,10 @@ def active_edge_stats(E, Lambda_in, Lambda_out=None, frac: float = 0.99) -> dict
     directions (a collapsed rank leaves fewer active features, not sparser interactions among them).
     {"n_in", "n_out", "n_edges", "edges_90", "fraction_90"}."""
     E = _np(E)
-    if E.ndim != 2 or E.shape[1] != _np(Lambda_in).size or (Lambda_out is not None and E.shape[0] != _np(Lambda_out).size):
+    n_in, n_out = _np(Lambda_in).size, None if Lambda_out is None else _np(Lambda_out).size
+    if E.ndim != 2 or E.shape[1] != n_in or (n_out is not None and E.shape[0] != n_out):
         raise ValueError(f"edge matrix of shape {E.shape} does not match Λ of sizes "
-                         f"{_np(Lambda_out).size if Lambda_out is not None else '(any)'} (out) and "
-                         f"{_np(Lambda_in).size} (in)")
+                         f"{'(any)' if n_out is None else n_out} (out) and {n_in} (in)")
     k_in = top_features(Lambda_in, frac)
     k_out = np.arange(1, E.shape[0]) if Lambda_out is None else top_features(Lambda_out, frac)
     sub = E[np.ix_(k_out, k_in)]
