@@ -10,6 +10,9 @@ code measures; a disagreement raises and nothing is written. A metric whose vers
 the two reports merges only when a run in both shows the versions agree on it. ``--replace VARIANT`` (or
 ``VARIANT/seedN``) drops those runs of OLD first, so a cell re-trained and re-measured comes from NEW
 alone (its earlier values are not checked: use it for runs known to be different models).
+The merged report holds every metric measured on every merged run: new cells measured with all
+metrics merge on the metrics both reports hold, and a metric added to the code later, measured on
+every run of OLD (``run_study.py --compare-only --metrics accuracy NEW_METRIC``), joins OLD's.
 """
 
 from __future__ import annotations
