@@ -35,9 +35,9 @@ def naive_n90(weights):
     return len(weights)
 
 
-def naive_active(E, lam_in, lam_out):
-    rows = list(range(1, E.shape[0])) if lam_out is None else naive_top(lam_out)
-    cols = naive_top(lam_in)
+def naive_active(E, lam_in, lam_out, frac=0.99):
+    rows = list(range(1, E.shape[0])) if lam_out is None else naive_top(lam_out, frac)
+    cols = naive_top(lam_in, frac)
     weights = [float(E[i, j]) for i in rows for j in cols]
     return naive_n90(weights), len(weights)
 
@@ -144,3 +144,30 @@ def test_edge_table_shows_the_active_counts():
                     {"a": E}, {"a": E})
     # all edges: 50 + 6 = 56 >= 54 (90 % of 60), 2 of 9; active (rows 1-3 x columns 1, 3): the same 2 of 6
     assert edge_table(summarize(result)) == "  a: edges for 90 %: LIB 2/9 (active 2/6), PCA 2/9 (active 2/6)"
+
+
+def test_study_cutoff_fractions_match_the_naive_sum_at_every_cutoff():
+    """study/active_edge_cutoffs.py: the pooled active fraction of a fit at several cut-offs."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from study.active_edge_cutoffs import cutoff_fractions, table
+
+    rng = np.random.default_rng(3)
+    sizes = {"a": 7, "b": 11, "out": 6}
+    lam = {side: {l: rng.exponential(size=n) ** 3 for l, n in sizes.items()} for side in ("lib", "pca")}
+    edges = {side: {"a": rng.exponential(size=(11, 7)), "b": rng.exponential(size=(6, 11))} for side in ("lib", "pca")}
+    fit = Result(["a", "b", "out"], {l: Basis(v) for l, v in lam["lib"].items()},
+                 {l: Basis(v) for l, v in lam["pca"].items()}, edges["lib"], edges["pca"])
+    got = cutoff_fractions(fit, [0.5, 0.9, 0.99])
+    for side in ("lib", "pca"):
+        for cutoff in (0.5, 0.9, 0.99):
+            n_a, t_a = naive_active(edges[side]["a"], lam[side]["a"], lam[side]["b"], cutoff)
+            n_b, t_b = naive_active(edges[side]["b"], lam[side]["b"], None, cutoff)
+            assert got[f"{side}@{cutoff:g}"] == pytest.approx((n_a + n_b) / (t_a + t_b), rel=1e-12)
+    rows = [{"variant": v, "seed": s, "lib@0.9": x, "pca@0.9": 0.5}
+            for v, xs in (("base", (0.40, 0.42, 0.41)), ("reg", (0.30, 0.31, 0.29))) for s, x in enumerate(xs)]
+    text = table(rows, [0.9], "base")
+    assert "| 0.9 | `base` | 3 | 0.410 | 0.500 | 0.820 | – | – |" in text
+    assert "| 0.9 | `reg` | 3 | 0.300 | 0.500 | 0.600 |" in text
