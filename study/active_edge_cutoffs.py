@@ -28,15 +28,15 @@ if str(ROOT) not in sys.path:
 def cutoff_fractions(fit, cutoffs: Sequence[float]) -> dict[str, float]:
     """{"lib@c", "pca@c"}: ∑_l n90_active_l / ∑_l N_active_l of a LIB fit with the active features
     of each layer those for a fraction c of its ΣΛ (variance for PCA), per cut-off c."""
-    from evaluation.metrics.lib_summary import active_edge_stats, named_edges
+    from evaluation.metrics.lib_summary import active_edges
 
-    layers, edges = list(fit.node_layers), named_edges(fit)
     out = {}
     for cutoff in cutoffs:
-        for side, bases in (("lib", fit.lib), ("pca", fit.pca)):
-            stats = [active_edge_stats(edges[side][a], bases[a].Lambda,
-                                       None if b == layers[-1] else bases[b].Lambda, cutoff)
-                     for a, b in zip(layers[:-1], layers[1:])]
+        for side, per_layer in active_edges(fit, cutoff).items():
+            if len(per_layer) != len(fit.node_layers) - 1:
+                raise ValueError(f"the {side} edges of sections {sorted(per_layer)} only match their bases; "
+                                 f"node layers: {list(fit.node_layers)}")
+            stats = per_layer.values()
             out[f"{side}@{cutoff:g}"] = sum(s["edges_90"] for s in stats) / sum(s["n_edges"] for s in stats)
     return out
 

@@ -40,12 +40,6 @@ def options_added() -> dict:
     return {name: value for metric in all_metrics() for name, value in metric.options_added.items()}
 
 
-def _registered():
-    from evaluation.compare.metrics.base import all_metrics
-
-    return all_metrics()
-
-
 def _runs(report: dict) -> dict[tuple[str, str], dict]:
     """The report's runs keyed by (variant, seed), unpacked as ``run_study --restat`` reads them."""
     from study.run_study import measurements_from_report
@@ -96,7 +90,9 @@ def merge_reports(old: dict, new: dict, rtol: float = 1e-9, replace: Sequence[st
     measured = [(old_names if key in old_runs else set()) | (new_names if key in new_runs else set())
                 for key in {**old_runs, **new_runs}]
     infos = {**{m["name"]: m for m in old["metrics"]}, **{m["name"]: m for m in new["metrics"]}}
-    order = {m.name: i for i, m in enumerate(_registered())}
+    from evaluation.compare.metrics.base import all_metrics
+
+    order = {m.name: i for i, m in enumerate(all_metrics())}
     metrics = sorted((infos[n] for n in infos if all(n in names for names in measured)),
                      key=lambda m: order.get(m["name"], len(order)))
     names = [m["name"] for m in metrics]

@@ -122,9 +122,9 @@ def test_summary_and_metric_pool_layers_as_the_naive_sum():
         assert summary["edges"]["b"][side]["active"]["n_out"] == 4
         assert active_edge_fraction_90(summary, side) == pytest.approx((n_a + n_b) / (t_a + t_b), rel=1e-12)
     assert edge_fraction_90(summary, "lib") is not None
-    from evaluation.compare.metrics._edges import active_edge_details
+    from evaluation.compare.metrics._edges import active_edge_measurement
 
-    assert active_edge_details(summary, "pca") == {"pca_active_edges": {l: summary["edges"][l]["pca"]["active"] for l in "ab"}}
+    assert active_edge_measurement(summary, "pca").details == {"pca_active_edges": {l: summary["edges"][l]["pca"]["active"] for l in "ab"}}
 
 
 def test_metric_without_active_statistics_names_the_layers():

@@ -42,13 +42,13 @@ def run_compare(
     from evaluation.compare import plots as compare_plots
 
     check_baseline_and_test(variants, baseline, test, correction)  # before any (slow) measurement
-    select_metrics(options, metrics)
+    chosen = select_metrics(options, metrics)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"--out {str(out_dir)!r} exists and is not a directory")
     messages = check_consistent(variants)
     if metrics is not None:
-        messages.append(f"{ONLY_ASKED}: {', '.join(m.name for m in select_metrics(options, metrics))}")
+        messages.append(f"{ONLY_ASKED}: {', '.join(m.name for m in chosen)}")
     measurements = measure_all(variants, out_dir, options, progress=progress, metrics=metrics)
     report = build_report(measurements, baseline, test, alpha, dataclasses.asdict(options), messages,
                           correction=correction)

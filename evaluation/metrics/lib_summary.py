@@ -131,6 +131,18 @@ def _matches(E, basis_in, basis_out) -> bool:
             and tuple(_np(E).shape) == (_np(basis_out.Lambda).size, _np(basis_in.Lambda).size))
 
 
+def active_edges(result, frac: float = 0.99) -> dict:
+    """{"lib" | "pca": {input layer: active_edge_stats}} of a fit, with the features for ``frac`` of
+    each layer's ΣΛ (variance for PCA) and every output feature at the last node layer; sections
+    whose edges do not join their two bases (``_matches``) are left out."""
+    layers, sides = list(result.node_layers), named_edges(result)
+    return {side: {a: active_edge_stats(sides[side][a], bases[a].Lambda,
+                                        None if b == layers[-1] else bases[b].Lambda, frac)
+                   for a, b in zip(layers[:-1], layers[1:])
+                   if a in sides[side] and _matches(sides[side][a], bases.get(a), bases.get(b))}
+            for side, bases in (("lib", result.lib), ("pca", result.pca))}
+
+
 def _layer_stats(basis) -> dict:
     lam = _np(basis.Lambda)
     return {"n_features": int(lam.size - 1), "sum_Lambda": float(lam[1:].sum()),
@@ -177,15 +189,13 @@ def summarize(result, seed: int = 0, graphs: dict | None = None) -> dict:
         if layer in result.lib:
             summary["layers"][layer] = {"lib": _layer_stats(result.lib[layer]),
                                         "pca": _layer_stats(result.pca[layer])}
-    for i, layer in enumerate(layers[:-1]):
+    for layer in layers[:-1]:
         if layer in sides["lib"]:
             summary["edges"][layer] = {side: _edge_stats(edges[layer]) for side, edges in sides.items()}
-            out_layer = layers[i + 1]
-            for side, bases in (("lib", result.lib), ("pca", result.pca)):
-                if _matches(sides[side][layer], bases.get(layer), bases.get(out_layer)):
-                    summary["edges"][layer][side]["active"] = active_edge_stats(
-                        sides[side][layer], bases[layer].Lambda,
-                        None if out_layer == layers[-1] else bases[out_layer].Lambda)
+    for side, per_layer in active_edges(result).items():
+        for layer, stats in per_layer.items():
+            if layer in summary["edges"]:
+                summary["edges"][layer][side]["active"] = stats
     if len(layers) >= 3:  # the graph needs one section between non-output layers
         for side, edges in sides.items():
             summary["modularity"][side] = _modularity_stats(edges, layers, seed, graphs, side)

@@ -20,7 +20,11 @@ def active_edge_fraction_90(summary: dict, side: str) -> float | None:
     return sum(a["edges_90"] for a in active) / total if total else None
 
 
-def active_edge_details(summary: dict, side: str) -> dict:
-    """{"<side>_active_edges": {input layer: {n_in, n_out, n_edges, edges_90, fraction_90}}}: where in
-    the network the active fraction comes from (one key per side: a run's details are merged)."""
-    return {f"{side}_active_edges": {layer: e[side]["active"] for layer, e in summary["edges"].items()}}
+def active_edge_measurement(summary: dict, side: str):
+    """``active_edge_fraction_90`` with details {"<side>_active_edges": {input layer: {n_in, n_out,
+    n_edges, edges_90, fraction_90}}}: where in the network it comes from (one key per side: a run's
+    details are merged)."""
+    from evaluation.compare.metrics.base import Measurement
+
+    return Measurement(active_edge_fraction_90(summary, side),
+                       details={f"{side}_active_edges": {layer: e[side]["active"] for layer, e in summary["edges"].items()}})

@@ -4,8 +4,8 @@ layer's (every output feature at the last node layer). Lower: the features that 
 computation interact through fewer edges. Unlike ``lib_edge_fraction_90`` it does not reward a
 layer for using fewer directions (docs/DESIGN.md §5.1, active edges)."""
 
-from evaluation.compare.metrics._edges import active_edge_details, active_edge_fraction_90
-from evaluation.compare.metrics.base import CompareMetric, Measurement, register
+from evaluation.compare.metrics._edges import active_edge_measurement
+from evaluation.compare.metrics.base import CompareMetric, register
 from evaluation.compare.metrics.lib_edges import LIB_OPTIONS
 
 
@@ -20,5 +20,4 @@ class LIBActiveEdgeFraction(CompareMetric):
     order = 11
 
     def measure(self, ctx):
-        summary = ctx.lib_summary
-        return Measurement(active_edge_fraction_90(summary, "lib"), details=active_edge_details(summary, "lib"))
+        return active_edge_measurement(ctx.lib_summary, "lib")

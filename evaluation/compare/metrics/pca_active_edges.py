@@ -1,8 +1,8 @@
 """``lib_active_edges`` in the PCA basis of the same fit: the edges-for-90 % fraction among the
 edges between each layer's principal directions for 99 % of its variance (docs/DESIGN.md §5.1)."""
 
-from evaluation.compare.metrics._edges import active_edge_details, active_edge_fraction_90
-from evaluation.compare.metrics.base import CompareMetric, Measurement, register
+from evaluation.compare.metrics._edges import active_edge_measurement
+from evaluation.compare.metrics.base import CompareMetric, register
 from evaluation.compare.metrics.lib_edges import LIB_OPTIONS
 
 
@@ -17,5 +17,4 @@ class PCAActiveEdgeFraction(CompareMetric):
     order = 22
 
     def measure(self, ctx):
-        summary = ctx.lib_summary
-        return Measurement(active_edge_fraction_90(summary, "pca"), details=active_edge_details(summary, "pca"))
+        return active_edge_measurement(ctx.lib_summary, "pca")
