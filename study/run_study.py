@@ -245,12 +245,25 @@ def measured_versions(current: list[dict], recorded: list[dict]) -> tuple[list[d
     return infos, stale
 
 
+def restated(old: dict) -> tuple[dict, list[str]]:
+    """The report ``build_report`` makes now from ``old``'s per-seed values (the current statistics),
+    each metric at the version ``old`` recorded, and the metrics whose version the code has bumped."""
+    from evaluation.compare.report import build_report
+
+    generated = ("has 1 seed; no significance test",)  # build_report adds these again
+    messages = [m for m in old["messages"] if not any(g in m for g in generated)]
+    report = build_report(measurements_from_report(old), old["baseline"], old["test"], old["alpha"],
+                          old["options"], messages, correction=old.get("correction", "holm"))
+    report["metrics"], stale = measured_versions(report["metrics"], old["metrics"])
+    return report, stale
+
+
 def restat(out: Path, figures: Path | None, tasks: list[str] | None = None, log=print) -> None:
     """Rebuilds every ``out/<task>/report.{json,md}`` and ``tradeoff.png`` from the per-seed values
     the report holds, with the current statistics (tests, multiple-comparison correction); no
     checkpoint is read. Re-draws ``figures/<task>_{metrics,tradeoff}.png`` when ``figures`` is given."""
     from evaluation.compare import plots as compare_plots
-    from evaluation.compare.report import build_report, render_markdown
+    from evaluation.compare.report import render_markdown
     from interp_train.io import write_atomic, write_json_atomic
     from study.tradeoff import plot_tradeoff
 
@@ -259,11 +272,7 @@ def restat(out: Path, figures: Path | None, tasks: list[str] | None = None, log=
         if not path.is_file():
             continue
         old = json.loads(path.read_text())
-        generated = ("has 1 seed; no significance test",)  # build_report adds these again
-        messages = [m for m in old["messages"] if not any(g in m for g in generated)]
-        report = build_report(measurements_from_report(old), old["baseline"], old["test"], old["alpha"],
-                              old["options"], messages, correction=old.get("correction", "holm"))
-        report["metrics"], stale = measured_versions(report["metrics"], old["metrics"])
+        report, stale = restated(old)
         if stale:
             log(f"[{task}] measured by an earlier version of the code (not re-measured by --restat): "
                 + ", ".join(stale))
