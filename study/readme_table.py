@@ -28,10 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# metrics whose change reads as a factor: edge fractions, edge counts and ratios of two of them
-FACTOR_SUFFIXES = ("_edge_fraction_90", "_ratio", "edge_ratio", "circuit_nodes", "circuit_edges",
-                   "circuit_nodes_zero", "circuit_edges_zero")
-FACTOR_PREFIXES = ("edge_ablation_",)
+# metrics whose change reads as a factor: edge fractions, node and edge counts, ratios
+FACTOR_SUFFIXES = ("_edge_fraction_90", "_ratio")
+FACTOR_PREFIXES = ("circuit_", "edge_ablation_")
 
 
 def is_factor(metric: str) -> bool:
