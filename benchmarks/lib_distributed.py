@@ -51,14 +51,10 @@ def child(samples: int, batch: int, threads: int, out: str) -> None:
 
 
 def run_case(nproc: int, threads: int, samples: int, batch: int, out: str) -> dict:
-    from evaluation.lib.distributed import free_port
+    from evaluation.lib.distributed import torchrun_command
 
     args = [__file__, "--child", str(samples), str(batch), str(threads), out]
-    if nproc == 1:
-        cmd = [sys.executable, *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(free_port()), *args]
+    cmd = [sys.executable, *args] if nproc == 1 else torchrun_command(nproc, *args)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     wall = time.perf_counter() - t0

@@ -22,8 +22,8 @@ target (a + b) mod p; ``=`` is token p) or a torch file holding ``{"inputs": X, 
 a recipe's own data module is used when --data is omitted.
 
 lib --nproc N: fit on N processes of this machine; the command re-launches itself with
-``python -m torch.distributed.run --nproc_per_node N`` (equivalently, start it yourself:
-``torchrun --nproc_per_node N -m evaluation.cli lib ...``). Process r takes batches r, r + N, ...;
+``python -m torch.distributed.run --standalone --nproc_per_node N`` (equivalently, start it yourself:
+``torchrun --standalone --nproc_per_node N -m evaluation.cli lib ...``). Process r takes batches r, r + N, ...;
 the sums of the fit are all-reduced (evaluation.lib.distributed); rank 0 alone runs the ablation
 curves and writes the report.
 

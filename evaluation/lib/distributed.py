@@ -14,7 +14,6 @@ the sums over all data; only rank 0 writes outputs (``is_main_process``).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
@@ -109,11 +108,11 @@ def init_from_env(backend: str | None = None) -> tuple[int, int]:
     return rank_and_world()
 
 
-def free_port() -> int:
-    """A local TCP port nobody listens on now (for the rendezvous of a one-machine launch)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def torchrun_command(nproc: int, *args: str) -> list[str]:
+    """``python -m torch.distributed.run`` on this machine with ``nproc`` processes. ``--standalone``
+    lets the launcher's own rendezvous store bind a free port: a port picked here and handed over
+    could be taken in between (by another launch's connections), which failed a launch under load."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
 
 
 def relaunch_with_torchrun(nproc: int, module: str, argv: Sequence[str], env: dict | None = None) -> int:
@@ -121,6 +120,5 @@ def relaunch_with_torchrun(nproc: int, module: str, argv: Sequence[str], env: di
     machine and returns its exit status (the CLI's ``--nproc N``)."""
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise ValueError(f"the number of processes must be an integer >= 1, got {nproc!r}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", module, *argv]
+    cmd = torchrun_command(nproc, "-m", module, *argv)
     return subprocess.run(cmd, env={**os.environ, **(env or {})}).returncode
