@@ -42,7 +42,7 @@ def options_added() -> dict:
 
 def _runs(report: dict) -> dict[tuple[str, str], dict]:
     """The report's runs keyed by (variant, seed), unpacked as ``run_study --restat`` reads them."""
-    from study.run_study import measurements_from_report
+    from study.restat import measurements_from_report
 
     return {(variant, m["seed"]): {"run": m["run_dir"], "notes": m["notes"], "values": m["metrics"]}
             for variant, runs in measurements_from_report(report).items() for m in runs}

@@ -120,7 +120,7 @@ def next_byte_accuracy(model, datamodule) -> float:
 def accuracies_from_report(path: Path) -> dict[str, float]:
     """{run directory: accuracy} from an ``interp-eval compare`` / run_study report.json, for rows
     measured before this script recorded the LM's accuracy (the same metric on the same runs)."""
-    from study.run_study import measurements_from_report
+    from study.restat import measurements_from_report
 
     runs = measurements_from_report(json.loads(path.read_text()))
     return {run["run_dir"]: run["metrics"]["accuracy"] for rows in runs.values() for run in rows}

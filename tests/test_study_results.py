@@ -9,7 +9,7 @@ import pytest
 
 from evaluation.compare.metrics.base import all_metrics
 from evaluation.compare.report import render_markdown
-from study.run_study import restated
+from study.restat import restated
 
 RESULTS = Path(__file__).resolve().parents[1] / "study" / "results"
 REPORTS = sorted(RESULTS.glob("*/report.json"))
