@@ -12,7 +12,7 @@ from evaluation.compare.report import render_markdown
 from study.restat import restated
 
 RESULTS = Path(__file__).resolve().parents[1] / "study" / "results"
-REPORTS = sorted(RESULTS.glob("*/report.json"))
+REPORTS = sorted(RESULTS.glob("*/report*.json"))
 PLOTS = ("metrics.png", "alignment_hist.png", "edge_curves.png")
 
 
@@ -26,7 +26,7 @@ def _stale(recorded: list[dict]) -> list[str]:
             for m in recorded if m["name"] in versions and m.get("version") != versions[m["name"]]]
 
 
-@pytest.mark.parametrize("path", REPORTS, ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("path", REPORTS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_every_metric_is_at_the_codes_version(path):
     stale = _stale(json.loads(path.read_text())["metrics"])
     assert not stale, f"{path.parent.name} holds values of earlier metric definitions: re-measure {stale}"
@@ -49,7 +49,7 @@ def _differences(a, b, where: str = "", rtol: float = 1e-9) -> list[str]:
     return [] if a == b else [f"{where}: {a!r} vs {b!r}"]
 
 
-@pytest.mark.parametrize("path", REPORTS, ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("path", REPORTS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_statistics_are_the_current_codes(path):
     committed = json.loads(path.read_text())
     rebuilt, _ = restated(committed)
@@ -58,7 +58,7 @@ def test_statistics_are_the_current_codes(path):
         f"{path.parent.name}: run `python study/run_study.py --restat --tasks {path.parent.name}`: {differences[:5]}"
 
 
-@pytest.mark.parametrize("path", REPORTS, ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("path", REPORTS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_the_markdown_is_rendered_from_the_json(path):
     markdown = path.with_suffix(".md").read_text()
     rendered = render_markdown(json.loads(path.read_text()), [p for p in PLOTS if f"`{p}`" in markdown])
