@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from study.summary import fmt, summary_table  # noqa: E402
+
 # metrics whose change reads as a factor: edge fractions, node and edge counts, ratios
 FACTOR_SUFFIXES = ("_edge_fraction_90", "_ratio")
 FACTOR_PREFIXES = ("circuit_", "edge_ablation_")
@@ -35,10 +37,6 @@ FACTOR_PREFIXES = ("circuit_", "edge_ablation_")
 
 def is_factor(metric: str) -> bool:
     return metric.endswith(FACTOR_SUFFIXES) or metric.startswith(FACTOR_PREFIXES)
-
-
-def _sig(x: float) -> str:
-    return f"{x:.3g}"
 
 
 def verdict(comparison: Mapping[str, Any]) -> str:
@@ -49,7 +47,7 @@ def verdict(comparison: Mapping[str, Any]) -> str:
 
 
 def value(metric: str, mean: float) -> str:
-    return f"{100 * mean:.2f} %" if metric == "accuracy" else _sig(mean)
+    return f"{100 * mean:.2f} %" if metric == "accuracy" else fmt(mean)
 
 
 def change(metric: str, comparison: Mapping[str, Any]) -> str:
@@ -60,7 +58,7 @@ def change(metric: str, comparison: Mapping[str, Any]) -> str:
         shift = f"×{variant / base:.2f}"
     else:
         diff = variant - base
-        shift = f"+{_sig(diff)}" if diff >= 0 else _sig(diff)
+        shift = f"+{fmt(diff)}" if diff >= 0 else fmt(diff)
     return f"{shift} {verdict(comparison)}"
 
 
@@ -96,8 +94,6 @@ def table(report: Mapping[str, Any], metrics: Sequence[str], cells: Sequence[str
 
 def summary(report: Mapping[str, Any], metrics: Sequence[str], cells: Sequence[str] | None = None) -> str:
     """``study.summary.summary_table`` (mean ± std, Δ, corrected and raw p), its rows limited to ``cells``."""
-    from study.summary import summary_table
-
     held = {m["name"] for m in report["metrics"]}
     unknown = [m for m in metrics if m not in held]
     if unknown:

@@ -9,6 +9,11 @@ import shutil
 from pathlib import Path
 
 
+def plots_named_in(markdown: str) -> list[str]:
+    """The compare plots a report.md shows, so that re-rendering it keeps them."""
+    return [p for p in ("metrics.png", "alignment_hist.png", "edge_curves.png") if f"`{p}`" in markdown]
+
+
 def measurements_from_report(report: dict) -> dict[str, list[dict]]:
     """The per-run values a report.json holds, in the shape ``build_report`` reads (details: the task only)."""
     out = {}
@@ -65,7 +70,7 @@ def restat(out: Path, figures: Path | None, tasks: list[str] | None = None, log=
             log(f"[{task}] measured by an earlier version of the code (not re-measured by --restat): "
                 + ", ".join(stale))
         old_md = (out / task / "report.md").read_text() if (out / task / "report.md").is_file() else ""
-        plots = [p for p in ("metrics.png", "alignment_hist.png", "edge_curves.png") if f"`{p}`" in old_md]
+        plots = plots_named_in(old_md)
         write_json_atomic(path, report)
         write_atomic(out / task / "report.md", render_markdown(report, plots))
         plot_tradeoff(report, out / task / "tradeoff.png")

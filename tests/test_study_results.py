@@ -9,11 +9,10 @@ import pytest
 
 from evaluation.compare.metrics.base import all_metrics
 from evaluation.compare.report import render_markdown
-from study.restat import restated
+from study.restat import plots_named_in, restated
 
 RESULTS = Path(__file__).resolve().parents[1] / "study" / "results"
 REPORTS = sorted(RESULTS.glob("*/report*.json"))
-PLOTS = ("metrics.png", "alignment_hist.png", "edge_curves.png")
 
 
 def test_the_reports_are_found():
@@ -61,7 +60,7 @@ def test_statistics_are_the_current_codes(path):
 @pytest.mark.parametrize("path", REPORTS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_the_markdown_is_rendered_from_the_json(path):
     markdown = path.with_suffix(".md").read_text()
-    rendered = render_markdown(json.loads(path.read_text()), [p for p in PLOTS if f"`{p}`" in markdown])
+    rendered = render_markdown(json.loads(path.read_text()), plots_named_in(markdown))
     # the committed rows may be in another order (the baseline row first); the lines must be the same
     assert sorted(rendered.splitlines()) == sorted(markdown.splitlines())
 
@@ -76,7 +75,7 @@ def test_the_checks_catch_a_stale_report():
     assert not _differences(restated(committed)[0], committed)
     assert _differences({"p": 0.05}, {"p": 0.05 * (1 + 1e-6)}) and not _differences({"p": 0.05}, {"p": 0.05 * (1 + 1e-12)})
     markdown = path.with_suffix(".md").read_text()
-    edited_md = render_markdown(restated(edited)[0], [p for p in PLOTS if f"`{p}`" in markdown])
+    edited_md = render_markdown(restated(edited)[0], plots_named_in(markdown))
     assert sorted(edited_md.splitlines()) != sorted(markdown.splitlines())
     assert not _stale(committed["metrics"])
     bumped = [dict(m, version=m["version"] - 1) if m["name"] == "modularity_q" else m for m in committed["metrics"]]
