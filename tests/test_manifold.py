@@ -207,6 +207,60 @@ def test_off_manifold_gradient_penalty_equals_a_naive_per_example_loop():
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-9)
 
 
+def test_normalized_off_manifold_gradient_penalty_is_the_off_manifold_share_of_a_naive_loop():
+    g = SmoothManifoldGenerator(latent_dim=2, ambient_dim=8, seed=3)
+    z, x = g.sample(6, torch.Generator().manual_seed(1), dtype=f64)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)).to(f64)
+    for target in ("loss", "logit"):
+        reg = OffManifoldGradientPenalty(tangents=ExactTangents(g), target=target, normalize=True)
+        out = regularized_loss(model, x, y, [reg], extras={"latents": z})
+        term = out.terms[f"{reg.name}/off_manifold_grad_share"]
+        naive = 0.0
+        for i in range(6):
+            xi = x[i:i + 1].clone().requires_grad_(True)
+            logits = model(xi)
+            score = (nn.functional.cross_entropy(logits, y[i:i + 1]) if target == "loss" else logits[0, y[i]])
+            (grad,) = torch.autograd.grad(score, xi, create_graph=True)
+            U = torch.linalg.qr(jacrev(g)(z[i])).Q
+            on = U @ (U.T @ grad[0])
+            naive = naive + (1 - on.pow(2).sum() / grad.pow(2).sum()) / 6  # 1 − alignment²
+        torch.testing.assert_close(term, naive, atol=1e-12, rtol=1e-9)
+        assert 0 < term.item() < 1
+        params = list(model.parameters())  # the last bias does not reach the logit gradient
+        for got, want in zip(torch.autograd.grad(term, params, allow_unused=True),
+                             torch.autograd.grad(naive, params, allow_unused=True)):
+            assert (got is None) == (want is None)
+            if got is not None:
+                torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-9)
+    # scale-free: doubling the logits' scale changes the plain penalty, not the logit gradient's share
+    reg = OffManifoldGradientPenalty(tangents=ExactTangents(g), target="logit", normalize=True, name="share")
+    plain = OffManifoldGradientPenalty(tangents=ExactTangents(g), target="logit", name="plain")
+    before = regularized_loss(model, x, y, [reg, plain], extras={"latents": z}).terms
+    with torch.no_grad():
+        model[2].weight.mul_(2.0)
+        model[2].bias.mul_(2.0)
+    after = regularized_loss(model, x, y, [reg, plain], extras={"latents": z}).terms
+    share, sq = f"{reg.name}/off_manifold_grad_share", f"{plain.name}/off_manifold_grad"
+    torch.testing.assert_close(after[share], before[share], atol=1e-12, rtol=1e-9)
+    torch.testing.assert_close(after[sq], 4 * before[sq], atol=1e-12, rtol=1e-9)
+
+
+def test_normalized_off_manifold_gradient_penalty_counts_a_zero_gradient_as_zero_with_finite_gradients():
+    g = SmoothManifoldGenerator(latent_dim=2, ambient_dim=8, seed=3)
+    z, x = g.sample(4, torch.Generator().manual_seed(1), dtype=f64)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)).to(f64)
+    nn.init.zeros_(model[2].weight)  # every input gradient is 0
+    reg = OffManifoldGradientPenalty(tangents=ExactTangents(g), normalize=True)
+    term = regularized_loss(model, x, torch.tensor([0, 1, 2, 0]), [reg], extras={"latents": z}).terms[
+        f"{reg.name}/off_manifold_grad_share"]
+    assert term.item() == 0.0
+    assert all(torch.isfinite(p).all() for p in torch.autograd.grad(term, list(model.parameters()), allow_unused=True)
+               if p is not None)
+    with pytest.raises(TypeError, match="normalize must be True or False, got 'yes'"):
+        OffManifoldGradientPenalty(tangents=ExactTangents(g), normalize="yes")
+
+
 def test_off_manifold_gradient_penalty_vanishes_for_a_model_of_on_manifold_coordinates():
     g = SmoothManifoldGenerator(latent_dim=3, ambient_dim=12, scale=0.0)  # the linear subspace span(A)
     z, x = g.sample(32, torch.Generator().manual_seed(0), dtype=f64)

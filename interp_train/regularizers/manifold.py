@@ -5,7 +5,8 @@ flattened input size) from a :class:`~interp_train.tangents.TangentProvider`, an
 only what happens in the orthogonal complement, P⊥ = I − U Uᵀ:
 
 * ``OffManifoldNoisePenalty``:    mean_i ||f(x_i) − f(x_i + P⊥_i ε_i)||²,  ε_i ~ N(0, σ² I)
-* ``OffManifoldGradientPenalty``: mean_i ||P⊥_i ∇_x s_i||²  (double backprop)
+* ``OffManifoldGradientPenalty``: mean_i ||P⊥_i ∇_x s_i||²  (double backprop), or with
+  ``normalize=True`` the off-manifold share mean_i ||P⊥_i ∇_x s_i||² / ||∇_x s_i||²
 
 ``tangents`` is a provider instance, or a name ("exact" | "local_pca" | "global_pca") that is
 fitted in ``setup(model, datamodule)`` via ``tangents.fit_from_datamodule`` (the Lightning
@@ -107,7 +108,15 @@ class OffManifoldNoisePenalty(_TangentRegularizer):
 
 
 class OffManifoldGradientPenalty(_TangentRegularizer):
-    """mean_i ||(I − U_iU_iᵀ) ∇_x s_i||², the off-manifold part of each input gradient.
+    """mean_i ||(I − U_iU_iᵀ) ∇_x s_i||², the off-manifold part of each input gradient; with
+    ``normalize=True`` its share of the gradient instead,
+
+        mean_i ||(I − U_iU_iᵀ) g_i||² / ||g_i||² = mean_i (1 − a_i²),   g_i = ∇_x s_i,
+
+    where a_i = ||U_iU_iᵀ g_i|| / ||g_i|| is the gradient alignment that evaluation measures
+    (examples with g_i = 0 add 0). The share is scale-free: the plain penalty can also be
+    lowered by shrinking every gradient (confident predictions), the share only by turning
+    the gradient into the tangent space.
 
     s_i is the per-example score: target="loss" uses the context's per-example loss
     (``ctx.per_example_loss``, cross-entropy unless the loop was given another ``loss_fn``);
@@ -120,14 +129,20 @@ class OffManifoldGradientPenalty(_TangentRegularizer):
         weight: number or Schedule.
         tangents: provider instance or "exact" | "local_pca" | "global_pca" (fitted in setup).
         target: "loss" | "logit" | "logprob".
+        normalize: penalise the off-manifold share of each gradient (term "off_manifold_grad_share")
+            instead of its squared norm (term "off_manifold_grad").
         tangent_kwargs: passed to the provider when ``tangents`` is a name.
     """
 
     def __init__(self, weight: WeightLike = 1.0, tangents: str | TangentProvider = "exact", target: str = "loss",
-                 name: str | None = None, tangent_kwargs: Mapping[str, Any] | None = None):
+                 name: str | None = None, tangent_kwargs: Mapping[str, Any] | None = None,
+                 normalize: bool = False):
         check_target(target)
+        if not isinstance(normalize, bool):
+            raise TypeError(f"normalize must be True or False, got {normalize!r}")
         super().__init__(weight, tangents, tangent_kwargs, name)
         self.target = target
+        self.normalize = normalize
 
     def input_gradients(self, ctx: RegularizerContext) -> torch.Tensor:
         """∇_x s_i for every example, shaped like the inputs, part of the graph."""
@@ -139,8 +154,16 @@ class OffManifoldGradientPenalty(_TangentRegularizer):
 
     def terms(self, ctx: RegularizerContext) -> dict[str, torch.Tensor]:
         U = self.tangent_basis(ctx)
-        off = project_off(U, self.input_gradients(ctx))
-        return {"off_manifold_grad": off.pow(2).reshape(ctx.batch_size, -1).sum(dim=1).mean()}
+        grad = self.input_gradients(ctx)
+        off_sq = project_off(U, grad).pow(2).reshape(ctx.batch_size, -1).sum(dim=1)
+        if not self.normalize:
+            return {"off_manifold_grad": off_sq.mean()}
+        norm_sq = grad.pow(2).reshape(ctx.batch_size, -1).sum(dim=1)
+        nonzero = norm_sq > 0
+        # the inner where keeps the division (and its gradient) finite where g_i = 0
+        share = torch.where(nonzero, off_sq / torch.where(nonzero, norm_sq, torch.ones_like(norm_sq)),
+                            torch.zeros_like(norm_sq))
+        return {"off_manifold_grad_share": share.mean()}
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, target={self.target!r}"
+        return f"{super().extra_repr()}, target={self.target!r}" + (", normalize=True" if self.normalize else "")
