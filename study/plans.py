@@ -22,6 +22,10 @@ DIGIT_MANIFOLD_SIZE = ("--trainer.max_epochs", "12")
 CNN_HEAD_LAYERS = ("model.features.5", "model.head.2", "output")
 DIGIT_MANIFOLD_FAMILIES = ("adversarial", "grad_norm", "off_manifold_grad", "off_manifold_noise")
 
+# the headline cells (recipe strengths): the sweep's families and the off-manifold share of the gradient
+HEADLINE_FAMILIES = {**{f: f for f in DIGIT_MANIFOLD_FAMILIES}, "adversarial": adversarial("adversarial"),
+                     "off_manifold_grad_share": "off_manifold_grad_share"}
+
 TEXT_MEASURE = dict(max_samples=64, lib_sources=8, lib_edge_sources=1, lib_jacobian_dtype="float32",
                     circuit=True, circuit_zero=True)
 
@@ -36,15 +40,13 @@ PLANS: dict[str, TaskPlan] = {
     # with training, so the 12-epoch sweep above flatters the baseline); recipe strengths only; the
     # off-manifold share of the gradient (OffManifoldGradientPenalty(normalize=True)) added 2026-12-06
     "digit_manifold_30ep": TaskPlan("recipes/digit_manifold", "baseline",
-                                    {**{f: f for f in DIGIT_MANIFOLD_FAMILIES}, "adversarial": adversarial("adversarial"),
-                                     "off_manifold_grad_share": "off_manifold_grad_share"},
+                                    HEADLINE_FAMILIES,
                                     multipliers=(1.0,), measure=dict(max_samples=256)),
     # the same cells trained twice as long (60 epochs): past epoch 30 standard training's validation
     # accuracy is flat (seed 0: 96-97 %) while its alignment keeps falling (0.47 -> 0.40); does the
     # regularized models' lead grow
     "digit_manifold_60ep": TaskPlan("recipes/digit_manifold", "baseline",
-                                    {**{f: f for f in DIGIT_MANIFOLD_FAMILIES}, "adversarial": adversarial("adversarial"),
-                                     "off_manifold_grad_share": "off_manifold_grad_share"},
+                                    HEADLINE_FAMILIES,
                                     multipliers=(1.0,), extra=("--trainer.max_epochs", "60"),
                                     measure=dict(max_samples=256)),
     "digit_manifold_cnn": TaskPlan("recipes/digit_manifold", "cnn_baseline",
