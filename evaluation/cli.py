@@ -34,6 +34,7 @@ Errors are one paragraph on stderr with exit code 2 (evaluation.errors); add ``-
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
@@ -282,5 +283,19 @@ def _end_process_group() -> None:
         dist.destroy_process_group()
 
 
+def console_main() -> None:
+    """The ``interp-eval`` command: ``main()``, then exit with its code. A process started by torchrun
+    (``--nproc``) leaves through ``os._exit`` once its process group is destroyed and its output
+    flushed: gloo's worker threads can still hold tensors at interpreter finalization, and releasing
+    them there can abort the process (SIGABRT, "terminate called without an active exception";
+    pytorch/pytorch#190489), which torchrun reports as a failed launch after the work was done."""
+    code = main()
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

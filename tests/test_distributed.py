@@ -350,6 +350,25 @@ def test_interp_eval_lib_on_two_processes_writes_the_single_process_report(tmp_p
     assert not (tmp_path / "three").exists()
 
 
+@pytest.mark.parametrize("worker", [False, True], ids=["plain", "torchrun worker"])
+def test_interp_eval_command_skips_interpreter_finalization_only_in_a_torchrun_worker(worker, tmp_path):
+    """The console entry point exits with main()'s code; a torchrun worker (WORLD_SIZE and RANK set)
+    leaves without interpreter finalization (no atexit handler runs), where gloo can abort it."""
+    code = ("import atexit, sys; atexit.register(lambda: print('finalized', flush=True)); "
+            "sys.argv = ['interp-eval', 'lib', 'missing.pt', '--out', 'never', '--max-samples', '0']; "
+            "from evaluation.cli import console_main; console_main()")
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
+    if worker:
+        env.update(WORLD_SIZE="1", RANK="0")
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                          cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr  # bad input, as from main()
+    assert "--max-samples must be >= 1, got 0" in proc.stderr
+    assert ("finalized" in proc.stdout) is not worker
+    assert not (tmp_path / "never").exists()
+
+
 if __name__ == "__main__":
     workers = {"ddp": ddp_worker, "lib": lib_worker}
     for worker in sys.argv[1].split(","):
