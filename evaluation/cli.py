@@ -284,16 +284,14 @@ def _end_process_group() -> None:
 
 
 def console_main() -> None:
-    """The ``interp-eval`` command: ``main()``, then exit with its code. A process started by torchrun
-    (``--nproc``) leaves through ``os._exit`` once its process group is destroyed and its output
-    flushed: gloo's worker threads can still hold tensors at interpreter finalization, and releasing
-    them there can abort the process (SIGABRT, "terminate called without an active exception";
-    pytorch/pytorch#190489), which torchrun reports as a failed launch after the work was done."""
+    """The ``interp-eval`` command: ``main()``, then exit with its code; a process started by
+    torchrun (``--nproc``) leaves through ``evaluation.lib.distributed.leave_worker``, which skips
+    interpreter finalization (where gloo can abort a finished worker)."""
     code = main()
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        from evaluation.lib.distributed import leave_worker
+
+        leave_worker(code)
     sys.exit(code)
 
 

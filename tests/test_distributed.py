@@ -375,3 +375,6 @@ if __name__ == "__main__":
         if worker not in workers:
             raise SystemExit(f"unknown worker {worker!r}; allowed: {', '.join(workers)}")
         workers[worker](sys.argv[2])
+    from evaluation.lib.distributed import leave_worker
+
+    leave_worker(0)  # not through interpreter finalization, where gloo can abort a finished worker

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, NoReturn, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,7 @@ __all__ = [
     "fit_lib_distributed",
     "init_from_env",
     "launched_by_torchrun",
+    "leave_worker",
     "rank_and_world",
     "relaunch_with_torchrun",
     "shard",
@@ -106,6 +107,19 @@ def init_from_env(backend: str | None = None) -> tuple[int, int]:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend=backend)
     return rank_and_world()
+
+
+def leave_worker(code: int = 0) -> NoReturn:
+    """Ends a torchrun worker: destroys the process group (if any), flushes stdout and stderr and
+    leaves through ``os._exit(code)``, skipping interpreter finalization: gloo's threads can still
+    hold tensors there, and releasing them can abort the process (SIGABRT, "terminate called
+    without an active exception"; pytorch/pytorch#190489), which torchrun reports as a failed
+    launch after the work was done."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def torchrun_command(nproc: int, *args: str) -> list[str]:
