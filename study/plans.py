@@ -22,7 +22,8 @@ DIGIT_MANIFOLD_SIZE = ("--trainer.max_epochs", "12")
 CNN_HEAD_LAYERS = ("model.features.5", "model.head.2", "output")
 DIGIT_MANIFOLD_FAMILIES = ("adversarial", "grad_norm", "off_manifold_grad", "off_manifold_noise")
 
-# the headline cells (recipe strengths): the sweep's families and the off-manifold share of the gradient
+# the MLP's families: the off-manifold penalties, GradientNorm, adversarial training and (added
+# 2026-12-06) the off-manifold share of the gradient, OffManifoldGradientPenalty(normalize=True)
 HEADLINE_FAMILIES = {**{f: f for f in DIGIT_MANIFOLD_FAMILIES}, "adversarial": adversarial("adversarial"),
                      "off_manifold_grad_share": "off_manifold_grad_share"}
 
@@ -33,8 +34,7 @@ PLANS: dict[str, TaskPlan] = {
     # the headline task: decoder-generated digits, exact tangents (recipes/digit_manifold); 12 of the
     # recipe's 30 epochs (384 steps: validation accuracy ~1.5 points below its plateau, the 200-step
     # warm-ups end in the first half) and 256 measured examples, for the 2-core machine's budget
-    "digit_manifold": TaskPlan("recipes/digit_manifold", "baseline",
-                               {**{f: f for f in DIGIT_MANIFOLD_FAMILIES}, "adversarial": adversarial("adversarial")},
+    "digit_manifold": TaskPlan("recipes/digit_manifold", "baseline", HEADLINE_FAMILIES,
                                extra=DIGIT_MANIFOLD_SIZE, measure=dict(max_samples=256)),
     # the headline cells at the recipe's full 30 epochs (standard training's alignment keeps falling
     # with training, so the 12-epoch sweep above flatters the baseline); recipe strengths only; the

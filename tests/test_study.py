@@ -207,7 +207,7 @@ def test_train_skips_done_runs_writes_the_derived_recipe_and_survives_a_failure(
 def test_dry_run_and_argument_errors(tmp_path, capsys):
     run_study.main(["--tasks", "digit_manifold", "--seeds", "0", "--root", str(tmp_path), "--dry-run"])
     out = capsys.readouterr().out
-    assert "[digit_manifold] 0/13 runs done" in out
+    assert "[digit_manifold] 0/16 runs done" in out
     assert f"todo  {tmp_path}/digit_manifold/adversarial_x10/seed0  (adversarial.yaml × 10)" in out
     with pytest.raises(SystemExit):
         run_study.main(["--tasks", "digits", "manifold", "--families", "grad_norm", "--dry-run"])
