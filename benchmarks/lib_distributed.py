@@ -64,10 +64,6 @@ def run_case(nproc: int, threads: int, samples: int, batch: int, out: str) -> di
     return {"processes": nproc, "threads_each": threads, "fit_s": json.loads(line)["fit_s"], "wall_s": wall}
 
 
-def nproc_env() -> bool:
-    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
-
-
 def max_rel_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-300)) for k in b)
 
@@ -82,9 +78,9 @@ def main() -> None:
     if args.child:
         samples, batch, threads, out = args.child
         child(int(samples), int(batch), int(threads), out)
-        if nproc_env():
-            from evaluation.lib.distributed import leave_worker
+        from evaluation.lib.distributed import launched_by_torchrun, leave_worker
 
+        if launched_by_torchrun():
             leave_worker(0)  # not through interpreter finalization, where gloo can abort a finished worker
         return
     import tempfile

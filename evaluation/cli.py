@@ -288,7 +288,7 @@ def console_main() -> None:
     torchrun (``--nproc``) leaves through ``evaluation.lib.distributed.leave_worker``, which skips
     interpreter finalization (where gloo can abort a finished worker)."""
     code = main()
-    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # launched_by_torchrun(), without importing torch
         from evaluation.lib.distributed import leave_worker
 
         leave_worker(code)
