@@ -13,6 +13,8 @@ alone (its earlier values are not checked: use it for runs known to be different
 The merged report holds every metric measured on every merged run: new cells measured with all
 metrics merge on the metrics both reports hold, and a metric added to the code later, measured on
 every run of OLD (``run_study.py --compare-only --metrics accuracy NEW_METRIC``), joins OLD's.
+The two may differ in the switches that only select metrics (``--circuit``, ``--edge-ablation``,
+``--llc``, ...): a pass of circuits alone over every run joins a report measured without them.
 """
 
 from __future__ import annotations
@@ -38,6 +40,14 @@ def options_added() -> dict:
     from evaluation.compare.metrics.base import all_metrics
 
     return {name: value for metric in all_metrics() for name, value in metric.options_added.items()}
+
+
+def metric_switches() -> dict[str, str]:
+    """{metric name: the boolean ``MeasureOptions`` field that turns it on}; metrics always measured
+    are absent. A switch selects metrics and changes no measured value, so reports may differ in it."""
+    from evaluation.compare.metrics.base import all_metrics
+
+    return {m.name: m.switch for m in all_metrics() if m.switch}
 
 
 def _runs(report: dict) -> dict[tuple[str, str], dict]:
@@ -66,6 +76,11 @@ def merge_reports(old: dict, new: dict, rtol: float = 1e-9, replace: Sequence[st
     metrics both reports hold, and a metric measured afterwards on every run of ``old``
     (``run_study.py --compare-only --metrics ...``) joins the earlier report's metrics.
 
+    The measurement options must agree, except the switches that only select metrics (``circuit``,
+    ``edge_ablation``, ``llc``, ``alignment``, ...: ``metric_switches``): a report measured with
+    circuits merges with one measured without them, on the metrics every merged run has, and the
+    merged report's switch is on where it holds a metric the switch turns on.
+
     ``replace``: variants (``name``) or runs (``name/seedN``) of ``old`` left out before merging; each
     must name a run of ``old``, so a typo raises instead of silently keeping the earlier values.
     """
@@ -75,8 +90,10 @@ def merge_reports(old: dict, new: dict, rtol: float = 1e-9, replace: Sequence[st
     added = options_added()
     old_options, new_options = ({**{k: v for k, v in added.items() if k not in r["options"]}, **r["options"]}
                                 for r in (old, new))
+    switch_of = metric_switches()
+    switches = set(switch_of.values())
     differing = sorted(k for k in set(old_options) | set(new_options)
-                       if k not in IGNORED_OPTIONS and old_options.get(k) != new_options.get(k))
+                       if k not in IGNORED_OPTIONS and k not in switches and old_options.get(k) != new_options.get(k))
     if differing:
         raise ValueError(f"measurement options differ, values are not comparable: "
                          + ", ".join(f"{k}={old_options.get(k)!r} vs {new_options.get(k)!r}" for k in differing))
@@ -130,7 +147,10 @@ def merge_reports(old: dict, new: dict, rtol: float = 1e-9, replace: Sequence[st
 
     # a report of some metrics says so; merged into the earlier one, it no longer holds only those
     messages = [m for m in dict.fromkeys(old.get("messages", []) + new.get("messages", [])) if not m.startswith(ONLY_ASKED)]
-    return {**new, "metrics": metrics, "variants": variants, "messages": messages}
+    # a switch is on in the merged report when it holds a metric that the switch turns on
+    options = {**new["options"], **{k: any(switch_of.get(n) == k for n in names)
+                                    for k in switches if k in old["options"] or k in new["options"]}}
+    return {**new, "options": options, "metrics": metrics, "variants": variants, "messages": messages}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -443,6 +443,40 @@ def test_merge_reports_adds_a_metric_measured_afterwards_on_every_run():
         merge_reports(old, new)
 
 
+def test_merge_reports_joins_reports_that_differ_only_in_metric_switches():
+    """A report measured without circuits (circuit=False) and a pass of circuits over every run
+    (circuit=True): they merge, the circuit metric joins, and the merged report says circuit=True;
+    when the circuit pass misses a run the metric stays out and the switch reads False. An option
+    that changes values (max_samples) still refuses."""
+    from evaluation.compare import build_report
+    from study.merge_reports import merge_reports
+
+    def entries(variant, acc, names, seeds=range(3)):
+        values = {"accuracy": acc, "alignment": 0.3 + acc, "circuit_nodes": 100 * acc}
+        return [{"seed": f"seed{i}", "run_dir": f"{variant}/seed{i}", "details": {"task": "t"},
+                 "metrics": {n: values[n] + 0.001 * i for n in names}} for i in seeds]
+
+    base = {"max_samples": 256, "circuit": False, "alignment": True}
+    old = json.loads(json.dumps(build_report({"baseline": entries("baseline", 0.9, ("accuracy", "alignment")),
+                                              "ws_x1": entries("ws", 0.8, ("accuracy", "alignment"))},
+                                             options=base)))
+    circuits = ("accuracy", "circuit_nodes")
+    new = json.loads(json.dumps(build_report({"baseline": entries("baseline", 0.9, circuits),
+                                              "ws_x1": entries("ws", 0.8, circuits)},
+                                             options={**base, "circuit": True, "alignment": False})))
+    merged = merge_reports(old, new)
+    assert sorted(m["name"] for m in merged["metrics"]) == ["accuracy", "alignment", "circuit_nodes"]
+    assert merged["options"]["circuit"] is True and merged["options"]["alignment"] is True
+    assert merged["variants"]["ws_x1"]["metrics"]["circuit_nodes"]["values"] == pytest.approx([80.0, 80.001, 80.002])
+    partial = json.loads(json.dumps(build_report({"baseline": entries("baseline", 0.9, circuits, seeds=(0, 1)),
+                                                  "ws_x1": entries("ws", 0.8, circuits)},
+                                                 options={**base, "circuit": True})))
+    merged = merge_reports(old, partial)
+    assert "circuit_nodes" not in [m["name"] for m in merged["metrics"]] and merged["options"]["circuit"] is False
+    with pytest.raises(ValueError, match="measurement options differ.*max_samples=256 vs 64"):
+        merge_reports(old, {**new, "options": {**new["options"], "max_samples": 64}})
+
+
 def test_restat_keeps_the_versions_the_values_were_measured_at(tmp_path):
     """A report measured before a metric's version bump: --restat rebuilds its statistics but leaves
     the recorded (earlier) version on the metric, and says so."""
