@@ -24,7 +24,7 @@ DIGIT_MANIFOLD_FAMILIES = ("adversarial", "grad_norm", "off_manifold_grad", "off
 
 # the MLP's families: the off-manifold penalties, GradientNorm, adversarial training and (added
 # 2026-12-06) the off-manifold share of the gradient, OffManifoldGradientPenalty(normalize=True)
-HEADLINE_FAMILIES = {**{f: f for f in DIGIT_MANIFOLD_FAMILIES}, "adversarial": adversarial("adversarial"),
+DIGIT_MANIFOLD_MLP_FAMILIES = {**{f: f for f in DIGIT_MANIFOLD_FAMILIES}, "adversarial": adversarial("adversarial"),
                      "off_manifold_grad_share": "off_manifold_grad_share"}
 
 TEXT_MEASURE = dict(max_samples=64, lib_sources=8, lib_edge_sources=1, lib_jacobian_dtype="float32",
@@ -34,19 +34,19 @@ PLANS: dict[str, TaskPlan] = {
     # the headline task: decoder-generated digits, exact tangents (recipes/digit_manifold); 12 of the
     # recipe's 30 epochs (384 steps: validation accuracy ~1.5 points below its plateau, the 200-step
     # warm-ups end in the first half) and 256 measured examples, for the 2-core machine's budget
-    "digit_manifold": TaskPlan("recipes/digit_manifold", "baseline", HEADLINE_FAMILIES,
+    "digit_manifold": TaskPlan("recipes/digit_manifold", "baseline", DIGIT_MANIFOLD_MLP_FAMILIES,
                                extra=DIGIT_MANIFOLD_SIZE, measure=dict(max_samples=256)),
     # the headline cells at the recipe's full 30 epochs (standard training's alignment keeps falling
     # with training, so the 12-epoch sweep above flatters the baseline); recipe strengths only; the
     # off-manifold share of the gradient (OffManifoldGradientPenalty(normalize=True)) added 2026-12-06
     "digit_manifold_30ep": TaskPlan("recipes/digit_manifold", "baseline",
-                                    HEADLINE_FAMILIES,
+                                    DIGIT_MANIFOLD_MLP_FAMILIES,
                                     multipliers=(1.0,), measure=dict(max_samples=256)),
     # the same cells trained twice as long (60 epochs): past epoch 30 standard training's validation
     # accuracy is flat (seed 0: 96-97 %) while its alignment keeps falling (0.47 -> 0.40); does the
     # regularized models' lead grow
     "digit_manifold_60ep": TaskPlan("recipes/digit_manifold", "baseline",
-                                    HEADLINE_FAMILIES,
+                                    DIGIT_MANIFOLD_MLP_FAMILIES,
                                     multipliers=(1.0,), extra=("--trainer.max_epochs", "60"),
                                     measure=dict(max_samples=256)),
     "digit_manifold_cnn": TaskPlan("recipes/digit_manifold", "cnn_baseline",

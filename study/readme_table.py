@@ -62,12 +62,17 @@ def change(metric: str, comparison: Mapping[str, Any]) -> str:
     return f"{shift} {verdict(comparison)}"
 
 
+def _check_metrics(report: Mapping[str, Any], metrics: Sequence[str]) -> None:
+    held = sorted(m["name"] for m in report["metrics"])
+    unknown = [m for m in metrics if m not in held]
+    if unknown:
+        raise ValueError(f"metrics not in this report: {unknown}; it holds {held}")
+
+
 def table(report: Mapping[str, Any], metrics: Sequence[str], cells: Sequence[str] | None = None) -> str:
     """A markdown table of ``metrics`` for ``cells`` (default: the baseline, then every other cell by name)."""
+    _check_metrics(report, metrics)
     labels = {m["name"]: m for m in report["metrics"]}
-    unknown = [m for m in metrics if m not in labels]
-    if unknown:
-        raise ValueError(f"metrics not in this report: {unknown}; it holds {sorted(labels)}")
     baseline = report["baseline"]
     cells = list(cells) if cells else [baseline] + sorted(v for v in report["variants"] if v != baseline)
     missing = [c for c in cells if c not in report["variants"]]
@@ -94,10 +99,7 @@ def table(report: Mapping[str, Any], metrics: Sequence[str], cells: Sequence[str
 
 def summary(report: Mapping[str, Any], metrics: Sequence[str], cells: Sequence[str] | None = None) -> str:
     """``study.summary.summary_table`` (mean ± std, Δ, corrected and raw p), its rows limited to ``cells``."""
-    held = {m["name"] for m in report["metrics"]}
-    unknown = [m for m in metrics if m not in held]
-    if unknown:
-        raise ValueError(f"metrics not in this report: {unknown}; it holds {sorted(held)}")
+    _check_metrics(report, metrics)
     lines = summary_table(report, list(metrics)).splitlines()
     if not cells:
         return "\n".join(lines)

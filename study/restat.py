@@ -56,9 +56,8 @@ def restat(out: Path, figures: Path | None, tasks: list[str] | None = None, log=
     from evaluation.compare import plots as compare_plots
     from evaluation.compare.report import render_markdown
     from interp_train.io import write_atomic, write_json_atomic
-    from study.tradeoff import plot_tradeoff
-
     from study.plans import PLANS
+    from study.tradeoff import plot_tradeoff
 
     for task in tasks or list(PLANS):
         path = out / task / "report.json"

@@ -9,7 +9,7 @@ import pytest
 
 from evaluation.compare.metrics.base import all_metrics
 from evaluation.compare.report import render_markdown
-from study.restat import plots_named_in, restated
+from study.restat import measured_versions, plots_named_in, restated
 
 RESULTS = Path(__file__).resolve().parents[1] / "study" / "results"
 REPORTS = sorted(RESULTS.glob("*/report*.json"))
@@ -20,9 +20,8 @@ def test_the_reports_are_found():
 
 
 def _stale(recorded: list[dict]) -> list[str]:
-    versions = {metric.name: metric.version for metric in all_metrics()}
-    return [f"{m['name']} (version {m.get('version')}; the code: {versions[m['name']]})"
-            for m in recorded if m["name"] in versions and m.get("version") != versions[m["name"]]]
+    """The recorded metrics whose version is not the code's, as --restat names them."""
+    return measured_versions([{"name": m.name, "version": m.version} for m in all_metrics()], recorded)[1]
 
 
 @pytest.mark.parametrize("path", REPORTS, ids=lambda p: f"{p.parent.name}/{p.stem}")
