@@ -79,8 +79,9 @@ PLANS: dict[str, TaskPlan] = {
                                  measure=dict(circuit=True, circuit_zero=True, edge_ablation=True)),
     # 2000 of the recipe's 3000 steps, for the 2-core machine: validation loss is still falling by
     # 0.014-0.027 per 250 steps at the end (1.235 -> 1.221 at steps 1750 -> 2000, baseline seed 1;
-    # study/README.md). GradientNorm left out: not a structure penalty, no measurable effect at 1x.
-    "text": TaskPlan("recipes/text", "baseline", {"degeneracy": "degeneracy"},
+    # study/README.md). GradientNorm (not a structure penalty; its double backward costs ~2x a step)
+    # is reported apart, without circuits: results/text_grad_norm (--families baseline grad_norm)
+    "text": TaskPlan("recipes/text", "baseline", {"degeneracy": "degeneracy", "grad_norm": "grad_norm"},
                      fixed={"weight_sparsity_d0.5": "weight_sparsity", "weight_sparsity_d0.25": "weight_sparsity_strong"},
                      extra=("--trainer.max_steps", "2000", "--trainer.val_check_interval", "250"),
                      # 64 positions: exact LIB needs 64·k VJPs per attention section and window. Circuits
