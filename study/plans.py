@@ -66,7 +66,9 @@ PLANS: dict[str, TaskPlan] = {
     # WeightSparsity's strength is its density (one recipe each, not swept); circuits with mean and
     # zero ablation (issue 15); 1000 full-batch steps: every cpu recipe groks by step ~650
     "modular_addition": TaskPlan("recipes/modular_addition", "cpu",
-                                 {"interaction": "cpu_interaction", "degeneracy": "cpu_degeneracy"},
+                                 {"interaction": "cpu_interaction", "degeneracy": "cpu_degeneracy",
+                                  # the smoothness families: a separate report (results/modular_addition_smoothness)
+                                  "grad_norm": "cpu_grad_norm", "noise": "cpu_noise"},
                                  fixed={"weight_sparsity_d0.25": "cpu_weight_sparsity",
                                         "weight_sparsity_d0.1": "cpu_weight_sparsity_strong", "l0": "cpu_l0",
                                         "weight_sparsity_all_d0.1": "cpu_weight_sparsity_all",
