@@ -48,6 +48,11 @@ def test_gini_known_values():
     assert gini(x[None]) == pytest.approx(naive)
     with pytest.raises(ValueError, match=r"weights must be >= 0"):
         gini(np.array([[1.0, -1.0, 3.0]]))
+    # roundoff below zero (seen on a collapsed model's edges) counts as zero; a real negative still raises
+    assert gini(np.array([[-6e-28, 1e-12, 3e-12]])) == pytest.approx(gini(np.array([[0.0, 1e-12, 3e-12]])))
+    assert gini(np.array([[-6e-28, 1e-12, 3e-12]])) == pytest.approx(6 / (3 * 4))  # sum (2i - n - 1) x_i / (n sum x), x = [0, 1, 3]
+    with pytest.raises(ValueError, match=r"weights must be >= 0"):
+        gini(np.array([[-1e-12, 1e-12, 3e-12]]))
     with pytest.raises(ValueError, match=r"must be 2-D"):
         edges_for_fraction(torch.ones(3), 0.9)
 

@@ -67,6 +67,10 @@ def edges_for_fraction(E, frac: float, exclude_constant: bool = True) -> tuple[i
     return n, (n / E.size if E.size else float("nan"))
 
 
+# negative entries this small relative to the largest are float roundoff of a weight that is >= 0
+ROUNDOFF = 1e-9
+
+
 def gini(E, exclude_constant: bool = False) -> float:
     """Gini coefficient of the entries x_1 ≤ ... ≤ x_n of E (sorted ascending):
     G = ∑_i (2i − n − 1) x_i / (n ∑_i x_i). 0 for equal weights, 1 − 1/n for a single non-zero."""
@@ -77,8 +81,10 @@ def gini(E, exclude_constant: bool = False) -> float:
     n = x.size
     if n == 0 or x.sum() <= 0:
         return float("nan")
-    if x[0] < 0:
-        raise ValueError(f"weights must be >= 0, got a minimum of {x[0]:g}")
+    if x[0] < -ROUNDOFF * x[-1]:
+        raise ValueError(f"weights must be >= 0, got a minimum of {x[0]:g} (largest {x[-1]:g})")
+    # an edge weight is a sum of squares; float64 roundoff leaves -1e-28 next to 1e-12 (a collapsed model)
+    x = np.maximum(x, 0.0)
     i = np.arange(1, n + 1)
     return float(((2 * i - n - 1) * x).sum() / (n * x.sum()))
 
