@@ -31,13 +31,24 @@ def _check_frac(frac: float) -> None:
         raise ValueError(f"frac must be in (0, 1], got {frac}")
 
 
+# negative entries this small relative to the largest are float roundoff of a weight that is >= 0
+ROUNDOFF = 1e-9
+
+
+def nonnegative(values: np.ndarray) -> np.ndarray:
+    """``values`` (edge weights: sums of squares) with roundoff below zero set to 0; raises for a
+    negative beyond ROUNDOFF × the largest (-6e-28 next to 1e-12 was seen on a collapsed model)."""
+    if values.size and values.min() < -ROUNDOFF * max(values.max(), 0.0):
+        raise ValueError(f"weights must be >= 0, got a minimum of {values.min():g} (largest {values.max():g})")
+    return np.maximum(values, 0.0)
+
+
 def _count_for_fraction(values: np.ndarray, frac: float) -> int:
     """Smallest n with (sum of the n largest values) >= frac * sum(values)."""
     values = np.sort(values.ravel())[::-1]
     if values.size == 0:
         return 0
-    if np.any(values < 0):
-        raise ValueError(f"weights must be >= 0, got a minimum of {values.min():g}")
+    values = nonnegative(values)
     total = values.sum()
     if total <= 0:
         return 0
@@ -67,10 +78,6 @@ def edges_for_fraction(E, frac: float, exclude_constant: bool = True) -> tuple[i
     return n, (n / E.size if E.size else float("nan"))
 
 
-# negative entries this small relative to the largest are float roundoff of a weight that is >= 0
-ROUNDOFF = 1e-9
-
-
 def gini(E, exclude_constant: bool = False) -> float:
     """Gini coefficient of the entries x_1 ≤ ... ≤ x_n of E (sorted ascending):
     G = ∑_i (2i − n − 1) x_i / (n ∑_i x_i). 0 for equal weights, 1 − 1/n for a single non-zero."""
@@ -81,10 +88,7 @@ def gini(E, exclude_constant: bool = False) -> float:
     n = x.size
     if n == 0 or x.sum() <= 0:
         return float("nan")
-    if x[0] < -ROUNDOFF * x[-1]:
-        raise ValueError(f"weights must be >= 0, got a minimum of {x[0]:g} (largest {x[-1]:g})")
-    # an edge weight is a sum of squares; float64 roundoff leaves -1e-28 next to 1e-12 (a collapsed model)
-    x = np.maximum(x, 0.0)
+    x = nonnegative(x)
     i = np.arange(1, n + 1)
     return float(((2 * i - n - 1) * x).sum() / (n * x.sum()))
 
