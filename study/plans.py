@@ -64,7 +64,8 @@ PLANS: dict[str, TaskPlan] = {
                           "adversarial": adversarial("adversarial")},
                          extra=MANIFOLD_DATA, llc=True),
     # WeightSparsity's strength is its density (one recipe each, not swept); circuits with mean and
-    # zero ablation (issue 15); 1000 full-batch steps: every cpu recipe groks by step ~650
+    # zero ablation (issue 15); 1000 full-batch steps: every cpu structure recipe groks by step ~650
+    # (NoisePenalty at its recipe weight never does, GradientNorm 10x not on every seed)
     "modular_addition": TaskPlan("recipes/modular_addition", "cpu",
                                  {"interaction": "cpu_interaction", "degeneracy": "cpu_degeneracy",
                                   # the smoothness families: a separate report (results/modular_addition_smoothness)
