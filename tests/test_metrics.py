@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from evaluation.metrics.lib_summary import (
-    _count_for_fraction, edges_for_fraction, feature_count, gini, node_ablation_curve, project_top_k, summarize,
+    edges_for_fraction, feature_count, gini, node_ablation_curve, project_top_k, summarize,
 )
 
 # Row 0 / column 0 belong to the constant feature; the rest is [[4, 1], [3, 2]], total 10.
@@ -54,10 +54,10 @@ def test_gini_known_values():
     with pytest.raises(ValueError, match=r"weights must be >= 0"):
         gini(np.array([[-1e-12, 1e-12, 3e-12]]))
     # the same for the edges-for-a-fraction count: 3e-12 alone holds 75 % of the weight
-    assert _count_for_fraction(np.array([-6e-28, 1e-12, 3e-12]), 0.75) == 1
-    assert _count_for_fraction(np.array([-6e-28, 1e-12, 3e-12]), 0.76) == 2
+    assert edges_for_fraction(np.array([[-6e-28, 1e-12, 3e-12]]), 0.75, exclude_constant=False) == (1, pytest.approx(1 / 3))
+    assert edges_for_fraction(np.array([[-6e-28, 1e-12, 3e-12]]), 0.76, exclude_constant=False) == (2, pytest.approx(2 / 3))
     with pytest.raises(ValueError, match=r"weights must be >= 0"):
-        _count_for_fraction(np.array([-1e-12, 1e-12, 3e-12]), 0.5)
+        edges_for_fraction(np.array([[-1e-12, 1e-12, 3e-12]]), 0.5, exclude_constant=False)
     with pytest.raises(ValueError, match=r"must be 2-D"):
         edges_for_fraction(torch.ones(3), 0.9)
 

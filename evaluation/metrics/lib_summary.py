@@ -31,13 +31,14 @@ def _check_frac(frac: float) -> None:
         raise ValueError(f"frac must be in (0, 1], got {frac}")
 
 
-# negative entries this small relative to the largest are float roundoff of a weight that is >= 0
+# negative entries this small relative to the largest are float roundoff of a quantity that is >= 0
 ROUNDOFF = 1e-9
 
 
 def nonnegative(values: np.ndarray) -> np.ndarray:
-    """``values`` (edge weights: sums of squares) with roundoff below zero set to 0; raises for a
-    negative beyond ROUNDOFF × the largest (-6e-28 next to 1e-12 was seen on a collapsed model)."""
+    """``values`` (edge weights, sums of squares; or Λ, eigenvalues of a PSD matrix) with roundoff
+    below zero set to 0; raises for a negative beyond ROUNDOFF × the largest (an edge weight of
+    -6e-28 next to 1e-12 was seen on a collapsed model)."""
     if values.size and values.min() < -ROUNDOFF * max(values.max(), 0.0):
         raise ValueError(f"weights must be >= 0, got a minimum of {values.min():g} (largest {values.max():g})")
     return np.maximum(values, 0.0)
